@@ -1,0 +1,7 @@
+"""``python -m zmqexec``: the same command line as ``zmqexec``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The broker's socket loop: one ROUTER, one screen of code, all decisions in BrokerState.
+
+::
+
+    clients (DEALER) --SUBMIT/INFORM/RELEASE/CANCEL-->+
+                                                      |  Broker.run()
+    agents  (DEALER) --HELLO/STARTED/RESULT/DEATH---->+  recv -> BrokerState.handle()
+                                                      |  tick -> BrokerState.tick()
+              <--TASK/CANCEL/HEARTBEAT/WELCOME--------+  BrokerState.out -> send
+    clients   <--STATE/RESULT/HEARTBEAT---------------+
+
+Sends are non-blocking with ``ROUTER_MANDATORY`` on, so a vanished peer raises instead of
+being dropped silently and no peer can block the loop; such drops are counted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any, List, Optional, Sequence
+
+import zmq
+
+from .broker_state import BrokerState
+
+log = logging.getLogger(__name__)
+BATCH = 1000  # messages handled per wake-up before timers and sends get a turn
+
+
+class Broker:
+    """A ROUTER socket bound to one or more addresses, driving a BrokerState."""
+
+    def __init__(self, binds: Sequence[str], *, state: Optional[BrokerState] = None,
+                 parent_fd: Optional[int] = None, tick: float = 0.05) -> None:
+        self.state = state or BrokerState()
+        self.parent_fd = parent_fd
+        self.tick_interval = tick
+        self._stop = False
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by credit windows, never by drops
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.addresses: List[str] = []
+        for addr in binds:
+            self.sock.bind(addr)
+            self.addresses.append(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to end (safe from a signal handler)."""
+        self._stop = True
+
+    def install_signal_handlers(self, ignore_sigint: bool = False) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else self.stop)
+
+    def run(self) -> None:
+        """Serve until stopped, the parent goes away, or a signal arrives."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.parent_fd is not None:
+            poller.register(self.parent_fd, zmq.POLLIN)
+        state, sock = self.state, self.sock
+        next_tick = 0.0
+        try:
+            while not self._stop:
+                events = dict(poller.poll(self.tick_interval * 1000))
+                now = time.monotonic()
+                if sock in events:
+                    for _ in range(BATCH):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        state.handle(frames[0].bytes, frames[1:], now)
+                if self.parent_fd is not None and self.parent_fd in events:
+                    log.info("parent process is gone: stopping")
+                    break
+                if now >= next_tick:
+                    state.tick(now)
+                    next_tick = now + self.tick_interval
+                self._flush()
+            state.shutdown("broker stopping")
+            self._flush()
+        finally:
+            self.sock.close()
+            self.ctx.term()
+            log.info("broker stopped")
+
+    def _flush(self) -> None:
+        out, self.state.out = self.state.out, []
+        for ident, frames in out:
+            try:
+                self.sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                reason = "peer unreachable" if exc.errno == zmq.EHOSTUNREACH else str(exc)
+                self.state.drop(f"send failed: {reason}", ident)
+
+
+def parent_watch_fd(value: Optional[str]) -> Optional[int]:
+    """The read end of the pipe only the embedding client holds (EOF means it died)."""
+    if value is None:
+        return None
+    fd = int(value)
+    os.set_blocking(fd, False)
+    return fd

@@ -1,0 +1,466 @@
+"""Everything the broker knows and decides, with no sockets: unit-testable by itself.
+
+``BrokerState.handle(peer, frames, now)`` takes one received message (peer routing id plus
+frames) and appends what must be sent to ``self.out`` as ``(peer, frames)``; ``tick(now)``
+sends heartbeats and expires silent peers.  Payload frames are kept and forwarded as the
+objects the socket gave (``zmq.Frame`` or ``bytes``), never parsed and never unpickled.
+
+Life of a key in the table (``Entry.state``)::
+
+    wanted --SUBMIT--> queued --TASK--> dispatched --STARTED--> running --RESULT--> done
+      ^ INFORM before     ^   requeue on a lost worker (charged only if started)    |
+        any submit        +---------------------------------------------------------+
+    An entry lives while a client is interested in it (or it is queued or out on an
+    agent); a done entry holds its result frames for those clients (--max-held-bytes).
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter, OrderedDict, deque
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+
+from . import protocol as P
+from ._version import __version__
+from .broker_queue import RunQueue
+from .errors import ProtocolError
+
+log = logging.getLogger(__name__)
+Frames = List[Any]
+DONE = ("finished", "error", "lost")
+
+
+def _size(frames: Frames) -> int:
+    return sum(len(f) for f in frames)
+
+
+class Peer:
+    """A connected client, agent or status reader, by routing id."""
+
+    def __init__(self, ident: bytes, meta: Dict[str, Any], now: float) -> None:
+        self.ident = ident
+        self.role: str = meta["role"]
+        self.name = str(meta.get("name") or meta["id"][:8])
+        self.host = str(meta.get("host", "?"))
+        self.pid = meta.get("pid")
+        self.versions = (str(meta.get("python")), str(meta.get("cloudpickle")))
+        self.interval = max(0.01, float(meta.get("hb", 1.0)))
+        self.ttl = max(3 * self.interval, float(meta.get("ttl", 10.0)))
+        self.last_seen = now
+        self.next_beat = now
+        # agents
+        self.slots = max(0, int(meta.get("slots", 0)))
+        self.capacity = self.slots + max(0, int(meta.get("prefetch", 0)))
+        self.inflight: Dict[str, Entry] = {}
+        self.finished = 0
+        # clients
+        self.interests: Set[str] = set()
+
+
+class Entry:
+    """One key: its task frames while it must run, its result frames while held."""
+
+    __slots__ = ("kw", "state", "owner", "priority", "retries", "attempts", "pure",
+                 "frames", "nbytes", "interests", "agent", "result")
+
+    def __init__(self, kw: str) -> None:
+        self.kw = kw
+        self.state = "wanted"
+        self.owner = b""
+        self.priority = 0
+        self.retries = 0
+        self.attempts = 0  # charged losses so far
+        self.pure = False
+        self.frames: Frames = []
+        self.nbytes = 0
+        self.interests: Set[bytes] = set()
+        self.agent: Optional[bytes] = None
+        self.result: Optional[Tuple[Dict[str, Any], Frames]] = None
+
+
+class BrokerState:
+    """The key table, run queue, agent credits and peer liveness of one broker."""
+
+    def __init__(self, *, max_held_bytes: int = 1 << 30, max_queued_bytes: int = 4 << 30,
+                 max_frame: int = 256 << 20, max_message: int = 4 << 30,
+                 window: int = 4096, window_bytes: int = 256 << 20) -> None:
+        self.epoch = uuid.uuid4().hex
+        self.limits = {"max_frame": max_frame, "max_message": max_message,
+                       "window": window, "window_bytes": window_bytes}
+        self.max_held_bytes = max_held_bytes
+        self.max_queued_bytes = max_queued_bytes
+        self.out: List[Tuple[bytes, Frames]] = []
+        self.peers: Dict[bytes, Peer] = {}
+        self.table: Dict[str, Entry] = {}
+        self.queue: RunQueue[Entry] = RunQueue()
+        self.credits: Deque[bytes] = deque()  # one agent id per free slot, lazily checked
+        self.held: "OrderedDict[str, int]" = OrderedDict()  # done keys, oldest first
+        self.held_bytes = 0
+        self.queued_bytes = 0
+        self.lost_keys: "OrderedDict[str, None]" = OrderedDict()
+        self.counts: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.started: Optional[float] = None
+        self.now = 0.0
+
+    # ---- entry points -------------------------------------------------------------
+    def handle(self, ident: bytes, frames: Frames, now: float) -> None:
+        """Apply one received message; problems are counted and logged, never raised."""
+        self.now = now
+        if self.started is None:
+            self.started = now
+        try:
+            msg = P.decode(frames)
+        except ProtocolError as exc:
+            self.drop(str(exc).split(":")[0], ident, exc)
+            return
+        peer = self.peers.get(ident)
+        if msg.cmd == P.HELLO:
+            self._hello(ident, msg, now)
+            return
+        if peer is None:
+            self.drop("message before HELLO", ident)
+            self.send(ident, P.RESET, {"reason": "unknown peer; send HELLO"})
+            return
+        peer.last_seen = now
+        handler = _HANDLERS.get((peer.role, msg.cmd))
+        if handler is None:
+            self.drop(f"{msg.name} from a {peer.role}", ident)
+            return
+        handler(self, peer, msg)
+        self.dispatch()
+
+    def tick(self, now: float) -> None:
+        """Heartbeat every peer that is due and expire the ones gone silent."""
+        self.now = now
+        slots = self.slots()
+        for peer in list(self.peers.values()):
+            if now - peer.last_seen > peer.ttl:
+                log.warning("%s %s silent for %.1f s: dropping it", peer.role, peer.name,
+                            now - peer.last_seen)
+                self._forget(peer, f"heartbeat expired after {peer.ttl:g} s")
+            elif now >= peer.next_beat:
+                peer.next_beat = now + peer.interval
+                self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots})
+        self.dispatch()
+
+    def shutdown(self, reason: str) -> None:
+        """Tell every peer the broker is going away."""
+        for ident in self.peers:
+            self.send(ident, P.BYE, {"reason": reason})
+
+    # ---- helpers ----------------------------------------------------------------------
+    def send(self, ident: bytes, cmd: int, meta: Dict[str, Any], payload: Frames = ()) -> None:
+        self.out.append((ident, P.encode(cmd, meta, payload)))
+
+    def drop(self, reason: str, ident: bytes, exc: Optional[BaseException] = None) -> None:
+        """Count a rejected message by reason; logging is rate-limited by the caller."""
+        self.dropped[reason] += 1
+        if self.dropped[reason] in (1, 10, 100, 1000) or self.dropped[reason] % 10000 == 0:
+            log.warning("dropped message from %s: %s (%d so far)",
+                        ident.hex()[:8], exc or reason, self.dropped[reason])
+
+    def slots(self) -> int:
+        return sum(p.slots for p in self.peers.values() if p.role == "worker")
+
+    def _fail(self, entry: Entry, kind: str, error: Dict[str, Any]) -> None:
+        """Finish a key with an error the broker made (header only, no pickle)."""
+        self._complete(entry, {"k": entry.kw, "s": kind, "e": error}, [])
+
+    def _complete(self, entry: Entry, meta: Dict[str, Any], payload: Frames) -> None:
+        if entry.state == "queued":
+            self.queued_bytes -= entry.nbytes
+        entry.state = meta["s"] if meta["s"] in DONE else "error"
+        entry.frames = []
+        self.counts[entry.state] += 1
+        for ident in entry.interests:
+            self.send(ident, P.RESULT, meta, payload)
+        if not entry.interests:
+            self._delete(entry)
+            return
+        entry.result = (meta, payload)
+        entry.nbytes = _size(payload)
+        self.held[entry.kw] = entry.nbytes
+        self.held_bytes += entry.nbytes
+        while self.held_bytes > self.max_held_bytes and len(self.held) > 1:
+            kw, _ = next(iter(self.held.items()))
+            log.info("held results over %d bytes: dropping %s", self.max_held_bytes, kw)
+            self._delete(self.table[kw])
+            self.lost_keys[kw] = None
+            while len(self.lost_keys) > 100_000:
+                self.lost_keys.popitem(last=False)
+
+    def _delete(self, entry: Entry) -> None:
+        if self.table.get(entry.kw) is entry:
+            del self.table[entry.kw]
+        if entry.kw in self.held and entry.result is not None:
+            self.held_bytes -= self.held.pop(entry.kw)
+        for ident in entry.interests:
+            peer = self.peers.get(ident)
+            if peer is not None:
+                peer.interests.discard(entry.kw)
+        if entry.state == "queued":
+            self.queued_bytes -= entry.nbytes
+        entry.state = "deleted"
+
+    def _enqueue(self, entry: Entry, front: bool = False) -> None:
+        entry.state = "queued"
+        entry.agent = None
+        self.queued_bytes += entry.nbytes
+        self.queue.push(entry.priority, entry.owner, entry, front)
+
+    def _interest(self, peer: Peer, entry: Entry) -> None:
+        entry.interests.add(peer.ident)
+        peer.interests.add(entry.kw)
+
+    def _uninterest(self, peer: Peer, entry: Entry) -> None:
+        """Drop one client's interest; an entry nobody wants is freed or stopped."""
+        entry.interests.discard(peer.ident)
+        peer.interests.discard(entry.kw)
+        if entry.interests:
+            return
+        if entry.state in DONE or entry.state == "wanted":
+            self._delete(entry)
+
+    def _cancel(self, entry: Entry) -> None:
+        """Nobody wants a task any more: drop it if queued, recall it if prefetched."""
+        if entry.state == "queued":
+            self.counts["cancelled"] += 1
+            self._delete(entry)
+        elif entry.state == "dispatched" and entry.agent is not None:
+            self.send(entry.agent, P.CANCEL, {"k": entry.kw})
+
+    def dispatch(self) -> None:
+        """Hand queued tasks to agents while both a task and a credit exist."""
+        while self.credits and len(self.queue):
+            ident = self.credits.popleft()
+            agent = self.peers.get(ident)
+            if agent is None or agent.role != "worker" or len(agent.inflight) >= agent.capacity:
+                continue
+            entry = self.queue.pop(lambda e: e.state == "queued" and self.table.get(e.kw) is e)
+            if entry is None:
+                self.credits.appendleft(ident)
+                return
+            self.queued_bytes -= entry.nbytes
+            entry.state = "dispatched"
+            client = self.peers.get(entry.owner)
+            if client is not None and client.versions != agent.versions:
+                self.credits.appendleft(ident)
+                self._fail(entry, "error", {"type": "SerializationError", "msg": (
+                    f"client runs Python {client.versions[0]} / cloudpickle "
+                    f"{client.versions[1]} but worker {agent.name} runs Python "
+                    f"{agent.versions[0]} / cloudpickle {agent.versions[1]}; "
+                    "install the same versions on clients and workers")})
+                continue
+            entry.agent = ident
+            agent.inflight[entry.kw] = entry
+            meta = {"k": entry.kw, "a": entry.attempts + 1, "c": entry.owner.hex()}
+            self.send(ident, P.TASK, meta, entry.frames)
+
+    def _free_credit(self, agent: Peer) -> None:
+        self.credits.append(agent.ident)
+
+    def _lose(self, agent: Peer, entry: Entry, exit: str, charged: bool) -> None:
+        """An agent lost a task: requeue it, or fail it after ``retries`` charged losses."""
+        if self.table.get(entry.kw) is not entry or entry.state in DONE:
+            return
+        if charged:
+            entry.attempts += 1
+        if not entry.interests:
+            self.counts["cancelled"] += 1
+            self._delete(entry)
+        elif entry.attempts > entry.retries:
+            self._fail(entry, "lost", {"type": "WorkerLostError", "attempts": entry.attempts,
+                                       "worker": agent.name, "exit": exit})
+        else:
+            log.info("requeueing %s (attempt %d lost: %s)", entry.kw, entry.attempts, exit)
+            self._enqueue(entry, front=True)
+
+    def _forget(self, peer: Peer, reason: str) -> None:
+        """A peer left or expired: requeue its tasks, release its interests."""
+        self.peers.pop(peer.ident, None)
+        for entry in list(peer.inflight.values()):
+            self._lose(peer, entry, reason, charged=entry.state == "running")
+        peer.inflight.clear()
+        for kw in list(peer.interests):
+            entry = self.table.get(kw)
+            if entry is not None:
+                self._uninterest(peer, entry)
+                if not entry.interests:
+                    self._cancel(entry)
+
+    # ---- handlers -------------------------------------------------------------------------
+    def _hello(self, ident: bytes, msg: P.Message, now: float) -> None:
+        meta = msg.meta
+        if meta["proto"] != P.PROTOCOL_VERSION or meta["role"] not in P.ROLES:
+            reason = (f"refused: peer speaks protocol {meta['proto']} as {meta['role']!r}; "
+                      f"this broker (zmqexec {__version__}) speaks protocol "
+                      f"{P.PROTOCOL_VERSION}: install the same zmqexec version everywhere")
+            self.send(ident, P.REFUSE, {"reason": reason})
+            return
+        old = self.peers.get(ident)
+        peer = Peer(ident, meta, now)
+        if old is not None and old.role == peer.role == "worker":
+            running = set(meta.get("running") or ())
+            for kw, entry in old.inflight.items():
+                if kw in running and self.table.get(kw) is entry:
+                    peer.inflight[kw] = entry
+                else:
+                    self._lose(old, entry, "agent re-registered", charged=False)
+            old.inflight = {}
+        if old is not None:
+            peer.interests = old.interests
+        self.peers[ident] = peer
+        log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
+        for _ in range(peer.capacity - len(peer.inflight)):
+            self._free_credit(peer)
+        self.send(ident, P.WELCOME, {"epoch": self.epoch, "heartbeat": peer.interval,
+                                     "slots": self.slots(), **self.limits})
+        self.dispatch()
+
+    def _submit(self, peer: Peer, msg: P.Message) -> None:
+        meta, kw = msg.meta, msg.meta["k"]
+        entry = self.table.get(kw)
+        pure = bool(meta.get("pure"))
+        if entry is not None and entry.state != "wanted":
+            if not pure:
+                self.send(peer.ident, P.RESULT, {"k": kw, "s": "error", "e": {
+                    "type": "KeyExistsError", "msg": f"key {kw} is already live on the "
+                    "broker; choose another key= or submit with pure=True"}})
+                return
+            if entry.state != "error":
+                self._interest(peer, entry)
+                self._tell(peer.ident, entry)
+                return
+            if entry.kw in self.held:  # errors are not cached: run a pure key again
+                self.held_bytes -= self.held.pop(entry.kw)
+            entry.result, entry.attempts = None, 0
+        nbytes = _size(msg.payload)
+        if self.queued_bytes + nbytes > self.max_queued_bytes:
+            self.send(peer.ident, P.RESULT, {"k": kw, "s": "error", "e": {
+                "type": "ZMQExecError", "msg": f"the broker queue is full "
+                f"(--max-queued-bytes {self.max_queued_bytes}); submit later"}})
+            self.dropped["queue full"] += 1
+            return
+        if entry is None:
+            entry = Entry(kw)
+        self.table[kw] = entry
+        entry.owner, entry.pure = peer.ident, pure
+        entry.priority, entry.retries = meta["p"], max(0, meta["r"])
+        entry.frames, entry.nbytes = msg.payload, nbytes
+        self._interest(peer, entry)
+        self.counts["submitted"] += 1
+        self._enqueue(entry)
+        for ident in entry.interests - {peer.ident}:
+            self.send(ident, P.STATE, {"k": kw, "s": "queued"})
+
+    def _tell(self, ident: bytes, entry: Entry) -> None:
+        """Send a client what is known of a key: its result if done, else its state."""
+        if entry.result is not None:
+            meta, payload = entry.result
+            self.send(ident, P.RESULT, meta, payload)
+        elif entry.state in ("queued", "dispatched"):
+            self.send(ident, P.STATE, {"k": entry.kw, "s": "queued"})
+        elif entry.state == "running":
+            self.send(ident, P.STATE, {"k": entry.kw, "s": "running"})
+
+    def _inform(self, peer: Peer, msg: P.Message) -> None:
+        kw = msg.meta["k"]
+        entry = self.table.get(kw)
+        if entry is None:
+            if kw in self.lost_keys:
+                self.send(peer.ident, P.RESULT, {"k": kw, "s": "lost", "e": {
+                    "type": "KeyLostError", "msg": f"the result of {kw} was dropped "
+                    "(--max-held-bytes) before this client asked for it"}})
+                return
+            entry = self.table[kw] = Entry(kw)
+        self._interest(peer, entry)
+        self._tell(peer.ident, entry)
+
+    def _release(self, peer: Peer, msg: P.Message) -> None:
+        entry = self.table.get(msg.meta["k"])
+        if entry is not None:
+            self._uninterest(peer, entry)
+
+    def _cancel_msg(self, peer: Peer, msg: P.Message) -> None:
+        entry = self.table.get(msg.meta["k"])
+        if entry is not None and peer.ident in entry.interests:
+            self._uninterest(peer, entry)
+            if not entry.interests:
+                self._cancel(entry)
+
+    def _started(self, agent: Peer, msg: P.Message) -> None:
+        entry = agent.inflight.get(msg.meta["k"])
+        if entry is not None and entry.state == "dispatched":
+            entry.state = "running"
+            for ident in entry.interests:
+                self.send(ident, P.STATE, {"k": entry.kw, "s": "running"})
+
+    def _result(self, agent: Peer, msg: P.Message) -> None:
+        entry = agent.inflight.pop(msg.meta["k"], None)
+        if entry is None:
+            self.dropped["late or duplicate result"] += 1
+            return
+        self._free_credit(agent)
+        agent.finished += 1
+        if self.table.get(entry.kw) is entry and entry.state not in DONE:
+            meta = {"k": entry.kw, "s": msg.meta["s"]}
+            self._complete(entry, meta, msg.payload)
+
+    def _death(self, agent: Peer, msg: P.Message) -> None:
+        entry = agent.inflight.pop(msg.meta["k"], None)
+        if entry is not None:
+            self._free_credit(agent)
+            self._lose(agent, entry, str(msg.meta.get("exit", "died")), charged=True)
+
+    def _dropped(self, agent: Peer, msg: P.Message) -> None:
+        entry = agent.inflight.pop(msg.meta["k"], None)
+        if entry is not None:
+            self._free_credit(agent)
+            self._lose(agent, entry, "recalled", charged=False)
+
+    def _status(self, peer: Peer, msg: P.Message) -> None:
+        self.send(peer.ident, P.STATUS, self.status(self.now))
+
+    def _bye(self, peer: Peer, msg: P.Message) -> None:
+        log.info("%s %s said goodbye: %s", peer.role, peer.name, msg.meta.get("reason", ""))
+        self._forget(peer, "agent left")
+
+    def status(self, now: float) -> Dict[str, Any]:
+        """The status document (schema of ``zmqexec status --json``)."""
+        states = Counter(e.state for e in self.table.values())
+        agents = [{"name": p.name, "host": p.host, "pid": p.pid, "slots": p.slots,
+                   "running": sum(e.state == "running" for e in p.inflight.values()),
+                   "prefetched": sum(e.state == "dispatched" for e in p.inflight.values()),
+                   "finished": p.finished, "last_heartbeat": round(now - p.last_seen, 3)}
+                  for p in self.peers.values() if p.role == "worker"]
+        return {
+            "broker": {"version": __version__, "protocol": P.PROTOCOL_VERSION,
+                       "epoch": self.epoch,
+                       "uptime": round(now - self.started, 3) if self.started else 0.0},
+            "agents": agents,
+            "slots": self.slots(),
+            "clients": sum(p.role == "client" for p in self.peers.values()),
+            "tasks": {"queued": states["queued"] + states["dispatched"],
+                      "running": states["running"], "finished": self.counts["finished"],
+                      "error": self.counts["error"], "cancelled": self.counts["cancelled"],
+                      "lost": self.counts["lost"], "submitted": self.counts["submitted"]},
+            "held_keys": len(self.held), "held_bytes": self.held_bytes,
+            "queued_bytes": self.queued_bytes,
+            "dropped": dict(self.dropped),
+        }
+
+
+_HANDLERS = {
+    ("client", P.SUBMIT): BrokerState._submit,
+    ("client", P.INFORM): BrokerState._inform,
+    ("client", P.RELEASE): BrokerState._release,
+    ("client", P.CANCEL): BrokerState._cancel_msg,
+    ("worker", P.STARTED): BrokerState._started,
+    ("worker", P.RESULT): BrokerState._result,
+    ("worker", P.DEATH): BrokerState._death,
+    ("worker", P.DROPPED): BrokerState._dropped,
+    **{(role, P.STATUS): BrokerState._status for role in P.ROLES},
+    **{(role, P.BYE): BrokerState._bye for role in P.ROLES},
+    **{(role, P.HEARTBEAT): lambda self, peer, msg: None for role in P.ROLES},
+}

@@ -1,0 +1,302 @@
+"""``ZMQExecutor`` and its ``options()`` view: the public face of a client.
+
+::
+
+    submit(fn, *args) -> serialization.dumps_task -> Future._new -> ClientIO.submit
+      -> I/O thread -> SUBMIT -> broker ... RESULT -> completion thread -> Future
+
+The executor owns the embedded cluster (``local.LocalCluster``) when it has no address,
+and holds every Future that is not done through ``ClientIO.records``, so a discarded
+future still runs and its callbacks still fire, as in the stdlib.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import serialization as S
+from .client_io import ClientIO
+from .future import Future, register_executor, unregister_executor
+from .local import LocalCluster
+from .protocol import key_to_wire
+
+log = logging.getLogger(__name__)
+_live: "weakref.WeakSet[ZMQExecutor]" = weakref.WeakSet()
+_exiting = False
+
+_OPTION_NAMES = ("key", "pure", "priority", "retries", "timeout")
+
+
+def _python_exit() -> None:
+    """At interpreter exit, finish submitted work and tear every executor down (stdlib-like)."""
+    global _exiting
+    _exiting = True
+    for executor in list(_live):
+        executor.shutdown(wait=True)
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+
+
+def _process_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]:
+    """Run one ``map`` chunk in a worker: one task, one message, many calls."""
+    return [fn(*args) for args in chunk]
+
+
+class _Submitter(concurrent.futures.Executor):
+    """What an executor and its views share: options, ``map``, ``gather``."""
+
+    _executor: "ZMQExecutor"
+    _opts: Dict[str, Any]
+
+    def options(self, *, key: Any = None, pure: Optional[bool] = None,
+                priority: Optional[int] = None, retries: Optional[int] = None,
+                timeout: Optional[float] = None) -> "ZMQExecutorView":
+        """A view with per-task options; later values win, None keeps the default."""
+        given = dict(key=key, pure=pure, priority=priority, retries=retries, timeout=timeout)
+        opts = dict(self._opts)
+        opts.update({k: v for k, v in given.items() if v is not None})
+        return ZMQExecutorView(self._executor, opts)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        return self._executor._submit(fn, args, kwargs, self._opts)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            timeout: Optional[float] = None, chunksize: int = 1,
+            buffersize: Optional[int] = None) -> Iterator[Any]:
+        """Like ``Executor.map`` of Python 3.14 (``buffersize``) on every version."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+            raise ValueError("buffersize must be None or > 0.")
+        end = None if timeout is None else time.monotonic() + timeout
+        prefix = self._opts.get("key")
+        args_iter: Iterator[Any] = zip(*iterables)
+        if chunksize > 1:
+            args_iter = iter(lambda it=args_iter: list(itertools.islice(it, chunksize)), [])
+        counter = itertools.count()
+
+        def submit_next() -> Optional[Future]:
+            args = next(args_iter, None)
+            if args is None:
+                return None
+            opts = dict(self._opts)
+            if prefix is not None:
+                opts["key"] = f"{prefix}-{next(counter)}"
+            if chunksize > 1:
+                return self._executor._submit(_process_chunk, (fn, args), {}, opts)
+            return self._executor._submit(fn, args, {}, opts)
+
+        fs: Deque[Future] = deque()
+        while buffersize is None or len(fs) < buffersize:
+            fut = submit_next()
+            if fut is None:
+                break
+            fs.append(fut)
+        return _map_results(fs, submit_next if buffersize else None, end, chunksize > 1)
+
+    def gather(self, futures: Iterable[concurrent.futures.Future],  # type: ignore[type-arg]
+               *, timeout: Optional[float] = None) -> List[Any]:
+        """All results in input order; the first error in input order is raised."""
+        futures = list(futures)
+        end = None if timeout is None else time.monotonic() + timeout
+        return [f.result(None if end is None else max(0.0, end - time.monotonic()))
+                for f in futures]
+
+
+def _map_results(fs: Deque[Future], more: Optional[Callable[[], Optional[Future]]],
+                 end: Optional[float], chunked: bool) -> Iterator[Any]:
+    """Yield results in order; submit one more per result taken; cancel the rest on close."""
+    try:
+        while fs:
+            if more is not None:
+                nxt = more()
+                if nxt is not None:
+                    fs.append(nxt)
+            fut = fs.popleft()
+            try:
+                value = fut.result(None if end is None else end - time.monotonic())
+            finally:
+                fut.cancel()
+                del fut  # yielded results are not referenced any more
+            if chunked:
+                yield from value
+            else:
+                yield value
+            del value
+    finally:
+        for fut in fs:
+            fut.cancel()
+
+
+class ZMQExecutor(_Submitter):
+    """A concurrent.futures Executor whose tasks run on zmqexec workers (DESIGN §1.1)."""
+
+    def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
+                 initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),
+                 *, max_tasks_per_child: Optional[int] = None, address: Optional[str] = None,
+                 keys: Optional[str] = None, retries: int = 3, heartbeat_interval: float = 1.0,
+                 heartbeat_timeout: float = 10.0, broker_timeout: float = 60.0,
+                 no_workers_timeout: Optional[float] = None,
+                 attach_timeout: float = 5.0) -> None:
+        address = address or os.environ.get("ZMQEXEC_ADDRESS") or None
+        self._embedded = address is None or address == "local"
+        if self._embedded:
+            if max_workers is None:
+                max_workers = os.cpu_count() or 1
+            elif max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        elif max_workers is not None:
+            raise ValueError("max_workers must be None when joining a cluster by address: "
+                             "the cluster's agents decide how many worker processes there are")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            raise NotImplementedError("max_tasks_per_child is not supported yet")
+        if no_workers_timeout is not None:
+            raise NotImplementedError("no_workers_timeout is not supported yet")
+        if keys is not None or os.environ.get("ZMQEXEC_KEYS"):
+            raise NotImplementedError("CurveZMQ keys are not supported yet")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self._executor = self
+        self._opts: Dict[str, Any] = {}
+        self._retries = retries
+        self._init_frame = S.dumps_call(initializer, tuple(initargs)) if initializer else None
+        self._pid = os.getpid()
+        self._shutdown = False
+        self._shutdown_lock = threading.Lock()
+        self._cluster: Optional[LocalCluster] = None
+        if self._embedded:
+            start_method = mp_context.get_start_method() if mp_context is not None else None
+            self._cluster = LocalCluster(max_workers, start_method=start_method,
+                                         heartbeat_interval=heartbeat_interval,
+                                         heartbeat_timeout=heartbeat_timeout)
+            address = self._cluster.address
+        assert address is not None
+        self._workers = max_workers
+        self.address = address
+        self._io = ClientIO(address, heartbeat_interval=heartbeat_interval,
+                            broker_timeout=broker_timeout, attach_timeout=attach_timeout,
+                            check=self._cluster.check if self._cluster else None,
+                            on_close=self._cluster.close if self._cluster else None)
+        _live.add(self)
+        register_executor(self)
+
+    @property
+    def _max_workers(self) -> int:
+        """Current slot count (dask sizes its pool from it)."""
+        if self._workers is not None:
+            return self._workers
+        return max(1, self._io.slots)
+
+    def _check_usable(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError("this ZMQExecutor belongs to the process that created it; "
+                               "a forked child must create its own executor")
+
+    def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                opts: Dict[str, Any]) -> Future:
+        self._check_usable()
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        for arg in itertools.chain(args, kwargs.values()):
+            if isinstance(arg, concurrent.futures.Future):
+                raise TypeError("a Future cannot be a task argument: pass future.result(), "
+                                "or its key and attach inside the task with Future(key)")
+        if opts.get("timeout") is not None:
+            raise NotImplementedError("options(timeout=...) is not supported yet")
+        with self._shutdown_lock:
+            if self._io.broken is not None:
+                raise self._io.broken
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if _exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        pure = bool(opts.get("pure"))
+        key = opts.get("key")
+        explicit = key is not None
+        if key is None:
+            name = S.funcname(fn)
+            key = f"{name}-{S.pure_token(fn, args, kwargs) if pure else uuid.uuid4().hex}"
+        kw = key_to_wire(key)
+        frames: List[Any] = [S.dumps_task(fn, args, kwargs)]
+        if self._init_frame is not None:
+            frames.append(self._init_frame)
+        retries = opts.get("retries")
+        meta = {"k": kw, "p": int(opts.get("priority") or 0),
+                "r": self._retries if retries is None else int(retries), "pure": pure}
+        return self._io.submit(Future._new(key, kw, self), meta, frames, explicit)
+
+    def kill(self, future: Future) -> bool:
+        """Stop a running task (not yet supported); a pending one is cancelled."""
+        if future.cancel():
+            return True
+        raise NotImplementedError("kill() of a running task is not supported yet")
+
+    def wait_for_workers(self, n: int = 1, timeout: Optional[float] = None) -> None:
+        """Block until the broker has at least ``n`` worker slots (processes)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.status(timeout=None if end is None else max(0.1, end - time.monotonic())
+                          )["slots"] < n:
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"fewer than {n} worker slots after {timeout} s")
+            time.sleep(0.05)
+
+    def status(self, timeout: Optional[float] = 10.0) -> Dict[str, Any]:
+        """The broker's status document (the schema of ``zmqexec status --json``)."""
+        self._check_usable()
+        return self._io.request_status(timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stdlib semantics: no new tasks; optionally cancel pending ones; optionally wait."""
+        if os.getpid() != self._pid:
+            return
+        if wait and threading.current_thread() is self._io.completion_thread:
+            raise RuntimeError("shutdown(wait=True) from a future's callback would wait for "
+                               "itself; call shutdown(wait=False) there")
+        with self._shutdown_lock:
+            first = not self._shutdown
+            self._shutdown = True
+        if cancel_futures:
+            with self._io.lock:
+                futures = [f for rec in self._io.records.values() for f in rec.futures]
+            for fut in futures:
+                fut.cancel()
+        if first:
+            unregister_executor(self)
+            self._io.close()
+        if wait:
+            self._io.io_thread.join()
+            self._io.completion_thread.join()
+            _live.discard(self)
+
+    def __repr__(self) -> str:
+        mode = "embedded" if self._embedded else "remote"
+        state = "shut down" if self._shutdown else "running"
+        return (f"<ZMQExecutor {mode} {state} address={self.address} "
+                f"workers={self._max_workers} pending={len(self._io.records)}>")
+
+
+class ZMQExecutorView(_Submitter):
+    """The executor with per-task options; ``shutdown`` on a view does nothing."""
+
+    def __init__(self, executor: ZMQExecutor, opts: Dict[str, Any]) -> None:
+        self._executor = executor
+        self._opts = opts
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """A view does not own the executor: nothing to shut down."""
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._opts.items())
+        return f"<ZMQExecutorView of {self._executor!r} with {opts or 'defaults'}>"
+

@@ -1,0 +1,126 @@
+"""``zmqexec.Future``: a concurrent.futures.Future with a cluster-wide key, status and inform.
+
+No I/O happens here.  A Future only registers itself with its executor's client state
+(``ClientIO.attach``), which queues any message for the client's I/O thread: the inform
+travels on the one ordered channel, and ``__del__`` only drops a reference count through
+a reentrant-safe queue, so garbage collection can never touch a socket or a lock.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import weakref
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
+from typing import TYPE_CHECKING, Any, Generator, List, Optional
+
+from .errors import BrokerLostError, TaskLostError
+from .protocol import key_to_wire
+
+if TYPE_CHECKING:
+    from .executor import ZMQExecutor
+
+# Executors that are running, oldest first: ``Future(key)`` with no client takes the last.
+_running: List["weakref.ref[ZMQExecutor]"] = []
+
+
+def register_executor(executor: "ZMQExecutor") -> None:
+    _running.append(weakref.ref(executor))
+
+
+def unregister_executor(executor: "ZMQExecutor") -> None:
+    _running[:] = [r for r in _running if r() is not None and r() is not executor]
+
+
+def default_executor() -> "ZMQExecutor":
+    for ref in reversed(_running):
+        executor = ref()
+        if executor is not None and not executor._shutdown:
+            return executor
+    raise ValueError("no running ZMQExecutor: pass client=executor, or create one first")
+
+
+_STATUS = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
+           CANCELLED_AND_NOTIFIED: "cancelled"}
+
+
+class Future(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A handle on the result of the task with this ``key`` (see DESIGN §1.2).
+
+    ``Future(key)`` attaches to a key submitted by any client of the same broker: with
+    ``inform=True`` (the default) this client tells the broker it wants the result.
+    """
+
+    def __init__(self, key: Any, client: Optional["ZMQExecutor"] = None,
+                 inform: bool = True) -> None:
+        super().__init__()
+        self._registered = False
+        self.key = key
+        self._kw = key_to_wire(key)
+        self.executor = client if client is not None else default_executor()
+        self.inform = bool(inform)
+        self.executor._io.attach(self, self.inform)
+
+    @classmethod
+    def _new(cls, key: Any, kw: str, executor: "ZMQExecutor") -> "Future":
+        """A Future made by ``submit``; the caller registers it (no inform message)."""
+        self = cls.__new__(cls)
+        concurrent.futures.Future.__init__(self)
+        self._registered = False
+        self.key, self._kw, self.executor, self.inform = key, kw, executor, False
+        return self
+
+    @property
+    def client(self) -> "ZMQExecutor":
+        return self.executor
+
+    @property
+    def status(self) -> str:
+        """``pending``, ``running``, ``cancelled``, ``finished``, ``lost`` or ``error``."""
+        with self._condition:
+            state, exc = self._state, self._exception
+        if state != FINISHED:
+            return _STATUS[state]
+        if exc is None:
+            return "finished"
+        return "lost" if isinstance(exc, (TaskLostError, BrokerLostError)) else "error"
+
+    def cancel(self) -> bool:
+        """Cancel while pending here; waiters are notified at once (not at a later pickup).
+
+        The broker drops the task if it is queued, an agent drops it if prefetched; a
+        task that already started runs on and its result is dropped quietly.
+        """
+        if not super().cancel():
+            return False
+        try:
+            self.set_running_or_notify_cancel()
+        except RuntimeError:  # another thread notified already
+            pass
+        self.executor._io.cancelled(self)
+        return True
+
+    def release(self) -> None:
+        """Drop this client's interest in a done future; the broker may free its copy."""
+        if not self.done():
+            raise concurrent.futures.InvalidStateError(
+                f"release() needs a done future; {self!r} is {self.status}")
+        if self._registered:
+            self._registered = False
+            self.executor._io.unref(self._kw)
+
+    def __del__(self) -> None:
+        if getattr(self, "_registered", False):
+            self._registered = False
+            self.executor._io.unref(self._kw)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        return f"<Future: status: {self.status}, key: {self.key}>"

@@ -1,0 +1,179 @@
+"""The zmqexec wire format: the only module that knows how messages look on the socket.
+
+Every message is a ZeroMQ multipart message (the ROUTER adds the peer's routing id in
+front on the broker side)::
+
+    frame 0  header   b"ZX" | version (1 byte) | command (1 byte) | JSON object (UTF-8)
+    frame 1+ payload  opaque bytes (pickles), forwarded by the broker untouched
+
+The JSON object holds the small fixed fields a router needs (key, priority, retries,
+state, sizes).  The broker decodes frame 0 only; payload frames are never parsed or
+unpickled there.  Keys travel as ``key_wire``: the compact JSON text of the key (a string
+or a list), so the broker can use them as dictionary keys without knowing their shape.
+
+=========  ==============  ===========================================  ==========
+command    direction       header fields                                payload
+=========  ==============  ===========================================  ==========
+HELLO      peer -> broker  role, id, proto, versions, host, pid,        -
+                           slots, prefetch (agents), name
+WELCOME    broker -> peer  epoch, heartbeat, window, max_frame,         -
+                           max_message, slots
+REFUSE     broker -> peer  reason                                       -
+RESET      broker -> peer  reason (peer must HELLO again)               -
+SUBMIT     client -> b.    k, p (priority), r (retries), pure, x        task[, init]
+                           (explicit key)
+TASK       b. -> agent     k, a (attempt), c (client id)                task[, init]
+STARTED    agent -> b.     k                                            -
+STATE      b. -> client    k, s (queued|running)                        -
+RESULT     agent -> b.     k, s (finished|error)                        result
+RESULT     b. -> client    k, s (finished|error|lost), e (error fields  result, or
+                           when the broker made the error)              none
+DEATH      agent -> b.     k, exit (exit code or signal name)           -
+DROPPED    agent -> b.     k (a prefetched task dropped after CANCEL)   -
+CANCEL     client/b. ->    k                                            -
+INFORM     client -> b.    k                                            -
+RELEASE    client -> b.    k                                            -
+HEARTBEAT  both ways       epoch (from the broker), slots               -
+STATUS     both ways       request: {}; reply: the status document      -
+BYE        both ways       reason                                       -
+=========  ==============  ===========================================  ==========
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Sequence, Tuple
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"ZX"
+MAX_KEY_LENGTH = 4096
+MAX_HEADER_BYTES = 1 << 20
+
+HELLO, WELCOME, REFUSE, RESET = 1, 2, 3, 4
+SUBMIT, TASK, STARTED, STATE, RESULT = 10, 11, 12, 13, 14
+DEATH, DROPPED, CANCEL, INFORM, RELEASE = 15, 16, 17, 18, 19
+HEARTBEAT, STATUS, BYE = 30, 31, 32
+
+NAMES = {
+    HELLO: "HELLO", WELCOME: "WELCOME", REFUSE: "REFUSE", RESET: "RESET",
+    SUBMIT: "SUBMIT", TASK: "TASK", STARTED: "STARTED", STATE: "STATE",
+    RESULT: "RESULT", DEATH: "DEATH", DROPPED: "DROPPED", CANCEL: "CANCEL",
+    INFORM: "INFORM", RELEASE: "RELEASE", HEARTBEAT: "HEARTBEAT",
+    STATUS: "STATUS", BYE: "BYE",
+}
+
+# Required header fields and their types; extra fields are allowed and ignored.
+_SCHEMA: Dict[int, Dict[str, Tuple[type, ...]]] = {
+    HELLO: {"role": (str,), "id": (str,), "proto": (int,)},
+    WELCOME: {"epoch": (str,)},
+    REFUSE: {"reason": (str,)},
+    RESET: {},
+    SUBMIT: {"k": (str,), "p": (int,), "r": (int,)},
+    TASK: {"k": (str,), "a": (int,)},
+    STARTED: {"k": (str,)},
+    STATE: {"k": (str,), "s": (str,)},
+    RESULT: {"k": (str,), "s": (str,)},
+    DEATH: {"k": (str,)},
+    DROPPED: {"k": (str,)},
+    CANCEL: {"k": (str,)},
+    INFORM: {"k": (str,)},
+    RELEASE: {"k": (str,)},
+    HEARTBEAT: {},
+    STATUS: {},
+    BYE: {},
+}
+# Commands whose payload frame count is fixed: (min, max).
+_PAYLOAD_FRAMES: Dict[int, Tuple[int, int]] = {
+    SUBMIT: (1, 2), TASK: (1, 2), RESULT: (0, 1),
+}
+
+ROLES = ("client", "worker", "status")
+
+
+@dataclass
+class Message:
+    """A decoded message: command, header fields, and the untouched payload frames."""
+
+    cmd: int
+    meta: Dict[str, Any]
+    payload: List[Any] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.cmd, str(self.cmd))
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def encode(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> List[Any]:
+    """Frames for one message: the packed header frame, then the payload as given."""
+    head = MAGIC + bytes((PROTOCOL_VERSION, cmd)) + _dumps(meta).encode()
+    return [head, *payload]
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Parse the header frame and validate it; raise ProtocolError saying what is wrong.
+
+    ``frames`` may hold ``bytes`` or ``zmq.Frame`` objects; payload frames are returned as
+    given, so a router forwards them without a copy.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    head = frames[0]
+    raw = head if isinstance(head, bytes) else getattr(head, "bytes", None)
+    if not isinstance(raw, bytes):
+        raise ProtocolError("header frame is not bytes")
+    if len(raw) < 4 or raw[:2] != MAGIC:
+        raise ProtocolError("bad magic (not a zmqexec peer)")
+    cmd = raw[3]
+    if raw[2] != PROTOCOL_VERSION and cmd not in (HELLO, REFUSE):
+        # HELLO and REFUSE keep their shape across versions, so a mismatch gets a reason
+        raise ProtocolError(f"protocol version {raw[2]} (this side speaks {PROTOCOL_VERSION})")
+    schema = _SCHEMA.get(cmd)
+    if schema is None:
+        raise ProtocolError(f"unknown command {cmd}")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("header too large")
+    try:
+        meta = json.loads(raw[4:]) if len(raw) > 4 else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("header is not a JSON object")
+    for name, types in schema.items():
+        value = meta.get(name)
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+            raise ProtocolError(f"{NAMES[cmd]}: field {name!r} missing or of wrong type")
+    key = meta.get("k")
+    if isinstance(key, str) and len(key) > MAX_KEY_LENGTH:
+        raise ProtocolError(f"{NAMES[cmd]}: key longer than {MAX_KEY_LENGTH}")
+    payload = list(frames[1:])
+    lo, hi = _PAYLOAD_FRAMES.get(cmd, (0, 0))
+    if not lo <= len(payload) <= hi:
+        raise ProtocolError(f"{NAMES[cmd]}: {len(payload)} payload frames, expected {lo}..{hi}")
+    return Message(cmd, meta, payload)
+
+
+def key_to_wire(key: Any) -> str:
+    """The canonical wire text of a key: ``str`` or a tuple of ``str``/``int``."""
+    if isinstance(key, str):
+        pass
+    elif isinstance(key, tuple) and all(
+        isinstance(part, (str, int)) and not isinstance(part, bool) for part in key
+    ):
+        pass
+    else:
+        raise TypeError(f"a key must be a str or a tuple of str/int, not {key!r}")
+    wire = _dumps(key)
+    if len(wire) > MAX_KEY_LENGTH:
+        raise ValueError(f"key is longer than {MAX_KEY_LENGTH} characters when encoded")
+    return wire
+
+
+def key_from_wire(wire: str) -> Any:
+    """The key a ``key_wire`` names (JSON arrays become tuples)."""
+    value = json.loads(wire)
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,145 @@
+"""Pickling of tasks, results and errors: the only module that calls cloudpickle.
+
+Why one module: every place that turns Python objects into bytes must give the same
+clear ``SerializationError`` (what could not be pickled, and where) instead of a bare
+``PicklingError`` from deep inside a socket thread, and the version strings that HELLO
+compares come from here too.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import pickle
+import sys
+import traceback
+from typing import Any, Callable, Dict, Tuple
+
+import cloudpickle
+
+from .errors import RemoteTraceback, SerializationError
+
+PICKLE_PROTOCOL = 5
+PYTHON_VERSION = "%d.%d" % sys.version_info[:2]
+CLOUDPICKLE_VERSION = cloudpickle.__version__
+
+Task = Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]
+
+
+def _dumps(obj: Any) -> bytes:
+    return cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+
+
+def _describe(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def dumps_task(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
+    """Pickle a call; on failure name the function or argument that could not be pickled."""
+    try:
+        return _dumps((fn, args, kwargs))
+    except Exception as exc:
+        parts = [("the function", fn)]
+        parts += [(f"argument {i}", arg) for i, arg in enumerate(args)]
+        parts += [(f"keyword argument {name!r}", arg) for name, arg in kwargs.items()]
+        for where, obj in parts:
+            try:
+                _dumps(obj)
+            except Exception as inner:
+                raise SerializationError(
+                    f"cannot pickle {where} ({type(obj).__name__}: {_describe(obj)}): "
+                    f"{type(inner).__name__}: {inner}. Pass something picklable, "
+                    "e.g. a path instead of an open file, or create it inside the task"
+                ) from inner
+        raise SerializationError(f"cannot pickle the task: {type(exc).__name__}: {exc}") from exc
+
+
+def loads_task(data: Any) -> Task:
+    """Unpickle a task on the worker; exceptions propagate and become task errors."""
+    fn, args, kwargs = pickle.loads(data)
+    return fn, args, kwargs
+
+
+def dumps_result(value: Any) -> bytes:
+    """Pickle a task's return value, or raise SerializationError naming its type."""
+    try:
+        return _dumps(value)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle the result ({type(value).__name__}: {_describe(value)}): "
+            f"{type(exc).__name__}: {exc}. Return something picklable"
+        ) from None
+
+
+def dumps_error(exc: BaseException) -> bytes:
+    """Pickle an exception with its formatted traceback; fall back to a SerializationError."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return _dumps((exc, tb))
+    except Exception as inner:
+        error = SerializationError(
+            f"the task raised {type(exc).__name__}: {exc!s:.200}, which cannot be pickled "
+            f"({type(inner).__name__}: {inner})"
+        )
+        return _dumps((error, tb))
+
+
+def loads_result(status: str, data: Any) -> Tuple[bool, Any]:
+    """Unpickle a result frame: (True, value) or (False, exception with remote cause)."""
+    try:
+        obj = pickle.loads(data)
+    except BaseException as exc:  # a raise or sys.exit inside __reduce__ fails one future
+        what = "result" if status == "finished" else "error"
+        error = SerializationError(
+            f"cannot unpickle the task's {what} on the client: {type(exc).__name__}: {exc}. "
+            "Is the module that defines it importable here?"
+        )
+        return False, error
+    if status == "finished":
+        return True, obj
+    exc, tb = obj
+    exc.__cause__ = RemoteTraceback(tb)
+    return False, exc
+
+
+def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...]) -> bytes:
+    """Pickle an initializer and its arguments."""
+    try:
+        return _dumps((fn, args))
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle the initializer or initargs: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def loads_call(data: Any) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
+    fn, args = pickle.loads(data)
+    return fn, args
+
+
+def funcname(fn: Any) -> str:
+    """The name part of a default key: ``__name__`` without ``<>``, a partial's inner name."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__name__", None)
+    if not isinstance(name, str):
+        name = type(fn).__name__
+    return name.replace("<", "").replace(">", "")
+
+
+def pure_token(fn: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
+    """32 hex digits identifying a call by content, for ``pure=True`` keys."""
+    digest = hashlib.sha256()
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if module and qualname and module != "__main__" and "<" not in qualname:
+        digest.update(f"{module}.{qualname}".encode())
+    else:
+        digest.update(_dumps(fn))
+    buf = io.BytesIO()
+    cloudpickle.CloudPickler(buf, protocol=PICKLE_PROTOCOL).dump(
+        (args, sorted(kwargs.items()))
+    )
+    digest.update(buf.getvalue())
+    return digest.hexdigest()[:32]
