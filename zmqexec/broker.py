@@ -67,7 +67,7 @@ class Broker:
         next_tick = 0.0
         try:
             while not self._stop:
-                events = dict(poller.poll(self.tick_interval * 1000))
+                events = dict(poller.poll(int(self.tick_interval * 1000)))
                 now = time.monotonic()
                 if sock in events:
                     for _ in range(BATCH):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter, OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import protocol as P
 from ._version import __version__
@@ -150,7 +150,8 @@ class BrokerState:
             self.send(ident, P.BYE, {"reason": reason})
 
     # ---- helpers ----------------------------------------------------------------------
-    def send(self, ident: bytes, cmd: int, meta: Dict[str, Any], payload: Frames = ()) -> None:
+    def send(self, ident: bytes, cmd: int, meta: Dict[str, Any],
+             payload: Sequence[Any] = ()) -> None:
         self.out.append((ident, P.encode(cmd, meta, payload)))
 
     def drop(self, reason: str, ident: bytes, exc: Optional[BaseException] = None) -> None:
@@ -283,11 +284,11 @@ class BrokerState:
             self._lose(peer, entry, reason, charged=entry.state == "running")
         peer.inflight.clear()
         for kw in list(peer.interests):
-            entry = self.table.get(kw)
-            if entry is not None:
-                self._uninterest(peer, entry)
-                if not entry.interests:
-                    self._cancel(entry)
+            wanted = self.table.get(kw)
+            if wanted is not None:
+                self._uninterest(peer, wanted)
+                if not wanted.interests:
+                    self._cancel(wanted)
 
     # ---- handlers -------------------------------------------------------------------------
     def _hello(self, ident: bytes, msg: P.Message, now: float) -> None:

@@ -43,7 +43,7 @@ from .errors import (
     WorkerLostError,
     ZMQExecError,
 )
-from .future import Future
+from .future import Future, mark_running
 
 log = logging.getLogger(__name__)
 Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
@@ -66,14 +66,15 @@ class Pending:
 def broker_error(meta: Dict[str, Any]) -> BaseException:
     """Rebuild an error the broker reported as header fields."""
     e = meta.get("e") or {}
-    cls = BROKER_ERRORS.get(str(e.get("type")), ZMQExecError)
-    if cls is WorkerLostError:
+    name = str(e.get("type"))
+    if name == "WorkerLostError":
         return WorkerLostError(P.key_from_wire(meta["k"]), int(e.get("attempts", 0)),
                                str(e.get("worker", "?")), e.get("exit"))
+    cls = BROKER_ERRORS.get(name, ZMQExecError)
     return cls(str(e.get("msg", "the broker reported an error")))
 
 
-def _settle(fut: concurrent.futures.Future, outcome: Outcome) -> None:  # type: ignore[type-arg]
+def _settle(fut: concurrent.futures.Future, outcome: Outcome) -> None:
     """Complete one future; one cancelled meanwhile is left alone, quietly."""
     try:
         if outcome[0]:
@@ -186,9 +187,9 @@ class ClientIO:
         self.post("cancel", fut._kw)
 
     def request_status(self, timeout: Optional[float]) -> Dict[str, Any]:
-        reply: concurrent.futures.Future = concurrent.futures.Future()  # type: ignore[type-arg]
+        reply: concurrent.futures.Future = concurrent.futures.Future()
         self.post("status", reply)
-        return reply.result(timeout)  # type: ignore[no-any-return]
+        return reply.result(timeout)
 
     def close(self) -> None:
         """Finish once every record is done (or the connection is broken), then disconnect."""
@@ -220,7 +221,7 @@ class ClientIO:
         self._sent: Dict[str, int] = {}  # key -> bytes, submitted and not yet answered
         self._sent_bytes = 0
         self._attaching: Dict[str, float] = {}
-        self._status_waiters: Deque[concurrent.futures.Future] = deque()  # type: ignore
+        self._status_waiters: Deque[concurrent.futures.Future] = deque()
         self._window, self._window_bytes = 0, 0  # no sends before WELCOME
         now = self._last_heard = self._last_sent = time.monotonic()
         next_check = now
@@ -231,7 +232,7 @@ class ClientIO:
             poller.register(sock, zmq.POLLIN)
             poller.register(self._wake_r, zmq.POLLIN)
             while True:
-                events = dict(poller.poll(min(self.interval, 0.1) * 1000))
+                events = dict(poller.poll(int(min(self.interval, 0.1) * 1000)))
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 65536)
@@ -395,10 +396,7 @@ class ClientIO:
                 rec = self.records.get(item[1])
                 futures = list(rec.futures) if rec is not None else []
             for fut in futures:
-                try:
-                    fut.set_running_or_notify_cancel()
-                except RuntimeError:  # already running, or cancelled and notified
-                    pass
+                mark_running(fut)
             return
         if kind == "broken":
             self._break(item[1])

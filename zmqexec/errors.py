@@ -129,11 +129,11 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-# Errors the broker reports as header fields, rebuilt by name on the client.
+# Errors the broker reports as header fields, rebuilt by name on the client
+# (WorkerLostError, which has fields of its own, is rebuilt by client_io.broker_error).
 BROKER_ERRORS = {
     cls.__name__: cls
     for cls in (
-        WorkerLostError,
         KeyLostError,
         UnknownKeyError,
         KeyExistsError,

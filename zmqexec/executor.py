@@ -81,7 +81,8 @@ class _Submitter(concurrent.futures.Executor):
         prefix = self._opts.get("key")
         args_iter: Iterator[Any] = zip(*iterables)
         if chunksize > 1:
-            args_iter = iter(lambda it=args_iter: list(itertools.islice(it, chunksize)), [])
+            flat = args_iter
+            args_iter = iter(lambda: list(itertools.islice(flat, chunksize)), [])
         counter = itertools.count()
 
         def submit_next() -> Optional[Future]:
@@ -103,8 +104,8 @@ class _Submitter(concurrent.futures.Executor):
             fs.append(fut)
         return _map_results(fs, submit_next if buffersize else None, end, chunksize > 1)
 
-    def gather(self, futures: Iterable[concurrent.futures.Future],  # type: ignore[type-arg]
-               *, timeout: Optional[float] = None) -> List[Any]:
+    def gather(self, futures: Iterable[concurrent.futures.Future], *,
+               timeout: Optional[float] = None) -> List[Any]:
         """All results in input order; the first error in input order is raised."""
         futures = list(futures)
         end = None if timeout is None else time.monotonic() + timeout
@@ -175,7 +176,7 @@ class ZMQExecutor(_Submitter):
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
         self._cluster: Optional[LocalCluster] = None
-        if self._embedded:
+        if max_workers is not None:
             start_method = mp_context.get_start_method() if mp_context is not None else None
             self._cluster = LocalCluster(max_workers, start_method=start_method,
                                          heartbeat_interval=heartbeat_interval,

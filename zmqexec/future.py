@@ -45,11 +45,18 @@ def default_executor() -> "ZMQExecutor":
     raise ValueError("no running ZMQExecutor: pass client=executor, or create one first")
 
 
+def mark_running(fut: concurrent.futures.Future) -> None:
+    """``set_running_or_notify_cancel`` only where it applies (it logs CRITICAL elsewhere)."""
+    with fut._condition:  # an RLock: the call below takes it again
+        if fut._state in (PENDING, CANCELLED):
+            fut.set_running_or_notify_cancel()
+
+
 _STATUS = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
            CANCELLED_AND_NOTIFIED: "cancelled"}
 
 
-class Future(concurrent.futures.Future):  # type: ignore[type-arg]
+class Future(concurrent.futures.Future):
     """A handle on the result of the task with this ``key`` (see DESIGN §1.2).
 
     ``Future(key)`` attaches to a key submitted by any client of the same broker: with
@@ -98,10 +105,7 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         """
         if not super().cancel():
             return False
-        try:
-            self.set_running_or_notify_cancel()
-        except RuntimeError:  # another thread notified already
-            pass
+        mark_running(self)  # CANCELLED -> CANCELLED_AND_NOTIFIED: wait() sees it now
         self.executor._io.cancelled(self)
         return True
 

@@ -98,9 +98,9 @@ def loads_result(status: str, data: Any) -> Tuple[bool, Any]:
         return False, error
     if status == "finished":
         return True, obj
-    exc, tb = obj
-    exc.__cause__ = RemoteTraceback(tb)
-    return False, exc
+    error, tb = obj
+    error.__cause__ = RemoteTraceback(tb)
+    return False, error
 
 
 def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...]) -> bytes:

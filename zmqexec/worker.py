@@ -298,7 +298,7 @@ class Agent:
             for child in self.children:
                 by_fd[child.conn.fileno()] = ("data", child)
                 by_fd[child.proc.sentinel] = ("exit", child)
-            events = self.poller.poll(min(self.interval, 0.25) * 1000)
+            events = self.poller.poll(int(min(self.interval, 0.25) * 1000))
             for what, _ in events:
                 if what is self.sock:
                     for _ in range(1000):

@@ -1,0 +1,139 @@
+"""Shared fixtures: an embedded executor, a CLI-started cluster, and leak checks.
+
+Every process a test starts is found again through /proc (Linux) and must be gone when the
+test ends: nothing zmqexec starts may outlive its owner.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, Iterator, List, Optional, Set
+
+import pytest
+
+from zmqexec import ZMQExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+
+def _children() -> Dict[int, List[int]]:
+    tree: Dict[int, List[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(name))
+    return tree
+
+
+def descendants(pid: int) -> Set[int]:
+    """Live descendants of ``pid`` (Linux /proc); empty elsewhere."""
+    if not os.path.isdir("/proc"):
+        return set()
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; for state that has no event to wait on."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    before = descendants(os.getpid())
+    yield
+    if not wait_until(lambda: not (descendants(os.getpid()) - before), timeout=10):
+        leaked = descendants(os.getpid()) - before
+        for pid in leaked:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        pytest.fail(f"processes leaked by the test: {sorted(leaked)}")
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[ZMQExecutor]:
+    """One embedded executor with 2 workers shared by a module's well-behaved tests."""
+    ex = ZMQExecutor(2)
+    yield ex
+    ex.shutdown(wait=True)
+
+
+def zmqexec_cmd(*args: str) -> List[str]:
+    return [sys.executable, "-m", "zmqexec", *args]
+
+
+class Cluster:
+    """A broker and agents started with the command line, as separate processes."""
+
+    def __init__(self, agents: int = 2, nprocs: int = 1, broker_args: tuple = (),
+                 agent_args: tuple = ()) -> None:
+        self.procs: List[subprocess.Popen] = []
+        self.broker = self._spawn(zmqexec_cmd("broker", "--bind", "tcp://127.0.0.1:0",
+                                              *broker_args), stdout=subprocess.PIPE)
+        line = self.broker.stdout.readline().decode()
+        assert line.startswith("zmqexec broker listening on "), line
+        self.address = line.split()[-1]
+        self.agent_args = agent_args
+        self.agents = [self.add_agent(nprocs) for _ in range(agents)]
+
+    def _spawn(self, cmd: List[str], **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def add_agent(self, nprocs: int = 1, *extra: str) -> subprocess.Popen:
+        return self._spawn(zmqexec_cmd("worker", self.address, "--nprocs", str(nprocs),
+                                       *self.agent_args, *extra))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    yield c
+    c.close()
+
+
+def run_python(code: str, timeout: float = 60, env: Optional[dict] = None,
+               **kw) -> subprocess.CompletedProcess:
+    """Run a snippet in a fresh interpreter (for exits, kills and stderr checks)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT, **kw)
