@@ -62,12 +62,25 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
     return bool(predicate())
 
 
+def started_since(before: Set[int]) -> Set[int]:
+    """Children of this process not in ``before``, with all their descendants."""
+    if not os.path.isdir("/proc"):
+        return set()
+    new = set(_children().get(os.getpid(), [])) - before
+    return new.union(*(descendants(pid) for pid in new)) if new else set()
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
-    before = descendants(os.getpid())
+    """Processes a test started (and their trees) must be gone when it ends.
+
+    Children of longer-lived fixtures (a module's executor) are exempt; their task
+    processes come and go as tests kill them.
+    """
+    before = set(_children().get(os.getpid(), [])) if os.path.isdir("/proc") else set()
     yield
-    if not wait_until(lambda: not (descendants(os.getpid()) - before), timeout=10):
-        leaked = descendants(os.getpid()) - before
+    if not wait_until(lambda: not started_since(before), timeout=10):
+        leaked = started_since(before)
         for pid in leaked:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -92,8 +105,9 @@ class Cluster:
     """A broker and agents started with the command line, as separate processes."""
 
     def __init__(self, agents: int = 2, nprocs: int = 1, broker_args: tuple = (),
-                 agent_args: tuple = ()) -> None:
+                 agent_args: tuple = (), env: Optional[dict] = None) -> None:
         self.procs: List[subprocess.Popen] = []
+        self.env = env
         self.broker = self._spawn(zmqexec_cmd("broker", "--bind", "tcp://127.0.0.1:0",
                                               *broker_args), stdout=subprocess.PIPE)
         line = self.broker.stdout.readline().decode()
@@ -103,7 +117,7 @@ class Cluster:
         self.agents = [self.add_agent(nprocs) for _ in range(agents)]
 
     def _spawn(self, cmd: List[str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, **kw)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=self.env, **kw)
         self.procs.append(proc)
         return proc
 

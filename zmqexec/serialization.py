@@ -65,7 +65,7 @@ def dumps_result(value: Any) -> bytes:
     """Pickle a task's return value, or raise SerializationError naming its type."""
     try:
         return _dumps(value)
-    except Exception as exc:
+    except BaseException as exc:  # an exit inside __reduce__ is a pickling failure too
         raise SerializationError(
             f"cannot pickle the result ({type(value).__name__}: {_describe(value)}): "
             f"{type(exc).__name__}: {exc}. Return something picklable"
