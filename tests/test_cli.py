@@ -167,10 +167,6 @@ def test_broker_prints_one_listening_line_per_bind() -> None:
     assert not any(a.endswith(":0") for a in addresses)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Broker never sets zmq.IPV6 on its ROUTER socket, so binding the IPv6 loopback "
-    "tcp://[::1]:PORT (loopback per DESIGN §3, accepted by is_loopback) fails with "
-    "'No such device' and the broker exits 1"))
 def test_broker_listens_on_the_ipv6_loopback() -> None:
     proc, line = start_broker("broker", "--bind", "tcp://[::1]:0")
     code, err = stop(proc)

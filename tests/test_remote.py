@@ -237,11 +237,6 @@ def test_max_workers_follows_the_cluster_slot_count() -> None:
         cluster.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_max_workers is ClientIO.slots, refreshed only by the broker's WELCOME and HEARTBEAT "
-    "messages; wait_for_workers() polls status() but does not store the slot count it saw, "
-    "so right after it returns _max_workers is stale for up to one client heartbeat "
-    "interval (here 30 s)"))
 def test_max_workers_is_the_slot_count_as_soon_as_wait_for_workers_returns() -> None:
     cluster = Cluster(agents=0)
     try:

@@ -41,6 +41,8 @@ class Broker:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if any("[" in addr for addr in binds):  # an IPv6 literal; else keep IPv4 endpoints
+            self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by credit windows, never by drops
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 1000)

@@ -30,12 +30,14 @@ def is_loopback(address: str) -> bool:
         return False
     host = rest.rsplit(":", 1)[0] if ":" in rest else rest
     host = host.strip("[]")
-    if host == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False  # '*', interface names and host names are not loopback
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _logging_options() -> argparse.ArgumentParser:
@@ -184,6 +186,7 @@ def fetch_status(address: str, timeout: float) -> Optional[Dict[str, Any]]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)
     try:
         sock.connect(address)
         hello = {"role": "status", "id": uuid.uuid4().hex, "proto": P.PROTOCOL_VERSION,

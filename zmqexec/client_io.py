@@ -212,6 +212,7 @@ class ClientIO:
         ctx = zmq.Context()
         self._sock = sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.ident.bytes)
+        sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 20)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -276,7 +277,9 @@ class ClientIO:
             kind = command[0]
             if kind == "submit":
                 self._backlog.append(command[1])
-            elif kind == "inform":
+                continue
+            self._pump()  # keep the channel ordered: earlier submits leave first
+            if kind == "inform":
                 self._attaching[command[1]] = time.monotonic() + self.attach_timeout
                 self._send(P.INFORM, {"k": command[1]})
             elif kind == "cancel":

@@ -102,7 +102,7 @@ class _Submitter(concurrent.futures.Executor):
             if fut is None:
                 break
             fs.append(fut)
-        return _map_results(fs, submit_next if buffersize else None, end, chunksize > 1)
+        return _MapResults(fs, submit_next if buffersize else None, end, chunksize > 1)
 
     def gather(self, futures: Iterable[concurrent.futures.Future], *,
                timeout: Optional[float] = None) -> List[Any]:
@@ -113,29 +113,49 @@ class _Submitter(concurrent.futures.Executor):
                 for f in futures]
 
 
-def _map_results(fs: Deque[Future], more: Optional[Callable[[], Optional[Future]]],
-                 end: Optional[float], chunked: bool) -> Iterator[Any]:
-    """Yield results in order; submit one more per result taken; cancel the rest on close."""
-    try:
-        while fs:
-            if more is not None:
-                nxt = more()
+class _MapResults(Iterator[Any]):
+    """Results of ``map`` in order; one more submit per result taken with ``buffersize``.
+
+    A class rather than a generator so that ``close()`` cancels the rest even before the
+    first ``next()`` (a generator that never started skips its ``finally``), and so that an
+    error or garbage collection cancels them too.
+    """
+
+    def __init__(self, fs: Deque[Future], more: Optional[Callable[[], Optional[Future]]],
+                 end: Optional[float], chunked: bool) -> None:
+        self._fs, self._more, self._end, self._chunked = fs, more, end, chunked
+        self._chunk: Deque[Any] = deque()
+
+    def __next__(self) -> Any:
+        while not self._chunk:
+            if not self._fs:
+                raise StopIteration
+            if self._more is not None:
+                nxt = self._more()
                 if nxt is not None:
-                    fs.append(nxt)
-            fut = fs.popleft()
+                    self._fs.append(nxt)
+            fut = self._fs.popleft()
             try:
-                value = fut.result(None if end is None else end - time.monotonic())
-            finally:
+                value = fut.result(None if self._end is None else self._end - time.monotonic())
+            except BaseException:
                 fut.cancel()
-                del fut  # yielded results are not referenced any more
-            if chunked:
-                yield from value
-            else:
-                yield value
+                self.close()
+                raise
+            del fut  # yielded results are not referenced any more
+            if not self._chunked:
+                return value
+            self._chunk.extend(value)
             del value
-    finally:
-        for fut in fs:
-            fut.cancel()
+        return self._chunk.popleft()
+
+    def close(self) -> None:
+        """Cancel every result not taken yet."""
+        while self._fs:
+            self._fs.popleft().cancel()
+        self._more = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class ZMQExecutor(_Submitter):
@@ -255,7 +275,9 @@ class ZMQExecutor(_Submitter):
     def status(self, timeout: Optional[float] = 10.0) -> Dict[str, Any]:
         """The broker's status document (the schema of ``zmqexec status --json``)."""
         self._check_usable()
-        return self._io.request_status(timeout)
+        doc = self._io.request_status(timeout)
+        self._io.slots = int(doc["slots"])  # fresher than the last heartbeat
+        return doc
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stdlib semantics: no new tasks; optionally cancel pending ones; optionally wait."""

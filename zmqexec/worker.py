@@ -272,6 +272,7 @@ class Agent:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, uuid.UUID(self.ident).bytes)
+        self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 20)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.sock.setsockopt(zmq.SNDHWM, 0)

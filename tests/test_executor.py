@@ -1,0 +1,399 @@
+"""ZMQExecutor keeps the concurrent.futures contract (DESIGN §1.1) on the embedded default."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import weakref
+
+import pytest
+from conftest import descendants, wait_until
+
+import zmqexec
+from zmqexec import InitializerError, ZMQExecutor, ZMQExecutorView
+
+
+class Box:
+    """A weak-referenceable result."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def make_box(x):
+    return Box(x)
+
+
+def add(a, b):
+    return a + b
+
+
+def sleep_return(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def wait_for_file(path, value=None, timeout=30):
+    end = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.005)
+    return value
+
+
+def append_line(path, text):
+    with open(path, "a") as f:
+        f.write(f"{text}\n")
+    return text
+
+
+def set_env(name, value):
+    os.environ[name] = value
+
+
+def get_env(name):
+    return os.environ.get(name)
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def test_submit_returns_a_zmqexec_future_with_the_result(executor):
+    fut = executor.submit(add, 2, b=3)
+    assert isinstance(fut, zmqexec.Future) and isinstance(fut, cf.Future)
+    assert fut.result(timeout=30) == 5
+    assert fut.status == "finished"
+
+
+def test_map_yields_results_in_order(executor):
+    assert list(executor.map(add, range(50), range(50), timeout=30)) == [2 * i for i in range(50)]
+
+
+def test_map_with_chunksize_sends_one_task_per_chunk(executor):
+    before = executor.status()["tasks"]["submitted"]
+    assert list(executor.map(add, range(100), range(100), chunksize=30, timeout=30)) == [
+        2 * i for i in range(100)]
+    assert executor.status()["tasks"]["submitted"] - before == 4
+
+
+def test_map_rejects_bad_chunksize_and_buffersize(executor):
+    with pytest.raises(ValueError, match="chunksize"):
+        executor.map(add, [1], [2], chunksize=0)
+    with pytest.raises(ValueError, match="buffersize"):
+        executor.map(add, [1], [2], buffersize=0)
+
+
+def test_map_timeout_counts_from_the_call(executor):
+    executor.wait_for_workers(2, timeout=30)
+    results = executor.map(sleep_return, [0.01, 3.0], timeout=1.5)
+    assert next(results) is None
+    with pytest.raises(cf.TimeoutError):
+        next(results)
+
+
+def idle(executor):
+    tasks = executor.status()["tasks"]
+    return tasks["running"] == 0 and tasks["queued"] == 0
+
+
+def gated_append(gate, path, text):
+    wait_for_file(gate)
+    return append_line(path, text)
+
+
+def test_closing_the_map_iterator_cancels_the_rest(executor, tmp_path):
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    assert wait_until(lambda: idle(executor), timeout=30)  # both workers free
+    before = executor.status()["tasks"]
+    results = executor.map(gated_append, [str(gate)] * 10, [str(ran)] * 10, range(10))
+    try:
+        assert wait_until(lambda: executor.status()["tasks"]["submitted"] -
+                          before["submitted"] == 10, timeout=30)
+        results.close()
+        # all but the two running on the blocked workers: queued and prefetched ones
+        assert wait_until(lambda: executor.status()["tasks"]["cancelled"] -
+                          before["cancelled"] == 8, timeout=30)
+    finally:
+        gate.touch()
+    assert wait_until(lambda: executor.status()["tasks"]["running"] == 0, timeout=30)
+    assert len(ran.read_text().split()) == 2
+
+
+def test_map_with_buffersize_keeps_at_most_that_many_submitted(executor):
+    before = executor.status()["tasks"]["submitted"]
+    results = executor.map(add, range(1000), range(1000), buffersize=5)
+    assert executor.status()["tasks"]["submitted"] - before == 5
+    assert [next(results) for _ in range(3)] == [0, 2, 4]
+    assert executor.status()["tasks"]["submitted"] - before == 8
+    assert sum(results) == sum(2 * i for i in range(3, 1000))
+
+
+def test_map_does_not_keep_yielded_results_alive(executor):
+    results = executor.map(make_box, range(3), timeout=30)
+    box = next(results)
+    ref = weakref.ref(box)
+    del box
+    gc.collect()
+    assert ref() is None
+    assert [b.value for b in results] == [1, 2]
+
+
+def test_max_workers_must_be_positive():
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        ZMQExecutor(0)
+
+
+def test_submit_after_shutdown_raises_the_stdlib_error():
+    ex = ZMQExecutor(1)
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        ex.submit(add, 1, 2)
+
+
+def test_shutdown_cancel_futures_notifies_every_waiter(tmp_path):
+    ex = ZMQExecutor(1)
+    gate = tmp_path / "gate"
+    running = ex.submit(wait_for_file, str(gate), "ran")
+    assert wait_until(running.running, timeout=30)
+    pending = [ex.submit(add, i, i) for i in range(20)]
+    waiter = threading.Thread(target=cf.wait, args=(pending,))
+    waiter.start()
+    ex.shutdown(wait=False, cancel_futures=True)
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert all(f.cancelled() for f in pending)
+    gate.touch()
+    assert running.result(timeout=30) == "ran"
+    ex.shutdown(wait=True)
+
+
+def test_with_block_waits_for_submitted_work(tmp_path):
+    out = tmp_path / "out"
+    with ZMQExecutor(2) as ex:
+        futures = [ex.submit(append_line, str(out), i) for i in range(10)]
+    assert all(f.done() for f in futures)
+    assert len(out.read_text().splitlines()) == 10
+
+
+def test_positional_arguments_match_process_pool_executor():
+    import multiprocessing
+
+    with ZMQExecutor(1, multiprocessing.get_context("spawn"), set_env,
+                     ("ZMQEXEC_TEST_INIT", "yes")) as ex:
+        assert ex.submit(get_env, "ZMQEXEC_TEST_INIT").result(timeout=60) == "yes"
+
+
+def test_a_failing_initializer_breaks_the_executor():
+    ex = ZMQExecutor(1, initializer=fail, initargs=("no init",))
+    fut = ex.submit(add, 1, 2)
+    with pytest.raises(InitializerError, match="no init"):
+        fut.result(timeout=30)
+    with pytest.raises(InitializerError):
+        ex.submit(add, 1, 2)
+    ex.shutdown()
+
+
+def test_options_view_chains_and_its_shutdown_does_nothing(executor):
+    view = executor.options(priority=1).options(key="opt-view", priority=5)
+    assert isinstance(view, ZMQExecutorView) and isinstance(view, cf.Executor)
+    assert view._opts == {"key": "opt-view", "priority": 5}
+    fut = view.submit(add, 1, 1)
+    view.shutdown()
+    assert fut.key == "opt-view" and fut.result(timeout=30) == 2
+    assert executor.submit(add, 2, 2).result(timeout=30) == 4
+
+
+def test_map_on_a_view_uses_the_key_as_a_prefix(executor):
+    futures = []
+    view = executor.options(key="mapped")
+    original = view._executor._submit
+
+    def spy(fn, args, kwargs, opts):
+        futures.append(original(fn, args, kwargs, opts))
+        return futures[-1]
+
+    view._executor._submit = spy
+    try:
+        assert list(view.map(add, [1, 2], [3, 4], timeout=30)) == [4, 6]
+    finally:
+        del view._executor._submit
+    assert [f.key for f in futures] == ["mapped-0", "mapped-1"]
+
+
+def test_priority_runs_higher_first_among_queued_tasks(tmp_path):
+    log, gate = tmp_path / "order", tmp_path / "gate"
+    with ZMQExecutor(1) as ex:
+        blocker = ex.submit(wait_for_file, str(gate))
+        # the single worker prefetches one task: fill that place with a neutral one
+        ex.submit(append_line, str(log), "prefetched")
+        low = [ex.options(priority=0).submit(append_line, str(log), f"low{i}") for i in range(3)]
+        high = [ex.options(priority=9).submit(append_line, str(log), f"high{i}")
+                for i in range(3)]
+        assert wait_until(lambda: ex.status()["tasks"]["queued"] >= 6, timeout=30)
+        gate.touch()
+        cf.wait([blocker, *low, *high], timeout=60)
+    order = log.read_text().split()
+    assert order[1:] == ["high0", "high1", "high2", "low0", "low1", "low2"]
+
+
+def test_gather_raises_the_first_error_in_input_order(executor):
+    futures = [executor.submit(sleep_return, 0.3, "slow"),
+               executor.submit(fail, "second"), executor.submit(fail, "third")]
+    with pytest.raises(ValueError, match="second"):
+        executor.gather(futures, timeout=30)
+    assert executor.gather([executor.submit(add, 1, 1)], timeout=30) == [2]
+
+
+def test_a_discarded_future_still_runs_and_fires_its_callback(executor):
+    fired = threading.Event()
+    executor.submit(add, 1, 2).add_done_callback(lambda f: fired.set())
+    gc.collect()
+    assert fired.wait(30)
+
+
+def test_a_future_argument_is_refused_with_advice(executor):
+    fut = executor.submit(add, 1, 2)
+    with pytest.raises(TypeError, match=r"\.result\(\)"):
+        executor.submit(add, fut, 1)
+    fut.result(timeout=30)
+
+
+def test_not_yet_supported_options_say_so(executor):
+    with pytest.raises(NotImplementedError, match="timeout"):
+        executor.options(timeout=1).submit(add, 1, 2)
+
+
+def test_introspection_reports_address_workers_and_status(executor):
+    executor.wait_for_workers(2, timeout=30)
+    assert executor._max_workers == 2
+    assert executor.address.startswith("ipc://")
+    status = executor.status()
+    assert status["slots"] == 2 and len(status["agents"]) == 1
+    assert set(status["tasks"]) >= {"queued", "running", "finished", "error", "cancelled",
+                                    "lost"}
+    text = repr(executor)
+    assert "embedded" in text and "workers=2" in text and "pending=" in text
+
+
+def test_shutdown_wait_from_a_callback_raises(executor):
+    errors = []
+    done = threading.Event()
+
+    def callback(_):
+        try:
+            executor.shutdown(wait=True)
+        except RuntimeError as exc:
+            errors.append(exc)
+        done.set()
+
+    executor.submit(add, 1, 1).add_done_callback(callback)
+    assert done.wait(30)
+    assert errors and "callback" in str(errors[0])
+
+
+def test_a_forked_child_gets_a_clear_error(executor):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            executor.submit(add, 1, 2)
+        except RuntimeError as exc:
+            os._exit(0 if "forked child" in str(exc) else 1)
+        os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_dead_task_process_is_replaced(executor):
+    pids = set(executor.map(sleep_return, [0.2] * 4, [None] * 4))
+    pid = executor.submit(os.getpid).result(timeout=30)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: len(executor.status()["agents"]) == 1, timeout=10)
+    results = {executor.submit(os.getpid).result(timeout=30) for _ in range(10)}
+    assert pid not in results and pids is not None
+
+
+EXIT_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from zmqexec import ZMQExecutor
+    def slow(path, x):
+        time.sleep(0.2)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"done {{x}}\\n".encode())
+        os.close(fd)
+    ex = ZMQExecutor(2)
+    for i in range(4):
+        ex.submit(slow, sys.argv[1], i)
+    {tail}
+""")
+
+
+def run_exit_script(tmp_path, tail=""):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT.format(tail=tail), str(out)],
+                       capture_output=True, text=True, timeout=60)
+    return proc, sorted(out.read_text().splitlines()) if out.exists() else []
+
+
+def test_interpreter_exit_finishes_submitted_work_silently(tmp_path):
+    proc, lines = run_exit_script(tmp_path)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert lines == [f"done {i}" for i in range(4)]
+
+
+def test_shutdown_without_wait_does_not_hang_the_exit(tmp_path):
+    proc, lines = run_exit_script(tmp_path, "ex.shutdown(wait=False)")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert lines == [f"done {i}" for i in range(4)]
+
+
+def test_submit_from_atexit_raises_runtime_error(tmp_path):
+    tail = textwrap.dedent("""
+    import atexit
+    def late():
+        try:
+            ex.submit(print, "never")
+        except RuntimeError as exc:
+            print("refused:", exc)
+    atexit.register(late)
+    """)
+    proc, _ = run_exit_script(tmp_path, tail)
+    assert "refused: cannot schedule new futures after" in proc.stdout, proc.stderr
+
+
+def test_no_process_outlives_a_sigkilled_client():
+    code = textwrap.dedent("""
+        import os, sys, time
+        sys.path.insert(0, "tests")
+        from conftest import descendants
+        from zmqexec import ZMQExecutor
+        ex = ZMQExecutor(2)
+        ex.wait_for_workers(2, timeout=30)
+        fut = ex.submit(time.sleep, 60)
+        while ex.status()["tasks"]["running"] < 1:
+            time.sleep(0.01)
+        print(" ".join(map(str, descendants(os.getpid()))), flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 4, pids  # broker, agent, two task processes
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    assert wait_until(lambda: not any(alive(p) for p in pids), timeout=15)
+    assert not descendants(proc.pid)
