@@ -132,18 +132,24 @@ class ClientIO:
         kw, pure = fut._kw, bool(meta.get("pure"))
         with self.lock:
             rec, outcome = self.records.get(kw), self.done.get(kw)
-            live = rec is not None or outcome is not None
+            attaching = rec is not None and rec.meta is None  # Future(key) waits for it
+            live = (rec is not None and not attaching) or outcome is not None
             if live and not pure:
                 raise KeyExistsError(f"key {fut.key!r} is live in this client already; "
                                      "choose another key= or submit with pure=True")
             self._ref(fut)
-            if rec is not None:
+            if rec is not None and attaching:
+                rec.futures.append(fut)
+                rec.meta, rec.frames = meta, frames
+                rec.nbytes = sum(len(f) for f in frames)
+            elif rec is not None:
                 rec.futures.append(fut)
                 return fut
-            if outcome is not None and outcome[0]:
+            elif outcome is not None and outcome[0]:
                 _settle(fut, outcome)
                 return fut
-            rec = self.records[kw] = Pending(kw, [fut], meta, frames)
+            else:
+                rec = self.records[kw] = Pending(kw, [fut], meta, frames)
         self.post("submit", rec)
         return fut
 
@@ -319,6 +325,7 @@ class ClientIO:
                 continue  # cancelled before it left this client
             self._sent[rec.kw] = rec.nbytes
             self._sent_bytes += rec.nbytes
+            self._attaching.pop(rec.kw, None)  # our own submit makes the key known
             assert rec.meta is not None
             self._send(P.SUBMIT, rec.meta, rec.frames)
 

@@ -1,0 +1,254 @@
+"""zmqexec.Future: keys, pure sharing, attach by key, release, status, await (DESIGN §1.2)."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import functools
+import gc
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import ROOT, wait_until
+
+import zmqexec
+from zmqexec import Future, KeyExistsError, RemoteTraceback, UnknownKeyError, ZMQExecutor
+
+
+def add(a, b):
+    return a + b
+
+
+def count_call(path, value):
+    with open(path, "a") as f:
+        f.write("x")
+    time.sleep(0.2)
+    return value
+
+
+def wait_for_file(path, value=None, timeout=30):
+    end = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.005)
+    return value
+
+
+class Adder:
+    def __call__(self, a, b):
+        return a + b
+
+
+def raise_value_error(*args):
+    raise ValueError(*args)
+
+
+HEX32 = r"[0-9a-f]{32}"
+
+
+def held_keys(ex):
+    return ex.status()["held_keys"]
+
+
+def test_default_keys_name_the_function(executor):
+    cases = [(add, "add"), (lambda a, b: a + b, "lambda"),
+             (functools.partial(add, 1), "add"), (Adder(), "Adder")]
+    for fn, name in cases:
+        args = (1,) if isinstance(fn, functools.partial) else (1, 2)
+        fut = executor.submit(fn, *args)
+        assert re.fullmatch(f"{name}-{HEX32}", fut.key), fut.key
+        fut.result(timeout=30)
+
+
+def test_pure_submissions_share_one_task_and_one_result(executor, tmp_path):
+    calls = tmp_path / "calls"
+    view = executor.options(pure=True)
+    first = view.submit(count_call, str(calls), 7)
+    second = view.submit(count_call, str(calls), 7)
+    other = view.submit(count_call, str(calls), 8)
+    assert first.key == second.key != other.key
+    assert re.fullmatch(f"count_call-{HEX32}", first.key)
+    assert [first.result(timeout=30), second.result(timeout=30), other.result(30)] == [7, 7, 8]
+    assert calls.read_text() == "xx"
+    third = view.submit(count_call, str(calls), 7)  # still held: no new run
+    assert third.result(timeout=30) == 7 and calls.read_text() == "xx"
+
+
+def test_pure_errors_are_not_cached(executor, tmp_path):
+    view = executor.options(pure=True)
+    first = view.submit(raise_value_error, "once")
+    with pytest.raises(ValueError):
+        first.result(timeout=30)
+    second = view.submit(raise_value_error, "once")
+    assert second.key == first.key
+    with pytest.raises(ValueError):
+        second.result(timeout=30)
+
+
+def test_an_explicit_live_key_is_refused(executor):
+    fut = executor.options(key="explicit-live").submit(add, 1, 2)
+    with pytest.raises(KeyExistsError, match="pure=True"):
+        executor.options(key="explicit-live").submit(add, 1, 2)
+    assert fut.result(timeout=30) == 3
+    shared = executor.options(key="explicit-live", pure=True).submit(add, 1, 2)
+    assert shared.result(timeout=30) == 3
+
+
+def test_tuple_keys_travel_and_show_in_repr(executor):
+    fut = executor.options(key=("x", 1)).submit(add, 1, 1)
+    assert fut.result(timeout=30) == 2
+    assert fut.key == ("x", 1)
+    assert repr(fut) == "<Future: status: finished, key: ('x', 1)>"
+    with pytest.raises(TypeError, match="key"):
+        executor.options(key=["not", "a", "tuple"]).submit(add, 1, 1)
+
+
+def test_status_follows_the_life_of_a_task(executor, tmp_path):
+    gate = tmp_path / "gate"
+    fut = executor.submit(wait_for_file, str(gate), "ok")
+    assert fut.status in ("pending", "running")
+    assert wait_until(lambda: fut.status == "running", timeout=30)
+    gate.touch()
+    assert fut.result(timeout=30) == "ok" and fut.status == "finished"
+    bad = executor.submit(raise_value_error, "x")
+    cf.wait([bad], timeout=30)
+    assert bad.status == "error"
+
+
+def test_remote_exceptions_keep_type_args_and_traceback(executor):
+    fut = executor.submit(raise_value_error, "bad", 42)
+    with pytest.raises(ValueError) as info:
+        fut.result(timeout=30)
+    assert info.value.args == ("bad", 42)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "raise_value_error" in str(cause) and "Traceback" in str(cause)
+
+
+def test_attach_by_key_in_the_same_client_completes_together(executor, tmp_path):
+    gate = tmp_path / "gate"
+    fut = executor.options(key="attach-same").submit(wait_for_file, str(gate), "v")
+    local = Future("attach-same", executor, inform=False)
+    informed = Future("attach-same", executor)
+    assert not local.done() and not informed.done()
+    gate.touch()
+    assert [f.result(timeout=30) for f in (fut, local, informed)] == ["v"] * 3
+
+
+def test_inform_false_without_a_local_future_is_refused(executor):
+    with pytest.raises(ValueError, match="inform=True"):
+        Future("nobody-has-this", executor, inform=False)
+
+
+def test_an_unknown_key_ends_in_unknown_key_error():
+    with ZMQExecutor(1, attach_timeout=0.3) as ex:
+        start = time.monotonic()
+        fut = Future("never-submitted", ex)
+        with pytest.raises(UnknownKeyError, match="never-submitted"):
+            fut.result(timeout=30)
+        assert time.monotonic() - start < 5
+
+
+def test_an_attach_before_the_submit_waits_for_it(executor):
+    early = Future("late-submit", executor)
+    time.sleep(0.05)  # the INFORM reaches the broker before the submit below
+    fut = executor.options(key="late-submit").submit(add, 20, 22)
+    assert early.result(timeout=30) == fut.result(timeout=30) == 42
+
+
+ATTACH = textwrap.dedent("""
+    import sys
+    from zmqexec import Future, ZMQExecutor
+    with ZMQExecutor(address=sys.argv[1]) as ex:
+        print(Future(sys.argv[2], ex).result(timeout=60), flush=True)
+""")
+
+
+def attach_elsewhere(address, key):
+    return subprocess.Popen([sys.executable, "-c", ATTACH, address, key],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+
+
+def test_another_process_attaches_before_and_after_the_task_finished(executor, tmp_path):
+    gate = tmp_path / "gate"
+    fut = executor.options(key="shared-key").submit(wait_for_file, str(gate), "shared")
+    before = attach_elsewhere(executor.address, "shared-key")
+    assert wait_until(lambda: executor.status()["clients"] >= 2, timeout=30)
+    time.sleep(0.2)  # let its INFORM arrive while the task still runs
+    gate.touch()
+    assert fut.result(timeout=30) == "shared"
+    after = attach_elsewhere(executor.address, "shared-key")
+    for proc in (before, after):
+        out, err = proc.communicate(timeout=60)
+        assert out.strip() == "shared", err
+
+
+def test_release_drops_the_held_result_and_needs_a_done_future(executor, tmp_path):
+    gate = tmp_path / "gate"
+    fut = executor.submit(wait_for_file, str(gate))
+    with pytest.raises(cf.InvalidStateError):
+        fut.release()
+    gate.touch()
+    fut.result(timeout=30)
+    held = held_keys(executor)
+    fut.release()
+    assert wait_until(lambda: held_keys(executor) == held - 1, timeout=10)
+
+
+def test_garbage_collecting_the_last_future_releases_the_key(executor):
+    fut = executor.submit(add, 5, 5)
+    fut.result(timeout=30)
+    held = held_keys(executor)
+    del fut
+    gc.collect()
+    assert wait_until(lambda: held_keys(executor) == held - 1, timeout=10)
+
+
+def test_cancel_of_a_queued_task_means_it_never_runs(tmp_path):
+    gate, calls = tmp_path / "gate", tmp_path / "calls"
+    with ZMQExecutor(1) as ex:
+        blocker = ex.submit(wait_for_file, str(gate))
+        queued = [ex.submit(count_call, str(calls), i) for i in range(5)]
+        assert all(f.cancel() for f in queued[1:])
+        assert all(f.status == "cancelled" for f in queued[1:])
+        done, _ = cf.wait(queued[1:], timeout=5)  # waiters see it at once
+        assert len(done) == 4
+        gate.touch()
+        assert queued[0].result(timeout=30) == 0 and blocker.result(timeout=30) is None
+    assert calls.read_text() == "x"
+
+
+def test_await_and_asyncio_helpers_work(executor):
+    async def main():
+        direct = await executor.submit(add, 1, 2)
+        wrapped = await asyncio.wrap_future(executor.submit(add, 3, 4))
+        loop = asyncio.get_running_loop()
+        via_loop = await loop.run_in_executor(executor, add, 5, 6)
+        many = await asyncio.gather(*(executor.submit(add, i, i) for i in range(20)))
+        return direct, wrapped, via_loop, many
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == (3, 7, 11, [2 * i for i in range(20)])
+
+
+def test_future_without_a_running_executor_is_refused():
+    import zmqexec.future as future_module
+
+    saved = future_module._running[:]
+    future_module._running.clear()
+    try:
+        with pytest.raises(ValueError, match="no running ZMQExecutor"):
+            Future("k")
+    finally:
+        future_module._running[:] = saved
+
+
+def test_future_defaults_to_the_most_recent_executor(executor):
+    fut = executor.options(key="default-client").submit(add, 2, 2)
+    fut.result(timeout=30)
+    again = Future("default-client")
+    assert again.client is executor and again.result(timeout=30) == 4
+    assert isinstance(again, zmqexec.Future) and again.executor is executor
