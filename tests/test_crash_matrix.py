@@ -13,7 +13,7 @@ import textwrap
 
 import crashers
 import pytest
-from conftest import Cluster, descendants, run_python, wait_until
+from conftest import Cluster, run_python, wait_until
 
 from zmqexec import SerializationError, WorkerLostError, ZMQExecutor
 

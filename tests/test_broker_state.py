@@ -1,0 +1,251 @@
+"""BrokerState decisions without sockets: routing, credits, priorities, retries, held results."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from zmqexec import protocol as P
+from zmqexec.broker_state import BrokerState
+
+VERSIONS = {"python": "3.11", "cloudpickle": "3.1.2"}
+
+
+class Harness:
+    """Drives a BrokerState with encoded messages and reads what it sends."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.state = BrokerState(**kw)
+        self.now = 100.0
+
+    def send(self, ident: bytes, cmd: int, meta: Dict[str, Any], payload=()) -> None:
+        self.state.handle(ident, P.encode(cmd, meta, list(payload)), self.now)
+
+    def hello(self, ident: bytes, role: str, **extra: Any) -> None:
+        meta = {"role": role, "id": ident.hex(), "proto": P.PROTOCOL_VERSION, **VERSIONS,
+                **extra}
+        self.send(ident, P.HELLO, meta)
+
+    def take(self) -> List[Tuple[bytes, P.Message]]:
+        out, self.state.out = self.state.out, []
+        return [(ident, P.decode(frames)) for ident, frames in out]
+
+    def take_cmd(self, cmd: int) -> List[Tuple[bytes, P.Message]]:
+        return [(i, m) for i, m in self.take() if m.cmd == cmd]
+
+    def submit(self, client: bytes, key: str, priority: int = 0, retries: int = 3,
+               pure: bool = False, payload: bytes = b"task") -> None:
+        self.send(client, P.SUBMIT, {"k": P.key_to_wire(key), "p": priority, "r": retries,
+                                     "pure": pure}, [payload])
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+C1, C2, A1, A2 = b"client-1", b"client-2", b"agent-1", b"agent-2"
+
+
+def kw(key: str) -> str:
+    return P.key_to_wire(key)
+
+
+def test_hello_is_welcomed_with_epoch_limits_and_slots(h):
+    h.hello(A1, "worker", slots=2, prefetch=1)
+    h.hello(C1, "client")
+    welcomes = dict(h.take_cmd(P.WELCOME))
+    assert welcomes[C1].meta["slots"] == 2 and welcomes[C1].meta["epoch"] == h.state.epoch
+    assert welcomes[C1].meta["max_frame"] >= 256 << 20
+    assert welcomes[C1].meta["max_message"] >= 4 << 30
+
+
+def test_a_protocol_mismatch_is_refused_with_a_reason(h):
+    h.send(C1, P.HELLO, {"role": "client", "id": "x", "proto": 99})
+    [(ident, msg)] = h.take()
+    assert msg.cmd == P.REFUSE and "protocol 99" in msg.meta["reason"]
+    assert C1 not in h.state.peers
+
+
+def test_messages_before_hello_get_a_reset_and_are_counted(h):
+    h.send(C1, P.SUBMIT, {"k": kw("a"), "p": 0, "r": 0}, [b"x"])
+    [(ident, msg)] = h.take()
+    assert msg.cmd == P.RESET and h.state.dropped["message before HELLO"] == 1
+
+
+def test_malformed_messages_are_dropped_and_counted_by_reason(h):
+    for frames in ([b"junk"], [b"ZX\x01\x63{}"], [b"ZX\x01\x0a[1]"], [b"ZX\x01\x0a{"],
+                   []):
+        h.state.handle(C1, frames, h.now)
+    assert sum(h.state.dropped.values()) == 5 and not h.take()
+    assert h.state.status(h.now)["dropped"]
+
+
+def test_tasks_go_to_agents_only_within_their_credit(h):
+    h.hello(A1, "worker", slots=1, prefetch=1)
+    h.hello(C1, "client")
+    h.take()
+    for i in range(5):
+        h.submit(C1, f"t{i}")
+    tasks = h.take_cmd(P.TASK)
+    assert [m.meta["k"] for _, m in tasks] == [kw("t0"), kw("t1")]
+    assert tasks[0][1].payload == [b"task"] and tasks[0][1].meta["a"] == 1
+    h.send(A1, P.RESULT, {"k": kw("t0"), "s": "finished"}, [b"r0"])
+    out = h.take()
+    assert [(i, m.cmd) for i, m in out] == [(C1, P.RESULT), (A1, P.TASK)]
+    assert out[0][1].payload == [b"r0"]
+
+
+def test_higher_priority_first_and_clients_take_turns(h):
+    h.hello(C1, "client")
+    h.hello(C2, "client")
+    for i in range(3):
+        h.submit(C1, f"c1-{i}")
+    for i in range(3):
+        h.submit(C2, f"c2-{i}")
+    h.submit(C2, "urgent", priority=5)
+    h.hello(A1, "worker", slots=7, prefetch=0)
+    order = [m.meta["k"] for _, m in h.take_cmd(P.TASK)]
+    assert order == [kw(k) for k in ("urgent", "c1-0", "c2-0", "c1-1", "c2-1", "c1-2",
+                                     "c2-2")]
+
+
+def test_a_lost_started_task_is_retried_then_fails_with_worker_lost_error(h):
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0, name="box")
+    h.submit(C1, "poison", retries=1)
+    for attempt in (1, 2):
+        [(_, task)] = h.take_cmd(P.TASK)
+        assert task.meta["a"] == attempt
+        h.send(A1, P.STARTED, {"k": kw("poison")})
+        h.send(A1, P.DEATH, {"k": kw("poison"), "exit": "killed by SIGKILL"})
+    [(ident, result)] = h.take_cmd(P.RESULT)
+    assert ident == C1 and result.meta["s"] == "lost"
+    assert result.meta["e"] == {"type": "WorkerLostError", "attempts": 2, "worker": "box",
+                                "exit": "killed by SIGKILL"}
+    assert h.state.status(h.now)["tasks"]["lost"] == 1
+
+
+def test_an_expired_agent_returns_prefetched_tasks_free_and_charges_started_ones(h):
+    h.hello(C1, "client", ttl=1000)
+    h.hello(A1, "worker", slots=1, prefetch=1, hb=1.0, ttl=3.0)
+    h.submit(C1, "started", retries=0)
+    h.submit(C1, "prefetched", retries=0)
+    h.send(A1, P.STARTED, {"k": kw("started")})
+    h.take()
+    h.now += 10
+    h.state.tick(h.now)
+    results = {m.meta["k"]: m for _, m in h.take_cmd(P.RESULT)}
+    assert results[kw("started")].meta["e"]["type"] == "WorkerLostError"
+    assert kw("prefetched") not in results
+    h.hello(A2, "worker", slots=1, prefetch=0)
+    assert [m.meta["k"] for _, m in h.take_cmd(P.TASK)] == [kw("prefetched")]
+
+
+def test_cancel_drops_a_queued_task_and_recalls_a_prefetched_one(h):
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=1)
+    for key in ("run", "fetched", "queued"):
+        h.submit(C1, key)
+    h.send(A1, P.STARTED, {"k": kw("run")})
+    h.take()
+    h.send(C1, P.CANCEL, {"k": kw("queued")})
+    h.send(C1, P.CANCEL, {"k": kw("fetched")})
+    [(ident, cancel)] = h.take_cmd(P.CANCEL)
+    assert ident == A1 and cancel.meta["k"] == kw("fetched")
+    h.send(A1, P.DROPPED, {"k": kw("fetched")})
+    assert h.state.status(h.now)["tasks"]["cancelled"] == 2
+    assert kw("queued") not in h.state.table and kw("fetched") not in h.state.table
+
+
+def test_results_are_held_for_attaching_clients_until_released(h):
+    h.hello(C1, "client")
+    h.hello(C2, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    h.submit(C1, "k")
+    h.send(A1, P.RESULT, {"k": kw("k"), "s": "finished"}, [b"value"])
+    h.take()
+    h.send(C2, P.INFORM, {"k": kw("k")})
+    [(ident, msg)] = h.take()
+    assert ident == C2 and msg.cmd == P.RESULT and msg.payload == [b"value"]
+    h.send(C1, P.RELEASE, {"k": kw("k")})
+    assert kw("k") in h.state.table
+    h.send(C2, P.RELEASE, {"k": kw("k")})
+    assert kw("k") not in h.state.table and h.state.held_bytes == 0
+
+
+def test_held_results_over_the_limit_drop_the_oldest_and_attach_gets_key_lost(h):
+    h = Harness(max_held_bytes=10)
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    for key in ("old", "new"):
+        h.submit(C1, key)
+        h.send(A1, P.RESULT, {"k": kw(key), "s": "finished"}, [b"123456"])
+    assert kw("old") not in h.state.table and kw("new") in h.state.table
+    h.take()
+    h.hello(C2, "client")
+    h.send(C2, P.INFORM, {"k": kw("old")})
+    [msg] = [m for _, m in h.take_cmd(P.RESULT)]
+    assert msg.meta["e"]["type"] == "KeyLostError"
+
+
+def test_an_inform_before_the_submit_is_answered_when_it_arrives(h):
+    h.hello(C1, "client")
+    h.hello(C2, "client")
+    h.take()
+    h.send(C2, P.INFORM, {"k": kw("later")})
+    assert not h.take()  # unknown yet: no answer, the client's attach_timeout runs
+    h.submit(C1, "later")
+    [(ident, msg)] = h.take_cmd(P.STATE)
+    assert ident == C2 and msg.meta["s"] == "queued"
+
+
+def test_a_live_key_from_another_client_is_refused_unless_pure(h):
+    h.hello(C1, "client")
+    h.hello(C2, "client")
+    h.submit(C1, "mine")
+    h.submit(C2, "mine")
+    [(ident, msg)] = h.take_cmd(P.RESULT)
+    assert ident == C2 and msg.meta["e"]["type"] == "KeyExistsError"
+    h.submit(C2, "mine", pure=True)
+    assert [m.meta["s"] for _, m in h.take_cmd(P.STATE)] == ["queued"]
+    assert h.state.table[kw("mine")].interests == {C1, C2}
+
+
+def test_a_version_mismatch_fails_the_task_with_a_clear_error(h):
+    h.hello(C1, "client")
+    h.send(A1, P.HELLO, {"role": "worker", "id": "a", "proto": P.PROTOCOL_VERSION,
+                         "python": "3.12", "cloudpickle": "3.1.2", "slots": 1, "name": "w"})
+    h.submit(C1, "t")
+    [(_, msg)] = h.take_cmd(P.RESULT)
+    assert msg.meta["e"]["type"] == "SerializationError"
+    assert "3.11" in msg.meta["e"]["msg"] and "3.12" in msg.meta["e"]["msg"]
+
+
+def test_an_expired_client_has_its_queued_tasks_dropped(h):
+    h.hello(C1, "client", hb=1.0, ttl=5.0)
+    h.submit(C1, "orphan")
+    h.now += 10
+    h.state.tick(h.now)
+    assert kw("orphan") not in h.state.table and C1 not in h.state.peers
+    assert h.state.status(h.now)["tasks"]["cancelled"] == 1
+
+
+def test_a_full_queue_refuses_new_tasks_with_an_error(h):
+    h = Harness(max_queued_bytes=10)
+    h.hello(C1, "client")
+    h.submit(C1, "fits", payload=b"12345678")
+    h.submit(C1, "too-much", payload=b"12345678")
+    [(_, msg)] = h.take_cmd(P.RESULT)
+    assert msg.meta["k"] == kw("too-much") and "max-queued-bytes" in msg.meta["e"]["msg"]
+
+
+def test_heartbeats_go_to_every_peer_with_the_epoch(h):
+    h.hello(C1, "client", hb=0.5)
+    h.hello(A1, "worker", slots=1, hb=0.5)
+    h.take()
+    h.now += 0.6
+    h.state.tick(h.now)
+    beats = h.take_cmd(P.HEARTBEAT)
+    assert {i for i, _ in beats} == {C1, A1}
+    assert all(m.meta["epoch"] == h.state.epoch and m.meta["slots"] == 1 for _, m in beats)
