@@ -397,3 +397,39 @@ def test_no_process_outlives_a_sigkilled_client():
 
     assert wait_until(lambda: not any(alive(p) for p in pids), timeout=15)
     assert not descendants(proc.pid)
+
+
+def test_done_futures_and_their_results_are_not_kept_by_the_executor(executor):
+    fut = executor.submit(make_box, 1)
+    box_ref = weakref.ref(fut.result(timeout=30))
+    fut_ref = weakref.ref(fut)
+    del fut
+    gc.collect()
+    assert fut_ref() is None
+    assert wait_until(lambda: box_ref() is None, timeout=10)
+
+
+def test_a_dead_embedded_broker_ends_pending_futures_with_broker_lost_error(tmp_path):
+    ex = ZMQExecutor(1)
+    fut = ex.submit(wait_for_file, str(tmp_path / "never"), None, 60)
+    assert wait_until(fut.running, timeout=30)
+    os.kill(ex._cluster.broker.pid, signal.SIGKILL)
+    with pytest.raises(zmqexec.BrokerLostError, match="broker"):
+        fut.result(timeout=30)
+    assert fut.status == "lost"
+    with pytest.raises(zmqexec.BrokerLostError):
+        ex.submit(add, 1, 2)
+    ex.shutdown()
+
+
+def test_a_dead_embedded_agent_is_replaced_and_its_task_runs_again(tmp_path):
+    ran = tmp_path / "ran"
+    with ZMQExecutor(1, heartbeat_interval=0.2, heartbeat_timeout=1.0) as ex:
+        gate = tmp_path / "gate"
+        fut = ex.submit(gated_append, str(gate), str(ran), "x")
+        assert wait_until(fut.running, timeout=30)
+        old = ex._cluster.agent.pid
+        os.kill(old, signal.SIGKILL)
+        gate.touch()
+        assert fut.result(timeout=30) == "x"
+        assert ex._cluster.agent.pid != old and ex._cluster.agent_restarts == 1
