@@ -249,3 +249,25 @@ def test_heartbeats_go_to_every_peer_with_the_epoch(h):
     beats = h.take_cmd(P.HEARTBEAT)
     assert {i for i, _ in beats} == {C1, A1}
     assert all(m.meta["epoch"] == h.state.epoch and m.meta["slots"] == 1 for _, m in beats)
+
+
+def test_a_client_waiting_on_a_key_may_submit_it_and_joins(h):
+    h.hello(C1, "client")
+    h.hello(C2, "client")
+    h.submit(C1, "k")
+    h.send(C2, P.INFORM, {"k": kw("k")})
+    h.take()
+    h.submit(C2, "k")
+    assert not h.take_cmd(P.RESULT)
+    assert h.state.table[kw("k")].interests == {C1, C2}
+
+
+def test_a_pure_resubmission_of_a_lost_key_runs_again(h):
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    h.submit(C1, "p", retries=0, pure=True)
+    h.send(A1, P.STARTED, {"k": kw("p")})
+    h.send(A1, P.DEATH, {"k": kw("p"), "exit": "exit code 1"})
+    h.take()
+    h.submit(C1, "p", retries=0, pure=True)
+    assert [m.meta["k"] for _, m in h.take_cmd(P.TASK)] == [kw("p")]

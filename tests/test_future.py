@@ -252,3 +252,22 @@ def test_future_defaults_to_the_most_recent_executor(executor):
     again = Future("default-client")
     assert again.client is executor and again.result(timeout=30) == 4
     assert isinstance(again, zmqexec.Future) and again.executor is executor
+
+
+def test_a_refused_submit_does_not_poison_a_later_attach(tmp_path):
+    gate = tmp_path / "gate"
+    with ZMQExecutor(1) as owner, ZMQExecutor(address=owner.address) as other:
+        fut = owner.options(key="taken").submit(wait_for_file, str(gate), "owner's")
+        assert wait_until(fut.running, timeout=30)
+        refused = other.options(key="taken").submit(add, 1, 2)
+        with pytest.raises(KeyExistsError):
+            refused.result(timeout=30)
+        attached = Future("taken", other)
+        gate.touch()
+        assert attached.result(timeout=30) == fut.result(timeout=30) == "owner's"
+
+
+def test_kill_of_a_finished_future_returns_false(executor):
+    fut = executor.submit(add, 1, 1)
+    fut.result(timeout=30)
+    assert executor.kill(fut) is False

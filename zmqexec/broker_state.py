@@ -324,13 +324,13 @@ class BrokerState:
         entry = self.table.get(kw)
         pure = bool(meta.get("pure"))
         if entry is not None and entry.state != "wanted":
-            if not pure:
+            if not pure and peer.ident not in entry.interests:
                 self.send(peer.ident, P.RESULT, {"k": kw, "s": "error", "e": {
                     "type": "KeyExistsError", "msg": f"key {kw} is already live on the "
                     "broker; choose another key= or submit with pure=True"}})
                 return
-            if entry.state != "error":
-                self._interest(peer, entry)
+            if entry.state not in ("error", "lost") or not pure:
+                self._interest(peer, entry)  # pure, or this client waits for it already
                 self._tell(peer.ident, entry)
                 return
             if entry.kw in self.held:  # errors are not cached: run a pure key again

@@ -174,7 +174,7 @@ def run_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN if args.parent_fd is not None else agent.stop)
     agent.run()
-    return 0
+    return 1 if agent.refused else 0
 
 
 def fetch_status(address: str, timeout: float) -> Optional[Dict[str, Any]]:

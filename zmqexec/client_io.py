@@ -195,7 +195,16 @@ class ClientIO:
     def request_status(self, timeout: Optional[float]) -> Dict[str, Any]:
         reply: concurrent.futures.Future = concurrent.futures.Future()
         self.post("status", reply)
-        return reply.result(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:  # in slices, so a broken connection ends the wait
+            try:
+                left = 0.5 if end is None else min(0.5, max(0.0, end - time.monotonic()))
+                return reply.result(left)
+            except concurrent.futures.TimeoutError:
+                if self.broken is not None:
+                    raise self.broken from None
+                if end is not None and time.monotonic() >= end:
+                    raise
 
     def close(self) -> None:
         """Finish once every record is done (or the connection is broken), then disconnect."""
@@ -358,18 +367,36 @@ class ClientIO:
             if self._status_waiters:
                 self._status_waiters.popleft().set_result(meta)
         elif cmd == P.RESET:
-            log.warning("the broker forgot this client: registering again")
-            self._hello()
-            for kw in list(self._sent):
-                rec = self.records.get(kw)
-                if rec is not None:
-                    self._backlog.appendleft(rec)
-            self._sent.clear()
-            self._sent_bytes = 0
+            self._reregister()
         elif cmd == P.REFUSE:
             self._completions.put(("broken", BrokenZMQExecutor(meta["reason"])))
         elif cmd == P.BYE:
             log.info("the broker said goodbye: %s", meta.get("reason", ""))
+
+    def _reregister(self) -> None:
+        """The broker forgot this client: HELLO again, resubmit, re-inform.
+
+        A task that may have started is resubmitted only if it may run again
+        (``retries > 0``); with ``retries=0`` it fails with BrokerLostError instead.
+        """
+        log.warning("the broker forgot this client: registering again")
+        self._hello()
+        resend = [self.records.get(kw) for kw in self._sent]
+        self._sent.clear()
+        self._sent_bytes = 0
+        for rec in reversed(resend):
+            if rec is None or rec.meta is None:
+                continue
+            if rec.meta["r"] == 0:
+                self._completions.put(("outcome", rec.kw, (False, BrokerLostError(
+                    f"the broker lost task {P.key_from_wire(rec.kw)!r} and retries=0 "
+                    "forbids running it twice"))))
+            else:
+                self._backlog.appendleft(rec)
+        now = time.monotonic()
+        for kw in list(self._attaching):
+            self._attaching[kw] = now + self.attach_timeout
+            self._send(P.INFORM, {"k": kw})
 
     def _timers(self, now: float) -> None:
         if now - self._last_heard > self.broker_timeout and self.broken is None:
@@ -424,8 +451,8 @@ class ClientIO:
             rec = self.records.pop(kw, None)
             if rec is None:
                 return
-            if self.refs.get(kw):
-                self.done[kw] = outcome
+            if self.refs.get(kw) and not isinstance(outcome[1], KeyExistsError):
+                self.done[kw] = outcome  # (a refused submit says nothing about the key)
             if not self.records:
                 self.idle.notify_all()
         for fut in rec.futures:

@@ -240,8 +240,8 @@ class ZMQExecutor(_Submitter):
                 raise self._io.broken
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if _exiting:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            if _exiting:  # the stdlib wording, as DESIGN §1.1 asks
+                raise RuntimeError("cannot schedule new futures after shutdown")
         pure = bool(opts.get("pure"))
         key = opts.get("key")
         explicit = key is not None
@@ -259,6 +259,8 @@ class ZMQExecutor(_Submitter):
 
     def kill(self, future: Future) -> bool:
         """Stop a running task (not yet supported); a pending one is cancelled."""
+        if future.done():
+            return False
         if future.cancel():
             return True
         raise NotImplementedError("kill() of a running task is not supported yet")
@@ -269,7 +271,8 @@ class ZMQExecutor(_Submitter):
         while self.status(timeout=None if end is None else max(0.1, end - time.monotonic())
                           )["slots"] < n:
             if end is not None and time.monotonic() >= end:
-                raise TimeoutError(f"fewer than {n} worker slots after {timeout} s")
+                raise concurrent.futures.TimeoutError(
+                    f"fewer than {n} worker slots after {timeout} s")
             time.sleep(0.05)
 
     def status(self, timeout: Optional[float] = 10.0) -> Dict[str, Any]:

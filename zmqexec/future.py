@@ -71,6 +71,7 @@ class Future(concurrent.futures.Future):
         self._kw = key_to_wire(key)
         self.executor = client if client is not None else default_executor()
         self.inform = bool(inform)
+        self.executor._check_usable()
         self.executor._io.attach(self, self.inform)
 
     @classmethod

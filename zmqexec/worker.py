@@ -167,6 +167,7 @@ class Agent:
         self.idle: Deque[Child] = deque()
         self.waiting: Deque[Task] = deque()  # prefetched tasks
         self.epoch: Optional[str] = None
+        self.refused = False
         self._stop = False
 
     def stop(self, *_: Any) -> None:
@@ -233,6 +234,7 @@ class Agent:
             self._hello()
         elif msg.cmd == P.REFUSE:
             log.error("the broker refused this agent: %s", msg.meta["reason"])
+            self.refused = True
             self._stop = True
         elif msg.cmd == P.BYE:
             log.info("broker said goodbye: %s", msg.meta.get("reason", ""))
