@@ -27,16 +27,36 @@ class Harness:
         self.send(ident, P.HELLO, meta)
 
     def take(self) -> List[Tuple[bytes, P.Message]]:
-        out, self.state.out = self.state.out, []
-        return [(ident, P.decode(frames)) for ident, frames in out]
+        return [(ident, P.decode(frames)) for ident, frames in self.state.flush()]
 
     def take_cmd(self, cmd: int) -> List[Tuple[bytes, P.Message]]:
         return [(i, m) for i, m in self.take() if m.cmd == cmd]
 
     def submit(self, client: bytes, key: str, priority: int = 0, retries: int = 3,
                pure: bool = False, payload: bytes = b"task") -> None:
-        self.send(client, P.SUBMIT, {"k": P.key_to_wire(key), "p": priority, "r": retries,
-                                     "pure": pure}, [payload])
+        row = [P.key_to_wire(key), priority, retries, int(pure), "fn-1", "", 1]
+        self.send(client, P.SUBMIT, {"f": ["fn-1"], "t": [row]}, [b"function", payload])
+
+    def result(self, agent: bytes, key: str, value: bytes = b"value",
+               status: str = "finished") -> None:
+        self.send(agent, P.RESULT, {"r": [[kw(key), status, 1]]}, [value])
+
+    def tasks(self) -> List[Tuple[bytes, list]]:
+        """(agent, TASK row) for every task sent, in order."""
+        return [(i, row) for i, m in self.take_cmd(P.TASK) for row in m.meta["t"]]
+
+    def results(self) -> List[Tuple[bytes, list, list]]:
+        """(client, RESULT row, its frames) for every result sent."""
+        out = []
+        for ident, m in self.take_cmd(P.RESULT):
+            at = 0
+            for row in m.meta["r"]:
+                out.append((ident, row, m.payload[at:at + row[2]]))
+                at += row[2]
+        return out
+
+    def states(self) -> List[Tuple[bytes, list]]:
+        return [(i, row) for i, m in self.take_cmd(P.STATE) for row in m.meta["r"]]
 
 
 @pytest.fixture
@@ -68,16 +88,16 @@ def test_a_protocol_mismatch_is_refused_with_a_reason(h):
 
 
 def test_messages_before_hello_get_a_reset_and_are_counted(h):
-    h.send(C1, P.SUBMIT, {"k": kw("a"), "p": 0, "r": 0}, [b"x"])
+    h.send(C1, P.SUBMIT, {"f": [], "t": [[kw("a"), 0, 0, 0, "f", "", 1]]}, [b"x"])
     [(ident, msg)] = h.take()
     assert msg.cmd == P.RESET and h.state.dropped["message before HELLO"] == 1
 
 
 def test_malformed_messages_are_dropped_and_counted_by_reason(h):
     for frames in ([b"junk"], [b"ZX\x01\x63{}"], [b"ZX\x01\x0a[1]"], [b"ZX\x01\x0a{"],
-                   []):
+                   [], [b'ZX\x01\x0a{"f": [], "t": [["k", 0]]}']):
         h.state.handle(C1, frames, h.now)
-    assert sum(h.state.dropped.values()) == 5 and not h.take()
+    assert sum(h.state.dropped.values()) == 6 and not h.take()
     assert h.state.status(h.now)["dropped"]
 
 
@@ -87,13 +107,15 @@ def test_tasks_go_to_agents_only_within_their_credit(h):
     h.take()
     for i in range(5):
         h.submit(C1, f"t{i}")
-    tasks = h.take_cmd(P.TASK)
-    assert [m.meta["k"] for _, m in tasks] == [kw("t0"), kw("t1")]
-    assert tasks[0][1].payload == [b"task"] and tasks[0][1].meta["a"] == 1
-    h.send(A1, P.RESULT, {"k": kw("t0"), "s": "finished"}, [b"r0"])
+    [(agent, msg)] = h.take_cmd(P.TASK)
+    assert agent == A1 and [row[0] for row in msg.meta["t"]] == [kw("t0"), kw("t1")]
+    assert msg.meta["f"] == ["fn-1"] and msg.payload == [b"function", b"task", b"task"]
+    assert msg.meta["t"][0][1] == 1  # first attempt
+    h.result(A1, "t0", b"r0")
     out = h.take()
     assert [(i, m.cmd) for i, m in out] == [(C1, P.RESULT), (A1, P.TASK)]
     assert out[0][1].payload == [b"r0"]
+    assert out[1][1].meta["f"] == []  # the agent has the function already
 
 
 def test_higher_priority_first_and_clients_take_turns(h):
@@ -105,7 +127,7 @@ def test_higher_priority_first_and_clients_take_turns(h):
         h.submit(C2, f"c2-{i}")
     h.submit(C2, "urgent", priority=5)
     h.hello(A1, "worker", slots=7, prefetch=0)
-    order = [m.meta["k"] for _, m in h.take_cmd(P.TASK)]
+    order = [row[0] for _, row in h.tasks()]
     assert order == [kw(k) for k in ("urgent", "c1-0", "c2-0", "c1-1", "c2-1", "c1-2",
                                      "c2-2")]
 
@@ -115,14 +137,14 @@ def test_a_lost_started_task_is_retried_then_fails_with_worker_lost_error(h):
     h.hello(A1, "worker", slots=1, prefetch=0, name="box")
     h.submit(C1, "poison", retries=1)
     for attempt in (1, 2):
-        [(_, task)] = h.take_cmd(P.TASK)
-        assert task.meta["a"] == attempt
-        h.send(A1, P.STARTED, {"k": kw("poison")})
+        [(_, task)] = h.tasks()
+        assert task[1] == attempt
+        h.send(A1, P.STARTED, {"ks": [kw("poison")]})
         h.send(A1, P.DEATH, {"k": kw("poison"), "exit": "killed by SIGKILL"})
-    [(ident, result)] = h.take_cmd(P.RESULT)
-    assert ident == C1 and result.meta["s"] == "lost"
-    assert result.meta["e"] == {"type": "WorkerLostError", "attempts": 2, "worker": "box",
-                                "exit": "killed by SIGKILL"}
+    [(ident, row, _)] = h.results()
+    assert ident == C1 and row[1] == "lost"
+    assert row[3] == {"type": "WorkerLostError", "attempts": 2, "worker": "box",
+                      "exit": "killed by SIGKILL"}
     assert h.state.status(h.now)["tasks"]["lost"] == 1
 
 
@@ -131,15 +153,15 @@ def test_an_expired_agent_returns_prefetched_tasks_free_and_charges_started_ones
     h.hello(A1, "worker", slots=1, prefetch=1, hb=1.0, ttl=3.0)
     h.submit(C1, "started", retries=0)
     h.submit(C1, "prefetched", retries=0)
-    h.send(A1, P.STARTED, {"k": kw("started")})
+    h.send(A1, P.STARTED, {"ks": [kw("started")]})
     h.take()
     h.now += 10
     h.state.tick(h.now)
-    results = {m.meta["k"]: m for _, m in h.take_cmd(P.RESULT)}
-    assert results[kw("started")].meta["e"]["type"] == "WorkerLostError"
+    results = {row[0]: row for _, row, _ in h.results()}
+    assert results[kw("started")][3]["type"] == "WorkerLostError"
     assert kw("prefetched") not in results
     h.hello(A2, "worker", slots=1, prefetch=0)
-    assert [m.meta["k"] for _, m in h.take_cmd(P.TASK)] == [kw("prefetched")]
+    assert [row[0] for _, row in h.tasks()] == [kw("prefetched")]
 
 
 def test_cancel_drops_a_queued_task_and_recalls_a_prefetched_one(h):
@@ -147,13 +169,12 @@ def test_cancel_drops_a_queued_task_and_recalls_a_prefetched_one(h):
     h.hello(A1, "worker", slots=1, prefetch=1)
     for key in ("run", "fetched", "queued"):
         h.submit(C1, key)
-    h.send(A1, P.STARTED, {"k": kw("run")})
+    h.send(A1, P.STARTED, {"ks": [kw("run")]})
     h.take()
-    h.send(C1, P.CANCEL, {"k": kw("queued")})
-    h.send(C1, P.CANCEL, {"k": kw("fetched")})
+    h.send(C1, P.CANCEL, {"ks": [kw("queued"), kw("fetched")]})
     [(ident, cancel)] = h.take_cmd(P.CANCEL)
-    assert ident == A1 and cancel.meta["k"] == kw("fetched")
-    h.send(A1, P.DROPPED, {"k": kw("fetched")})
+    assert ident == A1 and cancel.meta["ks"] == [kw("fetched")]
+    h.send(A1, P.DROPPED, {"ks": [kw("fetched")]})
     assert h.state.status(h.now)["tasks"]["cancelled"] == 2
     assert kw("queued") not in h.state.table and kw("fetched") not in h.state.table
 
@@ -163,14 +184,14 @@ def test_results_are_held_for_attaching_clients_until_released(h):
     h.hello(C2, "client")
     h.hello(A1, "worker", slots=1, prefetch=0)
     h.submit(C1, "k")
-    h.send(A1, P.RESULT, {"k": kw("k"), "s": "finished"}, [b"value"])
+    h.result(A1, "k")
     h.take()
     h.send(C2, P.INFORM, {"k": kw("k")})
-    [(ident, msg)] = h.take()
-    assert ident == C2 and msg.cmd == P.RESULT and msg.payload == [b"value"]
-    h.send(C1, P.RELEASE, {"k": kw("k")})
+    [(ident, row, frames)] = h.results()
+    assert ident == C2 and row[1] == "finished" and frames == [b"value"]
+    h.send(C1, P.RELEASE, {"ks": [kw("k")]})
     assert kw("k") in h.state.table
-    h.send(C2, P.RELEASE, {"k": kw("k")})
+    h.send(C2, P.RELEASE, {"ks": [kw("k")]})
     assert kw("k") not in h.state.table and h.state.held_bytes == 0
 
 
@@ -180,13 +201,14 @@ def test_held_results_over_the_limit_drop_the_oldest_and_attach_gets_key_lost(h)
     h.hello(A1, "worker", slots=1, prefetch=0)
     for key in ("old", "new"):
         h.submit(C1, key)
-        h.send(A1, P.RESULT, {"k": kw(key), "s": "finished"}, [b"123456"])
+        h.take()
+        h.result(A1, key, b"123456")
     assert kw("old") not in h.state.table and kw("new") in h.state.table
     h.take()
     h.hello(C2, "client")
     h.send(C2, P.INFORM, {"k": kw("old")})
-    [msg] = [m for _, m in h.take_cmd(P.RESULT)]
-    assert msg.meta["e"]["type"] == "KeyLostError"
+    [(_, row, _)] = h.results()
+    assert row[3]["type"] == "KeyLostError"
 
 
 def test_an_inform_before_the_submit_is_answered_when_it_arrives(h):
@@ -196,8 +218,8 @@ def test_an_inform_before_the_submit_is_answered_when_it_arrives(h):
     h.send(C2, P.INFORM, {"k": kw("later")})
     assert not h.take()  # unknown yet: no answer, the client's attach_timeout runs
     h.submit(C1, "later")
-    [(ident, msg)] = h.take_cmd(P.STATE)
-    assert ident == C2 and msg.meta["s"] == "queued"
+    [(ident, row)] = h.states()
+    assert ident == C2 and row == [kw("later"), "queued"]
 
 
 def test_a_live_key_from_another_client_is_refused_unless_pure(h):
@@ -205,10 +227,10 @@ def test_a_live_key_from_another_client_is_refused_unless_pure(h):
     h.hello(C2, "client")
     h.submit(C1, "mine")
     h.submit(C2, "mine")
-    [(ident, msg)] = h.take_cmd(P.RESULT)
-    assert ident == C2 and msg.meta["e"]["type"] == "KeyExistsError"
+    [(ident, row, _)] = h.results()
+    assert ident == C2 and row[3]["type"] == "KeyExistsError"
     h.submit(C2, "mine", pure=True)
-    assert [m.meta["s"] for _, m in h.take_cmd(P.STATE)] == ["queued"]
+    assert [row[1] for _, row in h.states()] == ["queued"]
     assert h.state.table[kw("mine")].interests == {C1, C2}
 
 
@@ -217,9 +239,9 @@ def test_a_version_mismatch_fails_the_task_with_a_clear_error(h):
     h.send(A1, P.HELLO, {"role": "worker", "id": "a", "proto": P.PROTOCOL_VERSION,
                          "python": "3.12", "cloudpickle": "3.1.2", "slots": 1, "name": "w"})
     h.submit(C1, "t")
-    [(_, msg)] = h.take_cmd(P.RESULT)
-    assert msg.meta["e"]["type"] == "SerializationError"
-    assert "3.11" in msg.meta["e"]["msg"] and "3.12" in msg.meta["e"]["msg"]
+    [(_, row, _)] = h.results()
+    assert row[3]["type"] == "SerializationError"
+    assert "3.11" in row[3]["msg"] and "3.12" in row[3]["msg"]
 
 
 def test_an_expired_client_has_its_queued_tasks_dropped(h):
@@ -236,8 +258,8 @@ def test_a_full_queue_refuses_new_tasks_with_an_error(h):
     h.hello(C1, "client")
     h.submit(C1, "fits", payload=b"12345678")
     h.submit(C1, "too-much", payload=b"12345678")
-    [(_, msg)] = h.take_cmd(P.RESULT)
-    assert msg.meta["k"] == kw("too-much") and "max-queued-bytes" in msg.meta["e"]["msg"]
+    [(_, row, _)] = h.results()
+    assert row[0] == kw("too-much") and "max-queued-bytes" in row[3]["msg"]
 
 
 def test_heartbeats_go_to_every_peer_with_the_epoch(h):
@@ -258,7 +280,7 @@ def test_a_client_waiting_on_a_key_may_submit_it_and_joins(h):
     h.send(C2, P.INFORM, {"k": kw("k")})
     h.take()
     h.submit(C2, "k")
-    assert not h.take_cmd(P.RESULT)
+    assert not h.results()
     assert h.state.table[kw("k")].interests == {C1, C2}
 
 
@@ -266,8 +288,8 @@ def test_a_pure_resubmission_of_a_lost_key_runs_again(h):
     h.hello(C1, "client")
     h.hello(A1, "worker", slots=1, prefetch=0)
     h.submit(C1, "p", retries=0, pure=True)
-    h.send(A1, P.STARTED, {"k": kw("p")})
+    h.send(A1, P.STARTED, {"ks": [kw("p")]})
     h.send(A1, P.DEATH, {"k": kw("p"), "exit": "exit code 1"})
     h.take()
     h.submit(C1, "p", retries=0, pure=True)
-    assert [m.meta["k"] for _, m in h.take_cmd(P.TASK)] == [kw("p")]
+    assert [row[0] for _, row in h.tasks()] == [kw("p")]

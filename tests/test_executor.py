@@ -102,19 +102,22 @@ def idle(executor):
     return tasks["running"] == 0 and tasks["queued"] == 0
 
 
-def gated_append(gate, path, text):
+def gated_append(gate, path, text, started=None):
+    if started:
+        append_line(started, text)
     wait_for_file(gate)
     return append_line(path, text)
 
 
 def test_closing_the_map_iterator_cancels_the_rest(executor, tmp_path):
-    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    gate, ran, started = tmp_path / "gate", tmp_path / "ran", tmp_path / "started"
     assert wait_until(lambda: idle(executor), timeout=30)  # both workers free
     before = executor.status()["tasks"]
-    results = executor.map(gated_append, [str(gate)] * 10, [str(ran)] * 10, range(10))
+    results = executor.map(gated_append, [str(gate)] * 10, [str(ran)] * 10, range(10),
+                           [str(started)] * 10)
     try:
-        assert wait_until(lambda: executor.status()["tasks"]["submitted"] -
-                          before["submitted"] == 10, timeout=30)
+        assert wait_until(lambda: started.exists() and
+                          len(started.read_text().split()) == 2, timeout=30)
         results.close()
         # all but the two running on the blocked workers: queued and prefetched ones
         assert wait_until(lambda: executor.status()["tasks"]["cancelled"] -
@@ -229,17 +232,21 @@ def test_map_on_a_view_uses_the_key_as_a_prefix(executor):
 def test_priority_runs_higher_first_among_queued_tasks(tmp_path):
     log, gate = tmp_path / "order", tmp_path / "gate"
     with ZMQExecutor(1) as ex:
+        ex.wait_for_workers(1, timeout=30)
         blocker = ex.submit(wait_for_file, str(gate))
-        # the single worker prefetches one task: fill that place with a neutral one
-        ex.submit(append_line, str(log), "prefetched")
+        # the worker holds a few tasks beyond the running one: fill those places first
+        fillers = ex.status()["agents"][0]["capacity"] - 1
+        filled = [ex.submit(append_line, str(log), "filler") for _ in range(fillers)]
+        assert wait_until(lambda: ex.status()["agents"][0]["prefetched"] +
+                          ex.status()["agents"][0]["running"] == fillers + 1, timeout=30)
         low = [ex.options(priority=0).submit(append_line, str(log), f"low{i}") for i in range(3)]
         high = [ex.options(priority=9).submit(append_line, str(log), f"high{i}")
                 for i in range(3)]
-        assert wait_until(lambda: ex.status()["tasks"]["queued"] >= 6, timeout=30)
+        assert wait_until(lambda: ex.status()["tasks"]["queued"] >= 6 + fillers, timeout=30)
         gate.touch()
-        cf.wait([blocker, *low, *high], timeout=60)
+        cf.wait([blocker, *filled, *low, *high], timeout=60)
     order = log.read_text().split()
-    assert order[1:] == ["high0", "high1", "high2", "low0", "low1", "low2"]
+    assert order[fillers:] == ["high0", "high1", "high2", "low0", "low1", "low2"]
 
 
 def test_gather_raises_the_first_error_in_input_order(executor):

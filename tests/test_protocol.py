@@ -8,11 +8,12 @@ from zmqexec import protocol as P
 
 
 def test_encode_decode_round_trip_keeps_payload_frames_untouched():
-    payload = [b"\x80\x05pickle", memoryview(b"big")]
-    frames = P.encode(P.SUBMIT, {"k": '"a"', "p": 1, "r": 3, "pure": False}, payload)
+    payload = [b"\x80\x05function", memoryview(b"args")]
+    meta = {"f": ["fid"], "t": [['"a"', 1, 3, 0, "fid", "", 1]]}
+    frames = P.encode(P.SUBMIT, meta, payload)
     assert len(frames) == 3 and frames[1] is payload[0] and frames[2] is payload[1]
     msg = P.decode(frames)
-    assert (msg.cmd, msg.name, msg.meta["p"]) == (P.SUBMIT, "SUBMIT", 1)
+    assert (msg.cmd, msg.name, msg.meta) == (P.SUBMIT, "SUBMIT", meta)
     assert msg.payload == payload
 
 
@@ -23,10 +24,12 @@ def test_encode_decode_round_trip_keeps_payload_frames_untouched():
     ([b"ZX\x01\xff{}"], "unknown command"),
     ([b"ZX\x01\x0a{nope"], "not JSON"),
     ([b"ZX\x01\x0a[]"], "not a JSON object"),
-    ([b'ZX\x01\x0a{"k": 1, "p": 0, "r": 0}', b"t"], "field 'k'"),
-    ([b'ZX\x01\x0a{"k": "a", "p": true, "r": 0}', b"t"], "field 'p'"),
-    ([b'ZX\x01\x0a{"k": "a", "p": 0, "r": 0}'], "0 payload frames"),
+    ([b'ZX\x01\x0a{"t": [], "f": 1}'], "field 'f'"),
+    ([b'ZX\x01\x0a{"t": [["a", true, 0, 0, "f", "", 1]], "f": []}', b"t"], "malformed"),
+    ([b'ZX\x01\x0a{"t": [["a", 0, 0, 0, "f", "", 1]], "f": []}'], "0 payload frames"),
+    ([b'ZX\x01\x0a{"t": [["a", 0, 0, 0, "f", "", -1]], "f": []}'], "negative"),
     ([b'ZX\x01\x12{"k": "a"}', b"extra"], "1 payload frames"),
+    ([b'ZX\x01\x13{"ks": [1]}'], "list of short strings"),
     ([b'ZX\x01\x12{"k": "' + b"a" * 5000 + b'"}'], "key longer"),
     ([object()], "not bytes"),
 ])

@@ -93,8 +93,7 @@ class Broker:
             log.info("broker stopped")
 
     def _flush(self) -> None:
-        out, self.state.out = self.state.out, []
-        for ident, frames in out:
+        for ident, frames in self.state.flush():
             try:
                 self.sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:

@@ -1,9 +1,10 @@
 """Everything the broker knows and decides, with no sockets: unit-testable by itself.
 
 ``BrokerState.handle(peer, frames, now)`` takes one received message (peer routing id plus
-frames) and appends what must be sent to ``self.out`` as ``(peer, frames)``; ``tick(now)``
-sends heartbeats and expires silent peers.  Payload frames are kept and forwarded as the
-objects the socket gave (``zmq.Frame`` or ``bytes``), never parsed and never unpickled.
+frames) and adds what must be sent to its ``Outbox``; ``flush()`` returns the batched
+messages as ``(peer, frames)``; ``tick(now)`` sends heartbeats and expires silent peers.
+Payload frames are kept and forwarded as the objects the socket gave (``zmq.Frame`` or
+``bytes``), never parsed and never unpickled.
 
 Life of a key in the table (``Entry.state``)::
 
@@ -18,11 +19,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter, OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from . import protocol as P
 from ._version import __version__
+from .broker_outbox import Outbox
 from .broker_queue import RunQueue
+from .broker_status import status_document
 from .errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class Peer:
         self.capacity = self.slots + max(0, int(meta.get("prefetch", 0)))
         self.inflight: Dict[str, Entry] = {}
         self.finished = 0
+        self.fids: Set[str] = set()  # blobs this agent has, or this client sent
         # clients
         self.interests: Set[str] = set()
 
@@ -61,7 +65,7 @@ class Entry:
     """One key: its task frames while it must run, its result frames while held."""
 
     __slots__ = ("kw", "state", "owner", "priority", "retries", "attempts", "pure",
-                 "frames", "nbytes", "interests", "agent", "result")
+                 "fid", "iid", "frames", "nbytes", "interests", "agent", "result")
 
     def __init__(self, kw: str) -> None:
         self.kw = kw
@@ -71,11 +75,12 @@ class Entry:
         self.retries = 0
         self.attempts = 0  # charged losses so far
         self.pure = False
+        self.fid = self.iid = ""
         self.frames: Frames = []
         self.nbytes = 0
         self.interests: Set[bytes] = set()
         self.agent: Optional[bytes] = None
-        self.result: Optional[Tuple[Dict[str, Any], Frames]] = None
+        self.result: Optional[Tuple[str, Frames, Optional[Dict[str, Any]]]] = None
 
 
 class BrokerState:
@@ -89,7 +94,9 @@ class BrokerState:
                        "window": window, "window_bytes": window_bytes}
         self.max_held_bytes = max_held_bytes
         self.max_queued_bytes = max_queued_bytes
-        self.out: List[Tuple[bytes, Frames]] = []
+        self.outbox = Outbox()
+        self.send = self.outbox.send
+        self.blobs: Dict[str, Any] = {}  # function and initializer pickles by content hash
         self.peers: Dict[bytes, Peer] = {}
         self.table: Dict[str, Entry] = {}
         self.queue: RunQueue[Entry] = RunQueue()
@@ -144,16 +151,16 @@ class BrokerState:
                 self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots})
         self.dispatch()
 
+    def flush(self) -> List[Tuple[bytes, Frames]]:
+        """The messages to send now: one batch per peer and kind."""
+        return self.outbox.flush()
+
     def shutdown(self, reason: str) -> None:
         """Tell every peer the broker is going away."""
         for ident in self.peers:
             self.send(ident, P.BYE, {"reason": reason})
 
     # ---- helpers ----------------------------------------------------------------------
-    def send(self, ident: bytes, cmd: int, meta: Dict[str, Any],
-             payload: Sequence[Any] = ()) -> None:
-        self.out.append((ident, P.encode(cmd, meta, payload)))
-
     def drop(self, reason: str, ident: bytes, exc: Optional[BaseException] = None) -> None:
         """Count a rejected message by reason; logging is rate-limited by the caller."""
         self.dropped[reason] += 1
@@ -166,20 +173,22 @@ class BrokerState:
 
     def _fail(self, entry: Entry, kind: str, error: Dict[str, Any]) -> None:
         """Finish a key with an error the broker made (header only, no pickle)."""
-        self._complete(entry, {"k": entry.kw, "s": kind, "e": error}, [])
+        self._complete(entry, kind, [], error)
 
-    def _complete(self, entry: Entry, meta: Dict[str, Any], payload: Frames) -> None:
+    def _complete(self, entry: Entry, status: str, payload: Frames,
+                  error: Optional[Dict[str, Any]] = None) -> None:
         if entry.state == "queued":
             self.queued_bytes -= entry.nbytes
-        entry.state = meta["s"] if meta["s"] in DONE else "error"
+        entry.state = status if status in DONE else "error"
         entry.frames = []
         self.counts[entry.state] += 1
+        row = [entry.kw, entry.state, len(payload), error]
         for ident in entry.interests:
-            self.send(ident, P.RESULT, meta, payload)
+            self.outbox.result(ident, row, payload)
         if not entry.interests:
             self._delete(entry)
             return
-        entry.result = (meta, payload)
+        entry.result = (entry.state, payload, error)
         entry.nbytes = _size(payload)
         self.held[entry.kw] = entry.nbytes
         self.held_bytes += entry.nbytes
@@ -229,7 +238,7 @@ class BrokerState:
             self.counts["cancelled"] += 1
             self._delete(entry)
         elif entry.state == "dispatched" and entry.agent is not None:
-            self.send(entry.agent, P.CANCEL, {"k": entry.kw})
+            self.outbox.cancel(entry.agent, entry.kw)
 
     def dispatch(self) -> None:
         """Hand queued tasks to agents while both a task and a credit exist."""
@@ -253,10 +262,25 @@ class BrokerState:
                     f"{agent.versions[0]} / cloudpickle {agent.versions[1]}; "
                     "install the same versions on clients and workers")})
                 continue
-            entry.agent = ident
-            agent.inflight[entry.kw] = entry
-            meta = {"k": entry.kw, "a": entry.attempts + 1, "c": entry.owner.hex()}
-            self.send(ident, P.TASK, meta, entry.frames)
+            blobs = []
+            for fid in (entry.fid, entry.iid):
+                if fid and fid not in agent.fids:
+                    blob = self.blobs.get(fid)
+                    if blob is None:
+                        break
+                    agent.fids.add(fid)
+                    blobs.append((fid, blob))
+            else:
+                entry.agent = ident
+                agent.inflight[entry.kw] = entry
+                row = [entry.kw, entry.attempts + 1, entry.owner.hex(), entry.fid, entry.iid,
+                       len(entry.frames)]
+                self.outbox.task(ident, row, entry.frames, blobs)
+                continue
+            self.credits.appendleft(ident)
+            self._fail(entry, "error", {"type": "SerializationError", "msg": (
+                "the broker has no pickled function for this task (did it restart?); "
+                "submit it again")})
 
     def _free_credit(self, agent: Peer) -> None:
         self.credits.append(agent.ident)
@@ -278,8 +302,12 @@ class BrokerState:
             self._enqueue(entry, front=True)
 
     def _forget(self, peer: Peer, reason: str) -> None:
-        """A peer left or expired: requeue its tasks, release its interests."""
+        """A peer left or expired: requeue its tasks, release its interests and blobs."""
         self.peers.pop(peer.ident, None)
+        if peer.role == "client":
+            kept = set().union(*(p.fids for p in self.peers.values() if p.role == "client"))
+            for fid in peer.fids - kept:
+                self.blobs.pop(fid, None)
         for entry in list(peer.inflight.values()):
             self._lose(peer, entry, reason, charged=entry.state == "running")
         peer.inflight.clear()
@@ -320,14 +348,26 @@ class BrokerState:
         self.dispatch()
 
     def _submit(self, peer: Peer, msg: P.Message) -> None:
-        meta, kw = msg.meta, msg.meta["k"]
+        """A batch of tasks: register each key and queue it; blobs come first."""
+        frames = msg.payload
+        fids = msg.meta["f"]
+        for fid, blob in zip(fids, frames):
+            self.blobs[fid] = blob
+            peer.fids.add(fid)
+        at = len(fids)
+        for kw, priority, retries, pure, fid, iid, nframes in (
+                row[:7] for row in msg.meta["t"]):
+            self._submit_one(peer, kw, priority, retries, bool(pure), fid, iid,
+                             frames[at:at + nframes])
+            at += nframes
+
+    def _submit_one(self, peer: Peer, kw: str, priority: int, retries: int, pure: bool,
+                    fid: str, iid: str, payload: Frames) -> None:
         entry = self.table.get(kw)
-        pure = bool(meta.get("pure"))
         if entry is not None and entry.state != "wanted":
             if not pure and peer.ident not in entry.interests:
-                self.send(peer.ident, P.RESULT, {"k": kw, "s": "error", "e": {
-                    "type": "KeyExistsError", "msg": f"key {kw} is already live on the "
-                    "broker; choose another key= or submit with pure=True"}})
+                self._refuse(peer, kw, "KeyExistsError", f"key {kw} is already live on the "
+                             "broker; choose another key= or submit with pure=True")
                 return
             if entry.state not in ("error", "lost") or not pure:
                 self._interest(peer, entry)  # pure, or this client waits for it already
@@ -336,77 +376,86 @@ class BrokerState:
             if entry.kw in self.held:  # errors are not cached: run a pure key again
                 self.held_bytes -= self.held.pop(entry.kw)
             entry.result, entry.attempts = None, 0
-        nbytes = _size(msg.payload)
+        nbytes = _size(payload)
         if self.queued_bytes + nbytes > self.max_queued_bytes:
-            self.send(peer.ident, P.RESULT, {"k": kw, "s": "error", "e": {
-                "type": "ZMQExecError", "msg": f"the broker queue is full "
-                f"(--max-queued-bytes {self.max_queued_bytes}); submit later"}})
+            self._refuse(peer, kw, "ZMQExecError", "the broker queue is full "
+                         f"(--max-queued-bytes {self.max_queued_bytes}); submit later")
             self.dropped["queue full"] += 1
             return
         if entry is None:
-            entry = Entry(kw)
-        self.table[kw] = entry
-        entry.owner, entry.pure = peer.ident, pure
-        entry.priority, entry.retries = meta["p"], max(0, meta["r"])
-        entry.frames, entry.nbytes = msg.payload, nbytes
+            entry = self.table[kw] = Entry(kw)
+        else:
+            self.table[kw] = entry
+        entry.owner, entry.pure, entry.fid, entry.iid = peer.ident, pure, fid, iid
+        entry.priority, entry.retries = priority, max(0, retries)
+        entry.frames, entry.nbytes = payload, nbytes
         self._interest(peer, entry)
         self.counts["submitted"] += 1
         self._enqueue(entry)
-        for ident in entry.interests - {peer.ident}:
-            self.send(ident, P.STATE, {"k": kw, "s": "queued"})
+        for ident in entry.interests:
+            if ident != peer.ident:
+                self.outbox.state(ident, kw, "queued")
+
+    def _refuse(self, peer: Peer, kw: str, kind: str, text: str) -> None:
+        self.outbox.result(peer.ident, [kw, "error", 0, {"type": kind, "msg": text}], [])
 
     def _tell(self, ident: bytes, entry: Entry) -> None:
         """Send a client what is known of a key: its result if done, else its state."""
         if entry.result is not None:
-            meta, payload = entry.result
-            self.send(ident, P.RESULT, meta, payload)
+            status, payload, error = entry.result
+            self.outbox.result(ident, [entry.kw, status, len(payload), error], payload)
         elif entry.state in ("queued", "dispatched"):
-            self.send(ident, P.STATE, {"k": entry.kw, "s": "queued"})
+            self.outbox.state(ident, entry.kw, "queued")
         elif entry.state == "running":
-            self.send(ident, P.STATE, {"k": entry.kw, "s": "running"})
+            self.outbox.state(ident, entry.kw, "running")
 
     def _inform(self, peer: Peer, msg: P.Message) -> None:
         kw = msg.meta["k"]
         entry = self.table.get(kw)
         if entry is None:
             if kw in self.lost_keys:
-                self.send(peer.ident, P.RESULT, {"k": kw, "s": "lost", "e": {
-                    "type": "KeyLostError", "msg": f"the result of {kw} was dropped "
-                    "(--max-held-bytes) before this client asked for it"}})
+                self._refuse(peer, kw, "KeyLostError", f"the result of {kw} was dropped "
+                             "(--max-held-bytes) before this client asked for it")
                 return
             entry = self.table[kw] = Entry(kw)
         self._interest(peer, entry)
         self._tell(peer.ident, entry)
 
     def _release(self, peer: Peer, msg: P.Message) -> None:
-        entry = self.table.get(msg.meta["k"])
-        if entry is not None:
-            self._uninterest(peer, entry)
+        for kw in msg.meta["ks"]:
+            entry = self.table.get(kw)
+            if entry is not None:
+                self._uninterest(peer, entry)
 
     def _cancel_msg(self, peer: Peer, msg: P.Message) -> None:
-        entry = self.table.get(msg.meta["k"])
-        if entry is not None and peer.ident in entry.interests:
-            self._uninterest(peer, entry)
-            if not entry.interests:
-                self._cancel(entry)
+        for kw in msg.meta["ks"]:
+            entry = self.table.get(kw)
+            if entry is not None and peer.ident in entry.interests:
+                self._uninterest(peer, entry)
+                if not entry.interests:
+                    self._cancel(entry)
 
     def _started(self, agent: Peer, msg: P.Message) -> None:
-        entry = agent.inflight.get(msg.meta["k"])
-        if entry is not None and entry.state == "dispatched":
-            entry.state = "running"
-            for ident in entry.interests:
-                self.send(ident, P.STATE, {"k": entry.kw, "s": "running"})
+        for kw in msg.meta["ks"]:
+            entry = agent.inflight.get(kw)
+            if entry is not None and entry.state == "dispatched":
+                entry.state = "running"
+                for ident in entry.interests:
+                    self.outbox.state(ident, kw, "running")
 
     def _result(self, agent: Peer, msg: P.Message) -> None:
-        entry = agent.inflight.pop(msg.meta["k"], None)
-        if entry is None:
-            self.dropped["late or duplicate result"] += 1
-            return
-        self._free_credit(agent)
-        agent.finished += 1
-        if self.table.get(entry.kw) is entry and entry.state not in DONE:
-            meta = {"k": entry.kw, "s": msg.meta["s"]}
-            self._complete(entry, meta, msg.payload)
+        frames, at = msg.payload, 0
+        for kw, status, nframes in (row[:3] for row in msg.meta["r"]):
+            payload = frames[at:at + nframes]
+            at += nframes
+            entry = agent.inflight.pop(kw, None)
+            if entry is None:
+                self.dropped["late or duplicate result"] += 1
+                continue
+            self._free_credit(agent)
+            agent.finished += 1
+            if self.table.get(kw) is entry and entry.state not in DONE:
+                self._complete(entry, status, payload)
 
     def _death(self, agent: Peer, msg: P.Message) -> None:
         entry = agent.inflight.pop(msg.meta["k"], None)
@@ -415,10 +464,11 @@ class BrokerState:
             self._lose(agent, entry, str(msg.meta.get("exit", "died")), charged=True)
 
     def _dropped(self, agent: Peer, msg: P.Message) -> None:
-        entry = agent.inflight.pop(msg.meta["k"], None)
-        if entry is not None:
-            self._free_credit(agent)
-            self._lose(agent, entry, "recalled", charged=False)
+        for kw in msg.meta["ks"]:
+            entry = agent.inflight.pop(kw, None)
+            if entry is not None:
+                self._free_credit(agent)
+                self._lose(agent, entry, "given back", charged=False)
 
     def _status(self, peer: Peer, msg: P.Message) -> None:
         self.send(peer.ident, P.STATUS, self.status(self.now))
@@ -429,27 +479,7 @@ class BrokerState:
 
     def status(self, now: float) -> Dict[str, Any]:
         """The status document (schema of ``zmqexec status --json``)."""
-        states = Counter(e.state for e in self.table.values())
-        agents = [{"name": p.name, "host": p.host, "pid": p.pid, "slots": p.slots,
-                   "running": sum(e.state == "running" for e in p.inflight.values()),
-                   "prefetched": sum(e.state == "dispatched" for e in p.inflight.values()),
-                   "finished": p.finished, "last_heartbeat": round(now - p.last_seen, 3)}
-                  for p in self.peers.values() if p.role == "worker"]
-        return {
-            "broker": {"version": __version__, "protocol": P.PROTOCOL_VERSION,
-                       "epoch": self.epoch,
-                       "uptime": round(now - self.started, 3) if self.started else 0.0},
-            "agents": agents,
-            "slots": self.slots(),
-            "clients": sum(p.role == "client" for p in self.peers.values()),
-            "tasks": {"queued": states["queued"] + states["dispatched"],
-                      "running": states["running"], "finished": self.counts["finished"],
-                      "error": self.counts["error"], "cancelled": self.counts["cancelled"],
-                      "lost": self.counts["lost"], "submitted": self.counts["submitted"]},
-            "held_keys": len(self.held), "held_bytes": self.held_bytes,
-            "queued_bytes": self.queued_bytes,
-            "dropped": dict(self.dropped),
-        }
+        return status_document(self, now)
 
 
 _HANDLERS = {

@@ -11,9 +11,10 @@ completion thread that unpickles results and completes futures.
                                                    -> callbacks (may block: the socket
                                                       keeps going)
 
-One lock (``ClientIO.lock``) guards the tables shared by the threads: ``records`` (the
-client's pending records, by key), ``done`` (outcomes of keys some local Future still
-holds), and ``refs`` (how many local Futures each key has).
+The tables both threads share (pending records, held outcomes, reference counts) and how
+futures complete live in ``client_state.ClientState``, which ``ClientIO`` extends.  Under
+load the I/O thread packs many submits into one SUBMIT message (``BATCH``), and cancels
+and releases into one message each per loop turn; a lone submit still leaves at once.
 """
 from __future__ import annotations
 
@@ -26,85 +27,43 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import zmq
 
 from . import protocol as P
 from . import serialization as S
 from ._version import __version__
+from .client_state import ClientState, Pending
 from .errors import (
-    BROKER_ERRORS,
     BrokenZMQExecutor,
     BrokerLostError,
-    InitializerError,
-    KeyExistsError,
     UnknownKeyError,
-    WorkerLostError,
     ZMQExecError,
 )
-from .future import Future, mark_running
 
 log = logging.getLogger(__name__)
+BATCH = 1000  # tasks per SUBMIT message at most
+BATCH_BYTES = 8 << 20  # payload bytes per SUBMIT message, beyond one task
 Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
 
 
-class Pending:
-    """The client's pending record: one key this client waits for, and its futures."""
+class ClientIO(ClientState):
+    """The threads and socket of one executor's connection to a broker."""
 
-    __slots__ = ("kw", "futures", "frames", "meta", "nbytes")
-
-    def __init__(self, kw: str, futures: List[Future], meta: Optional[Dict[str, Any]] = None,
-                 frames: Optional[List[Any]] = None) -> None:
-        self.kw = kw
-        self.futures = futures
-        self.meta = meta  # SUBMIT header, None for an attach (INFORM)
-        self.frames = frames or []
-        self.nbytes = sum(len(f) for f in self.frames)
-
-
-def broker_error(meta: Dict[str, Any]) -> BaseException:
-    """Rebuild an error the broker reported as header fields."""
-    e = meta.get("e") or {}
-    name = str(e.get("type"))
-    if name == "WorkerLostError":
-        return WorkerLostError(P.key_from_wire(meta["k"]), int(e.get("attempts", 0)),
-                               str(e.get("worker", "?")), e.get("exit"))
-    cls = BROKER_ERRORS.get(name, ZMQExecError)
-    return cls(str(e.get("msg", "the broker reported an error")))
-
-
-def _settle(fut: concurrent.futures.Future, outcome: Outcome) -> None:
-    """Complete one future; one cancelled meanwhile is left alone, quietly."""
-    try:
-        if outcome[0]:
-            fut.set_result(outcome[1])
-        else:
-            fut.set_exception(outcome[1])
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
-class ClientIO:
-    """Client-side state and threads of one executor's connection to a broker."""
-
-    def __init__(self, address: str, *, heartbeat_interval: float, broker_timeout: float,
+    def __init__(self, address: str, blobs: Dict[str, bytes], *,
+                 heartbeat_interval: float, broker_timeout: float,
                  attach_timeout: float, check: Optional[Callable[[], Optional[str]]] = None,
                  on_close: Optional[Callable[[], None]] = None) -> None:
         self.address = address
+        self.blobs = blobs  # pickled functions and initializers by id, filled by submit
         self.interval = heartbeat_interval
         self.broker_timeout = broker_timeout
         self.attach_timeout = attach_timeout
         self.check = check
         self.on_close = on_close
+        super().__init__()
         self.ident = uuid.uuid4()
-        self.lock = threading.Lock()
-        self.records: Dict[str, Pending] = {}
-        self.done: Dict[str, Outcome] = {}
-        self.refs: Dict[str, int] = {}
-        self.broken: Optional[BaseException] = None
-        self.slots = 0
-        self.idle = threading.Condition(self.lock)  # notified when records empty out
         self._commands: "queue.SimpleQueue[Tuple[Any, ...]]" = queue.SimpleQueue()
         self._completions: "queue.SimpleQueue[Optional[Tuple[Any, ...]]]" = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -126,71 +85,8 @@ class ClientIO:
         except (BlockingIOError, OSError):
             pass  # a wake-up is pending already, or we are closed
 
-    def submit(self, fut: Future, meta: Dict[str, Any], frames: List[Any],
-               explicit: bool) -> Future:
-        """Register a submitted future; share a live key when pure, else refuse a live one."""
-        kw, pure = fut._kw, bool(meta.get("pure"))
-        with self.lock:
-            rec, outcome = self.records.get(kw), self.done.get(kw)
-            attaching = rec is not None and rec.meta is None  # Future(key) waits for it
-            live = (rec is not None and not attaching) or outcome is not None
-            if live and not pure:
-                raise KeyExistsError(f"key {fut.key!r} is live in this client already; "
-                                     "choose another key= or submit with pure=True")
-            self._ref(fut)
-            if rec is not None and attaching:
-                rec.futures.append(fut)
-                rec.meta, rec.frames = meta, frames
-                rec.nbytes = sum(len(f) for f in frames)
-            elif rec is not None:
-                rec.futures.append(fut)
-                return fut
-            elif outcome is not None and outcome[0]:
-                _settle(fut, outcome)
-                return fut
-            else:
-                rec = self.records[kw] = Pending(kw, [fut], meta, frames)
-        self.post("submit", rec)
-        return fut
-
-    def attach(self, fut: Future, inform: bool) -> None:
-        """Register a user-made ``Future(key)``: join a local record, or inform the broker."""
-        kw = fut._kw
-        with self.lock:
-            if not inform and not self.refs.get(kw):
-                raise ValueError(f"this client holds no future for key {fut.key!r}; "
-                                 "use inform=True to ask the broker for it")
-            self._ref(fut)
-            rec, outcome = self.records.get(kw), self.done.get(kw)
-            if rec is not None:
-                rec.futures.append(fut)
-            elif outcome is None:
-                self.records[kw] = Pending(kw, [fut])
-        if outcome is not None and rec is None:
-            _settle(fut, outcome)
-        elif rec is None:
-            self.post("inform", kw)
-
-    def _ref(self, fut: Future) -> None:
-        self.refs[fut._kw] = self.refs.get(fut._kw, 0) + 1
-        fut._registered = True
-
     def unref(self, kw: str) -> None:
         self.post("unref", kw)
-
-    def cancelled(self, fut: Future) -> None:
-        """A future was cancelled locally: if it was the key's last waiter, tell the broker."""
-        with self.lock:
-            rec = self.records.get(fut._kw)
-            if rec is None or fut not in rec.futures:
-                return
-            rec.futures.remove(fut)
-            if rec.futures:
-                return
-            del self.records[fut._kw]
-            if not self.records:
-                self.idle.notify_all()
-        self.post("cancel", fut._kw)
 
     def request_status(self, timeout: Optional[float]) -> Dict[str, Any]:
         reply: concurrent.futures.Future = concurrent.futures.Future()
@@ -237,6 +133,9 @@ class ClientIO:
         self._sent: Dict[str, int] = {}  # key -> bytes, submitted and not yet answered
         self._sent_bytes = 0
         self._attaching: Dict[str, float] = {}
+        self._sent_fids: Set[str] = set()  # blobs the broker has from this client
+        self._cancels: List[str] = []
+        self._releases: List[str] = []
         self._status_waiters: Deque[concurrent.futures.Future] = deque()
         self._window, self._window_bytes = 0, 0  # no sends before WELCOME
         now = self._last_heard = self._last_sent = time.monotonic()
@@ -262,6 +161,7 @@ class ClientIO:
                         except zmq.Again:
                             break
                         self._on_message(frames)
+                    self._pump()  # answers freed window space
                 now = time.monotonic()
                 if now - self._last_sent >= self.interval:
                     self._send(P.HEARTBEAT, {})
@@ -284,6 +184,7 @@ class ClientIO:
                 self.on_close()
 
     def _run_commands(self) -> None:
+        """Apply what user threads queued; CANCEL and RELEASE leave as one batch each."""
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -292,26 +193,36 @@ class ClientIO:
             kind = command[0]
             if kind == "submit":
                 self._backlog.append(command[1])
-                continue
-            self._pump()  # keep the channel ordered: earlier submits leave first
-            if kind == "inform":
-                self._attaching[command[1]] = time.monotonic() + self.attach_timeout
-                self._send(P.INFORM, {"k": command[1]})
             elif kind == "cancel":
                 kw = command[1]
                 if kw in self._sent:
                     self._sent_bytes -= self._sent.pop(kw)
-                    self._send(P.CANCEL, {"k": kw})
+                    self._cancels.append(kw)
                 elif self._attaching.pop(kw, None) is not None:
-                    self._send(P.RELEASE, {"k": kw})
+                    self._releases.append(kw)
             elif kind == "unref":
                 self._unref(command[1])
-            elif kind == "status":
-                self._status_waiters.append(command[1])
-                self._send(P.STATUS, {})
+            elif kind in ("inform", "status"):
+                self._pump()  # keep the channel ordered: what came earlier leaves first
+                self._flush_batches()
+                if kind == "inform":
+                    self._attaching[command[1]] = time.monotonic() + self.attach_timeout
+                    self._send(P.INFORM, {"k": command[1]})
+                else:
+                    self._status_waiters.append(command[1])
+                    self._send(P.STATUS, {})
             elif kind == "close":
                 self._closing = True
         self._pump()
+        self._flush_batches()
+
+    def _flush_batches(self) -> None:
+        if self._cancels:
+            self._send(P.CANCEL, {"ks": self._cancels})
+            self._cancels = []
+        if self._releases:
+            self._send(P.RELEASE, {"ks": self._releases})
+            self._releases = []
 
     def _unref(self, kw: str) -> None:
         with self.lock:
@@ -323,20 +234,34 @@ class ClientIO:
             self.done.pop(kw, None)
             if kw in self.records:
                 return
-        self._send(P.RELEASE, {"k": kw})
+        self._releases.append(kw)
 
     def _pump(self) -> None:
-        """Send backlogged submits while the broker's credit window allows."""
+        """Send backlogged submits as batches while the broker's credit window allows."""
         while self._backlog and len(self._sent) < self._window and (
                 self._sent_bytes < self._window_bytes or not self._sent):
-            rec = self._backlog.popleft()
-            if self.records.get(rec.kw) is not rec:
-                continue  # cancelled before it left this client
-            self._sent[rec.kw] = rec.nbytes
-            self._sent_bytes += rec.nbytes
-            self._attaching.pop(rec.kw, None)  # our own submit makes the key known
-            assert rec.meta is not None
-            self._send(P.SUBMIT, rec.meta, rec.frames)
+            fids: List[str] = []
+            rows: List[List[Any]] = []
+            frames: List[Any] = []
+            size = 0
+            while self._backlog and len(self._sent) < self._window and len(rows) < BATCH and (
+                    size < BATCH_BYTES) and (self._sent_bytes < self._window_bytes or not rows):
+                rec = self._backlog.popleft()
+                if self.records.get(rec.kw) is not rec or rec.row is None:
+                    continue  # cancelled before it left this client
+                self._sent[rec.kw] = rec.nbytes
+                self._sent_bytes += rec.nbytes
+                size += rec.nbytes
+                self._attaching.pop(rec.kw, None)  # our own submit makes the key known
+                for fid in (rec.row[4], rec.row[5]):
+                    if fid and fid not in self._sent_fids:
+                        self._sent_fids.add(fid)
+                        fids.append(fid)
+                rows.append(rec.row)
+                frames.extend(rec.frames)
+            if rows:
+                blobs = [self.blobs[fid] for fid in fids]
+                self._send(P.SUBMIT, {"f": fids, "t": rows}, blobs + frames)
 
     def _on_message(self, frames: List[Any]) -> None:
         try:
@@ -347,16 +272,22 @@ class ClientIO:
         self._last_heard = time.monotonic()
         cmd, meta = msg.cmd, msg.meta
         if cmd == P.RESULT:
-            kw = meta["k"]
-            if kw in self._sent:
-                self._sent_bytes -= self._sent.pop(kw)
-            self._attaching.pop(kw, None)
-            self._completions.put(("result", meta, msg.payload))
-            self._pump()
+            sent, attaching = self._sent, self._attaching
+            for row in meta["r"]:
+                kw = row[0]
+                if kw in sent:
+                    self._sent_bytes -= sent.pop(kw)
+                if attaching:
+                    attaching.pop(kw, None)
+            self._completions.put(("results", meta["r"], msg.payload))
         elif cmd == P.STATE:
-            self._attaching.pop(meta["k"], None)
-            if meta["s"] == "running":
-                self._completions.put(("running", meta["k"]))
+            running = []
+            for kw, state in meta["r"]:
+                self._attaching.pop(kw, None)
+                if state == "running":
+                    running.append(kw)
+            if running:
+                self._completions.put(("running", running))
         elif cmd in (P.WELCOME, P.HEARTBEAT):
             self.slots = int(meta.get("slots", self.slots))
             if cmd == P.WELCOME:
@@ -381,13 +312,14 @@ class ClientIO:
         """
         log.warning("the broker forgot this client: registering again")
         self._hello()
+        self._sent_fids.clear()  # a new broker has none of our blobs
         resend = [self.records.get(kw) for kw in self._sent]
         self._sent.clear()
         self._sent_bytes = 0
         for rec in reversed(resend):
-            if rec is None or rec.meta is None:
+            if rec is None or rec.row is None:
                 continue
-            if rec.meta["r"] == 0:
+            if rec.row[2] == 0:
                 self._completions.put(("outcome", rec.kw, (False, BrokerLostError(
                     f"the broker lost task {P.key_from_wire(rec.kw)!r} and retries=0 "
                     "forbids running it twice"))))
@@ -410,7 +342,7 @@ class ClientIO:
         for kw, deadline in list(self._attaching.items()):
             if now >= deadline:
                 del self._attaching[kw]
-                self._send(P.RELEASE, {"k": kw})
+                self._releases.append(kw)
                 error = UnknownKeyError(f"the broker does not know key {P.key_from_wire(kw)!r} "
                                         f"(waited attach_timeout={self.attach_timeout:g} s)")
                 self._completions.put(("outcome", kw, (False, error)))
@@ -425,51 +357,3 @@ class ClientIO:
                 self._complete(item)
             except Exception:  # a bug here must not strand the remaining futures
                 log.exception("error while completing futures")
-
-    def _complete(self, item: Tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "running":
-            with self.lock:
-                rec = self.records.get(item[1])
-                futures = list(rec.futures) if rec is not None else []
-            for fut in futures:
-                mark_running(fut)
-            return
-        if kind == "broken":
-            self._break(item[1])
-            return
-        if kind == "result":
-            meta, payload = item[1], item[2]
-            kw = meta["k"]
-            if kw not in self.records:
-                return  # cancelled or already completed: dropped quietly
-            outcome = (False, broker_error(meta)) if "e" in meta or not payload else \
-                S.loads_result(meta["s"], payload[0])
-        else:
-            kw, outcome = item[1], item[2]
-        with self.lock:
-            rec = self.records.pop(kw, None)
-            if rec is None:
-                return
-            if self.refs.get(kw) and not isinstance(outcome[1], KeyExistsError):
-                self.done[kw] = outcome  # (a refused submit says nothing about the key)
-            if not self.records:
-                self.idle.notify_all()
-        for fut in rec.futures:
-            _settle(fut, outcome)
-        if not outcome[0] and isinstance(outcome[1], InitializerError):
-            self._break(outcome[1])
-
-    def _break(self, error: BaseException) -> None:
-        """Fail every pending record with ``error``; later submits raise it too."""
-        with self.lock:
-            if self.broken is None:
-                self.broken = error
-                log.error("executor broken: %s", error)
-            records = list(self.records.values())
-            self.records.clear()
-            self.idle.notify_all()
-        for rec in records:
-            for fut in rec.futures:
-                _settle(fut, (False, error))
-        self.post("wake")

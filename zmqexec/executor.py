@@ -191,7 +191,13 @@ class ZMQExecutor(_Submitter):
         self._executor = self
         self._opts: Dict[str, Any] = {}
         self._retries = retries
-        self._init_frame = S.dumps_call(initializer, tuple(initargs)) if initializer else None
+        self._blobs: Dict[str, bytes] = {}
+        self._functions: Dict[int, Tuple[Callable[..., Any], str]] = {}
+        self._init_id = ""
+        if initializer is not None:
+            init_blob = S.dumps_call(initializer, tuple(initargs))
+            self._init_id = S.blob_id(init_blob)
+            self._blobs[self._init_id] = init_blob
         self._pid = os.getpid()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
@@ -205,7 +211,7 @@ class ZMQExecutor(_Submitter):
         assert address is not None
         self._workers = max_workers
         self.address = address
-        self._io = ClientIO(address, heartbeat_interval=heartbeat_interval,
+        self._io = ClientIO(address, self._blobs, heartbeat_interval=heartbeat_interval,
                             broker_timeout=broker_timeout, attach_timeout=attach_timeout,
                             check=self._cluster.check if self._cluster else None,
                             on_close=self._cluster.close if self._cluster else None)
@@ -244,18 +250,34 @@ class ZMQExecutor(_Submitter):
                 raise RuntimeError("cannot schedule new futures after shutdown")
         pure = bool(opts.get("pure"))
         key = opts.get("key")
-        explicit = key is not None
         if key is None:
             name = S.funcname(fn)
             key = f"{name}-{S.pure_token(fn, args, kwargs) if pure else uuid.uuid4().hex}"
         kw = key_to_wire(key)
-        frames: List[Any] = [S.dumps_task(fn, args, kwargs)]
-        if self._init_frame is not None:
-            frames.append(self._init_frame)
+        fid = self._function_id(fn)
+        frames: List[Any] = [S.dumps_args(args, kwargs)]
         retries = opts.get("retries")
-        meta = {"k": kw, "p": int(opts.get("priority") or 0),
-                "r": self._retries if retries is None else int(retries), "pure": pure}
-        return self._io.submit(Future._new(key, kw, self), meta, frames, explicit)
+        row = [kw, int(opts.get("priority") or 0),
+               self._retries if retries is None else int(retries), int(pure), fid,
+               self._init_id, len(frames)]
+        return self._io.submit(Future._new(key, kw, self), row, frames)
+
+    def _function_id(self, fn: Callable[..., Any]) -> str:
+        """Pickle each distinct function once per executor; tasks name it by content hash.
+
+        Like Dask, a function is pickled the first time it is submitted: changes to a
+        function object (or the globals it pickles by value) after that are not seen.
+        """
+        cached = self._functions.get(id(fn))
+        if cached is not None and cached[0] is fn:
+            return cached[1]
+        blob = S.dumps_function(fn)
+        fid = S.blob_id(blob)
+        self._blobs[fid] = blob
+        if len(self._functions) >= 4096:  # many throwaway lambdas: start over
+            self._functions.clear()
+        self._functions[id(fn)] = (fn, fid)  # holding fn keeps its id from being reused
+        return fid
 
     def kill(self, future: Future) -> bool:
         """Stop a running task (not yet supported); a pending one is cancelled."""

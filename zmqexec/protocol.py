@@ -11,32 +11,41 @@ state, sizes).  The broker decodes frame 0 only; payload frames are never parsed
 unpickled there.  Keys travel as ``key_wire``: the compact JSON text of the key (a string
 or a list), so the broker can use them as dictionary keys without knowing their shape.
 
-=========  ==============  ===========================================  ==========
-command    direction       header fields                                payload
-=========  ==============  ===========================================  ==========
-HELLO      peer -> broker  role, id, proto, versions, host, pid,        -
-                           slots, prefetch (agents), name
-WELCOME    broker -> peer  epoch, heartbeat, window, max_frame,         -
-                           max_message, slots
-REFUSE     broker -> peer  reason                                       -
-RESET      broker -> peer  reason (peer must HELLO again)               -
-SUBMIT     client -> b.    k, p (priority), r (retries), pure, x        task[, init]
-                           (explicit key)
-TASK       b. -> agent     k, a (attempt), c (client id)                task[, init]
-STARTED    agent -> b.     k                                            -
-STATE      b. -> client    k, s (queued|running)                        -
-RESULT     agent -> b.     k, s (finished|error)                        result
-RESULT     b. -> client    k, s (finished|error|lost), e (error fields  result, or
-                           when the broker made the error)              none
-DEATH      agent -> b.     k, exit (exit code or signal name)           -
-DROPPED    agent -> b.     k (a prefetched task dropped after CANCEL)   -
-CANCEL     client/b. ->    k                                            -
-INFORM     client -> b.    k                                            -
-RELEASE    client -> b.    k                                            -
-HEARTBEAT  both ways       epoch (from the broker), slots               -
-STATUS     both ways       request: {}; reply: the status document      -
-BYE        both ways       reason                                       -
-=========  ==============  ===========================================  ==========
+Messages that carry tasks or results are batches: one header row per task, and the
+payload frames of all rows in order (function blobs named in ``f`` first).  Under load one
+message carries many tasks; a lone task still goes out at once, as a batch of one.
+
+=========  ==============  =============================================  ==============
+command    direction       header fields                                  payload
+=========  ==============  =============================================  ==============
+HELLO      peer -> broker  role, id, proto, versions, host, pid,          -
+                           slots, prefetch (agents), name, hb, ttl
+WELCOME    broker -> peer  epoch, heartbeat, window, window_bytes,        -
+                           max_frame, max_message, slots
+REFUSE     broker -> peer  reason                                         -
+RESET      broker -> peer  reason (peer must HELLO again)                 -
+SUBMIT     client -> b.    f: [fid], t: [[k, priority, retries, pure,     blobs, then each
+                           fid, iid, nframes]]                            task's frames
+TASK       b. -> agent     f: [fid], t: [[k, attempt, client, fid, iid,   blobs, then each
+                           nframes]]                                      task's frames
+STARTED    agent -> b.     ks: [k]                                        -
+STATE      b. -> client    r: [[k, queued|running]]                       -
+RESULT     agent -> b.     r: [[k, finished|error, nframes]]              result frames
+RESULT     b. -> client    r: [[k, finished|error|lost, nframes, error    result frames
+                           fields or null]] (null unless the broker
+                           made the error)
+DEATH      agent -> b.     k, exit (exit code or signal name)             -
+DROPPED    agent -> b.     ks: [k] (given back unstarted, free)           -
+CANCEL     client/b. ->    ks: [k]                                        -
+INFORM     client -> b.    k                                              -
+RELEASE    client -> b.    ks: [k]                                        -
+HEARTBEAT  both ways       epoch (from the broker), slots                 -
+STATUS     both ways       request: {}; reply: the status document        -
+BYE        both ways       reason                                         -
+=========  ==============  =============================================  ==============
+
+``fid`` and ``iid`` name a pickled function and initializer by content hash (``iid`` is
+"" without one): a blob crosses each link once, and the broker and agents keep it.
 """
 from __future__ import annotations
 
@@ -70,24 +79,29 @@ _SCHEMA: Dict[int, Dict[str, Tuple[type, ...]]] = {
     WELCOME: {"epoch": (str,)},
     REFUSE: {"reason": (str,)},
     RESET: {},
-    SUBMIT: {"k": (str,), "p": (int,), "r": (int,)},
-    TASK: {"k": (str,), "a": (int,)},
-    STARTED: {"k": (str,)},
-    STATE: {"k": (str,), "s": (str,)},
-    RESULT: {"k": (str,), "s": (str,)},
+    SUBMIT: {"t": (list,), "f": (list,)},
+    TASK: {"t": (list,), "f": (list,)},
+    STARTED: {"ks": (list,)},
+    STATE: {"r": (list,)},
+    RESULT: {"r": (list,)},
     DEATH: {"k": (str,)},
-    DROPPED: {"k": (str,)},
-    CANCEL: {"k": (str,)},
+    DROPPED: {"ks": (list,)},
+    CANCEL: {"ks": (list,)},
     INFORM: {"k": (str,)},
-    RELEASE: {"k": (str,)},
+    RELEASE: {"ks": (list,)},
     HEARTBEAT: {},
     STATUS: {},
     BYE: {},
 }
-# Commands whose payload frame count is fixed: (min, max).
-_PAYLOAD_FRAMES: Dict[int, Tuple[int, int]] = {
-    SUBMIT: (1, 2), TASK: (1, 2), RESULT: (0, 1),
+# Row shapes of batch fields (a row may carry more fields than its shape names).
+_ROWS: Dict[Tuple[int, str], Tuple[type, ...]] = {
+    (SUBMIT, "t"): (str, int, int, int, str, str, int),
+    (TASK, "t"): (str, int, str, str, str, int),
+    (RESULT, "r"): (str, str, int),
+    (STATE, "r"): (str, str),
 }
+# Rows whose last named field counts payload frames, after the blobs named in "f".
+_FRAMED = {SUBMIT: "t", TASK: "t", RESULT: "r"}
 
 ROLES = ("client", "worker", "status")
 
@@ -150,10 +164,28 @@ def decode(frames: Sequence[Any]) -> Message:
     key = meta.get("k")
     if isinstance(key, str) and len(key) > MAX_KEY_LENGTH:
         raise ProtocolError(f"{NAMES[cmd]}: key longer than {MAX_KEY_LENGTH}")
+    for name in ("ks", "f"):
+        values = meta.get(name)
+        if values is not None and not all(isinstance(v, str) and len(v) <= MAX_KEY_LENGTH
+                                          for v in values):
+            raise ProtocolError(f"{NAMES[cmd]}: {name!r} must be a list of short strings")
     payload = list(frames[1:])
-    lo, hi = _PAYLOAD_FRAMES.get(cmd, (0, 0))
-    if not lo <= len(payload) <= hi:
-        raise ProtocolError(f"{NAMES[cmd]}: {len(payload)} payload frames, expected {lo}..{hi}")
+    rows_field = _FRAMED.get(cmd)
+    expected = 0
+    for name, shape in ((n, sh) for (c, n), sh in _ROWS.items() if c == cmd):
+        for row in meta[name]:
+            if not isinstance(row, list) or len(row) < len(shape) or not all(
+                    type(v) is t for v, t in zip(row, shape)):
+                raise ProtocolError(f"{NAMES[cmd]}: malformed {name!r} row")
+            if name == rows_field:
+                if row[len(shape) - 1] < 0:
+                    raise ProtocolError(f"{NAMES[cmd]}: negative frame count")
+                expected += row[len(shape) - 1]
+    if rows_field is not None:
+        expected += len(meta.get("f") or ())
+    if expected != len(payload):
+        raise ProtocolError(f"{NAMES[cmd]}: {len(payload)} payload frames, "
+                            f"header names {expected}")
     return Message(cmd, meta, payload)
 
 

@@ -23,25 +23,46 @@ PICKLE_PROTOCOL = 5
 PYTHON_VERSION = "%d.%d" % sys.version_info[:2]
 CLOUDPICKLE_VERSION = cloudpickle.__version__
 
-Task = Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]
-
-
 def _dumps(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
 
 
-def _describe(obj: Any) -> str:
-    text = repr(obj)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _fast_dumps(obj: Any) -> bytes:
+    """Plain pickle (several times faster), cloudpickle where plain pickle cannot do it.
 
-
-def dumps_task(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
-    """Pickle a call; on failure name the function or argument that could not be pickled."""
+    Plain pickle refers to ``__main__`` objects by name, which the worker's ``__main__``
+    lacks, so any pickle that mentions ``__main__`` is redone with cloudpickle (by value).
+    """
     try:
-        return _dumps((fn, args, kwargs))
+        data = pickle.dumps(obj, PICKLE_PROTOCOL)
+    except Exception:
+        return _dumps(obj)
+    if b"__main__" in data:
+        return _dumps(obj)
+    return data
+
+
+def blob_id(blob: bytes) -> str:
+    """Content hash naming a pickled function or initializer in caches along the way."""
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def dumps_function(fn: Callable[..., Any]) -> bytes:
+    """Pickle a task's function once per executor (cloudpickle: by value where needed)."""
+    try:
+        return _dumps(fn)
     except Exception as exc:
-        parts = [("the function", fn)]
-        parts += [(f"argument {i}", arg) for i, arg in enumerate(args)]
+        raise SerializationError(
+            f"cannot pickle the function ({type(fn).__name__}: {_describe(fn)}): "
+            f"{type(exc).__name__}: {exc}") from exc
+
+
+def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
+    """Pickle a call's arguments; on failure name the argument that could not be pickled."""
+    try:
+        return _fast_dumps((args, kwargs))
+    except Exception as exc:
+        parts = [(f"argument {i}", arg) for i, arg in enumerate(args)]
         parts += [(f"keyword argument {name!r}", arg) for name, arg in kwargs.items()]
         for where, obj in parts:
             try:
@@ -52,19 +73,29 @@ def dumps_task(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, 
                     f"{type(inner).__name__}: {inner}. Pass something picklable, "
                     "e.g. a path instead of an open file, or create it inside the task"
                 ) from inner
-        raise SerializationError(f"cannot pickle the task: {type(exc).__name__}: {exc}") from exc
+        raise SerializationError(f"cannot pickle the arguments: {type(exc).__name__}: "
+                                 f"{exc}") from exc
 
 
-def loads_task(data: Any) -> Task:
-    """Unpickle a task on the worker; exceptions propagate and become task errors."""
-    fn, args, kwargs = pickle.loads(data)
-    return fn, args, kwargs
+def loads_args(data: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    args, kwargs = pickle.loads(data)
+    return args, kwargs
+
+
+def loads_function(data: Any) -> Callable[..., Any]:
+    fn = pickle.loads(data)
+    return fn
+
+
+def _describe(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def dumps_result(value: Any) -> bytes:
     """Pickle a task's return value, or raise SerializationError naming its type."""
     try:
-        return _dumps(value)
+        return _fast_dumps(value)
     except BaseException as exc:  # an exit inside __reduce__ is a pickling failure too
         raise SerializationError(
             f"cannot pickle the result ({type(value).__name__}: {_describe(value)}): "

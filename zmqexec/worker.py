@@ -14,29 +14,28 @@ a heartbeat; a lost agent (host down, SIGSTOP) is what heartbeats are for.
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import sys
-import threading
 import time
 import uuid
-from collections import deque
-from multiprocessing.connection import Connection
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict, deque
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
 from . import protocol as P
 from . import serialization as S
 from ._version import __version__
-from .errors import InitializerError
+from .task import pack, task_main, unpack
 
 log = logging.getLogger(__name__)
-Task = Tuple[str, Dict[str, Any], List[Any]]  # key_wire, TASK header, payload frames
+DEFAULT_PREFETCH = 4  # tasks per slot held beyond the running ones (credit window)
+MAX_CHILD_BATCH = 64  # tasks handed to one task process at a time
+Task = Tuple[str, List[Any], List[Any]]  # key_wire, TASK row, payload frames
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -56,77 +55,8 @@ def default_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-# ---- the task process ---------------------------------------------------------------------
-def _die_with_parent(parent: int) -> None:
-    """End this process when the agent goes, even if the agent is SIGKILLed."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:  # pragma: no cover - prctl is always there on Linux
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=watch, name="zmqexec-parent-watch", daemon=True).start()
-
-
-def run_task(meta: Dict[str, Any], frames: List[bytes],
-             initialized: Dict[str, Optional[BaseException]]) -> Tuple[str, bytes]:
-    """Run one task: (``finished``, result pickle) or (``error``, error pickle)."""
-    client = str(meta.get("c", ""))
-    if len(frames) > 1 and client not in initialized:
-        try:
-            init, initargs = S.loads_call(frames[1])
-            init(*initargs)
-            initialized[client] = None
-        except BaseException as exc:
-            error = InitializerError(
-                f"the initializer failed in worker process {os.getpid()}: "
-                f"{type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            initialized[client] = error
-    failed = initialized.get(client)
-    if failed is not None:
-        return "error", S.dumps_error(failed)
-    try:
-        fn, args, kwargs = S.loads_task(frames[0])
-        value = fn(*args, **kwargs)
-    except BaseException as exc:  # SystemExit too: the client re-raises it
-        return "error", S.dumps_error(exc)
-    try:
-        return "finished", S.dumps_result(value)
-    except BaseException as exc:
-        return "error", S.dumps_error(exc)
-
-
-def task_main(conn: Connection, parent: int) -> None:
-    """Body of a task process: receive a task, run it, send the result, repeat."""
-    _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    initialized: Dict[str, Optional[BaseException]] = {}
-    while True:
-        try:
-            meta = json.loads(conn.recv_bytes())
-            frames = [conn.recv_bytes() for _ in range(meta["n"])]
-        except (EOFError, OSError):
-            return
-        status, data = run_task(meta, frames, initialized)
-        del frames
-        conn.send_bytes(json.dumps({"k": meta["k"], "s": status}).encode())
-        conn.send_bytes(data)
-
-
-# ---- the agent ----------------------------------------------------------------------------
 class Child:
-    """The agent's handle on one task process."""
+    """The agent's handle on one task process and the keys it holds, running one first."""
 
     def __init__(self, ctx: Any) -> None:
         self.conn, child_conn = multiprocessing.Pipe()
@@ -134,15 +64,20 @@ class Child:
                                 name="zmqexec-task", daemon=True)
         self.proc.start()
         child_conn.close()
-        self.key: Optional[str] = None
+        self.keys: Deque[str] = deque()  # given, in order; keys[0] is running
+        self.fids: Set[str] = set()
 
-    def give(self, task: Task) -> None:
-        kw, meta, frames = task
-        self.key = kw
-        self.conn.send_bytes(json.dumps({"k": kw, "c": meta.get("c", ""),
-                                         "n": len(frames)}).encode())
-        for frame in frames:
-            self.conn.send_bytes(frame)
+    def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
+        fids, rows, frames = [], [], []
+        for kw, row, task_frames in tasks:
+            for fid in (row[3], row[4]):
+                if fid and fid not in self.fids and fid in blobs:
+                    self.fids.add(fid)
+                    fids.append(fid)
+            rows.append([kw, row[2], row[3], row[4], len(task_frames)])
+            frames.extend(task_frames)
+            self.keys.append(kw)
+        self.conn.send_bytes(pack({"f": fids, "t": rows}, [blobs[f] for f in fids] + frames))
 
 
 class Agent:
@@ -156,7 +91,7 @@ class Agent:
             raise ValueError("nprocs must be at least 1")
         self.address = address
         self.nprocs = nprocs
-        self.prefetch = nprocs if prefetch is None else prefetch
+        self.prefetch = DEFAULT_PREFETCH * nprocs if prefetch is None else prefetch
         self.ident = uuid.uuid4().hex
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.interval = heartbeat_interval
@@ -164,8 +99,11 @@ class Agent:
         self.parent_fd = parent_fd
         self.mp = multiprocessing.get_context(start_method or default_start_method())
         self.children: List[Child] = []
-        self.idle: Deque[Child] = deque()
-        self.waiting: Deque[Task] = deque()  # prefetched tasks
+        self.waiting: "OrderedDict[str, Task]" = OrderedDict()  # prefetched, not yet given
+        self.blobs: Dict[str, Any] = {}
+        self.started: List[str] = []  # batched STARTED notice
+        self.dropped: List[str] = []  # batched DROPPED notice
+        self.results: Tuple[List[list], List[Any]] = ([], [])  # batched RESULT
         self.epoch: Optional[str] = None
         self.refused = False
         self._stop = False
@@ -174,8 +112,9 @@ class Agent:
         self._stop = True
 
     def _hello(self) -> None:
-        running = [c.key for c in self.children if c.key is not None]
-        self.waiting.clear()  # the broker requeues what we do not say we are running
+        running = [kw for c in self.children for kw in c.keys]
+        if self.waiting:  # the broker requeues what we do not say we are running
+            self.waiting.clear()
         self._send(P.HELLO, {
             "role": "worker", "id": self.ident, "proto": P.PROTOCOL_VERSION,
             "zmqexec": __version__, "python": S.PYTHON_VERSION,
@@ -188,22 +127,39 @@ class Agent:
         self.sock.send_multipart(P.encode(cmd, meta, payload), copy=False)
         self.last_sent = time.monotonic()
 
+    def _flush(self) -> None:
+        """Send this loop turn's STARTED, RESULT and DROPPED notices, one message each."""
+        if self.dropped:
+            self._send(P.DROPPED, {"ks": self.dropped})
+            self.dropped = []
+        if self.started:
+            self._send(P.STARTED, {"ks": self.started})
+            self.started = []
+        rows, frames = self.results
+        if rows:
+            self._send(P.RESULT, {"r": rows}, frames)
+            self.results = ([], [])
+
     def _spawn(self) -> Child:
         child = Child(self.mp)
         self.children.append(child)
-        self.idle.append(child)
         self.poller.register(child.conn.fileno(), zmq.POLLIN)
         self.poller.register(child.proc.sentinel, zmq.POLLIN)
         return child
 
     def _start_next(self) -> None:
-        while self.idle and self.waiting:
-            child, task = self.idle.popleft(), self.waiting.popleft()
+        """Give waiting tasks to idle children, an even share each, in batches."""
+        idle = [c for c in self.children if not c.keys]
+        while idle and self.waiting:
+            share = max(1, min(MAX_CHILD_BATCH, len(self.waiting) // len(idle)))
+            child = idle.pop()
+            tasks = [self.waiting.popitem(last=False)[1]
+                     for _ in range(min(share, len(self.waiting)))]
             try:
-                child.give(task)
+                child.give(tasks, self.blobs)
             except OSError:  # the child died under us; its sentinel will report it
                 pass
-            self._send(P.STARTED, {"k": task[0]})
+            self.started.append(tasks[0][0])
 
     def _on_broker(self, frames: List[Any]) -> None:
         try:
@@ -213,15 +169,28 @@ class Agent:
             return
         self.last_heard = time.monotonic()
         if msg.cmd == P.TASK:
-            self.waiting.append((msg.meta["k"], msg.meta, msg.payload))
+            fids, payload = msg.meta["f"], msg.payload
+            for fid, blob in zip(fids, payload):
+                self.blobs[fid] = blob
+            at = len(fids)
+            for row in msg.meta["t"]:
+                self.waiting[row[0]] = (row[0], row, payload[at:at + row[5]])
+                at += row[5]
             self._start_next()
         elif msg.cmd == P.CANCEL:
-            kw = msg.meta["k"]
-            for task in self.waiting:
-                if task[0] == kw:
-                    self.waiting.remove(task)
-                    self._send(P.DROPPED, {"k": kw})
-                    break
+            rest = []
+            for kw in msg.meta["ks"]:
+                if self.waiting.pop(kw, None) is not None:
+                    self.dropped.append(kw)
+                else:
+                    rest.append(kw)
+            for child in self.children:  # tasks given to a process but not started yet
+                mine = [kw for kw in rest if kw in child.keys]
+                if mine:
+                    try:
+                        child.conn.send_bytes(pack({"cancel": mine}, []))
+                    except OSError:
+                        pass
         elif msg.cmd in (P.WELCOME, P.HEARTBEAT):
             epoch = msg.meta.get("epoch")
             if msg.cmd == P.WELCOME:
@@ -239,32 +208,49 @@ class Agent:
         elif msg.cmd == P.BYE:
             log.info("broker said goodbye: %s", msg.meta.get("reason", ""))
 
-    def _on_child_data(self, child: Child, alive: bool = True) -> None:
+    def _on_child_data(self, child: Child) -> bool:
+        """Take one result from a task process; False when there is none to take."""
         try:
-            meta = json.loads(child.conn.recv_bytes())
-            result = child.conn.recv_bytes()
+            meta, frames = unpack(child.conn.recv_bytes())
         except (EOFError, OSError):
-            return  # it died mid-message; the sentinel reports the death
-        child.key = None
-        self._send(P.RESULT, {"k": meta["k"], "s": meta["s"]}, [result])
-        if alive:
-            self.idle.append(child)
-            self._start_next()
+            return False  # it died mid-message; the sentinel reports the death
+        kw = meta["k"]
+        if meta["s"] == "dropped":  # a cancel reached it before it started
+            if kw in child.keys:
+                first = child.keys[0] == kw
+                child.keys.remove(kw)
+                self.dropped.append(kw)
+                if first and child.keys:
+                    self.started.append(child.keys[0])
+            return True
+        if not child.keys or child.keys[0] != kw:
+            log.error("task process %d sent an unexpected result", child.proc.pid)
+            return False
+        child.keys.popleft()
+        rows, out = self.results
+        rows.append([kw, meta["s"], len(frames)])
+        out.extend(frames)
+        if child.keys:
+            self.started.append(child.keys[0])  # it starts the next one right away
+        return True
 
     def _on_child_exit(self, child: Child) -> None:
         self.children.remove(child)
-        if child in self.idle:
-            self.idle.remove(child)
-        if child.key is not None and child.conn.poll(0):
-            self._on_child_data(child, alive=False)  # a result sent just before dying counts
+        while child.keys and child.conn.poll(0):  # results sent just before dying count
+            if not self._on_child_data(child):
+                break
         child.proc.join()
         exit = describe_exit(child.proc.exitcode)
         self.poller.unregister(child.conn.fileno())
         self.poller.unregister(child.proc.sentinel)
         child.conn.close()
-        if child.key is not None:
-            log.warning("task process %d died running %s (%s)", child.proc.pid, child.key, exit)
-            self._send(P.DEATH, {"k": child.key, "exit": exit})
+        if child.keys:
+            kw = child.keys.popleft()
+            log.warning("task process %d died running %s (%s)", child.proc.pid, kw, exit)
+            self._flush()
+            self._send(P.DEATH, {"k": kw, "exit": exit})
+            if child.keys:
+                self._send(P.DROPPED, {"ks": list(child.keys)})
         if not self._stop:
             self._spawn()
             self._start_next()
@@ -318,9 +304,13 @@ class Agent:
                     if child not in self.children:
                         continue
                     if kind == "data":
-                        self._on_child_data(child)
+                        while child.keys and child.conn.poll(0):
+                            if not self._on_child_data(child):
+                                break
                     else:
                         self._on_child_exit(child)
+            self._start_next()
+            self._flush()
             now = time.monotonic()
             if now - self.last_sent >= self.interval:
                 self._send(P.HEARTBEAT, {"slots": self.nprocs})

@@ -1,0 +1,69 @@
+"""What the broker will send, gathered into one batch message per peer and kind.
+
+Handlers add rows as they decide (a task for an agent, a result or state for a client);
+``flush()`` turns each peer's rows into one message after the loop has handled everything
+that was waiting.  Under load that packs hundreds of tasks or results into one message;
+a lone task still leaves in the same loop turn, so batching costs it no latency.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+from . import protocol as P
+
+Frames = List[Any]
+
+
+class Outbox:
+    """Per-peer batches of TASK, RESULT, STATE and CANCEL rows, and single messages."""
+
+    def __init__(self) -> None:
+        self.out: List[Tuple[bytes, Frames]] = []
+        self._tasks: Dict[bytes, Tuple[List[str], Frames, List[list], Frames]] = {}
+        self._results: Dict[bytes, Tuple[List[list], Frames]] = {}
+        self._states: Dict[bytes, List[list]] = {}
+        self._cancels: Dict[bytes, List[str]] = {}
+
+    def send(self, ident: bytes, cmd: int, meta: Dict[str, Any],
+             payload: Sequence[Any] = ()) -> None:
+        """A message that is not batched (HELLO replies, heartbeats, status)."""
+        self.out.append((ident, P.encode(cmd, meta, payload)))
+
+    def task(self, agent: bytes, row: list, frames: Frames,
+             blobs: Sequence[Tuple[str, Any]] = ()) -> None:
+        batch = self._tasks.get(agent)
+        if batch is None:
+            batch = self._tasks[agent] = ([], [], [], [])
+        for fid, blob in blobs:
+            batch[0].append(fid)
+            batch[1].append(blob)
+        batch[2].append(row)
+        batch[3].extend(frames)
+
+    def result(self, client: bytes, row: list, frames: Frames) -> None:
+        batch = self._results.get(client)
+        if batch is None:
+            batch = self._results[client] = ([], [])
+        batch[0].append(row)
+        batch[1].extend(frames)
+
+    def state(self, client: bytes, kw: str, state: str) -> None:
+        self._states.setdefault(client, []).append([kw, state])
+
+    def cancel(self, agent: bytes, kw: str) -> None:
+        self._cancels.setdefault(agent, []).append(kw)
+
+    def flush(self) -> List[Tuple[bytes, Frames]]:
+        """Everything to send now, states before results so a key never goes backwards."""
+        out = self.out
+        for ident, rows in self._states.items():
+            out.append((ident, P.encode(P.STATE, {"r": rows})))
+        for ident, (rows, frames) in self._results.items():
+            out.append((ident, P.encode(P.RESULT, {"r": rows}, frames)))
+        for ident, kws in self._cancels.items():
+            out.append((ident, P.encode(P.CANCEL, {"ks": kws})))
+        for ident, (fids, blobs, rows, frames) in self._tasks.items():
+            out.append((ident, P.encode(P.TASK, {"f": fids, "t": rows}, blobs + frames)))
+        self.out = []
+        self._states, self._results, self._cancels, self._tasks = {}, {}, {}, {}
+        return out

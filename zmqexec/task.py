@@ -1,0 +1,192 @@
+"""The task process: the only place a task is unpickled and run.
+
+The agent and a task process talk over one ``multiprocessing`` Pipe.  Each message is one
+packed buffer (``pack``/``unpack``): a JSON header and the frames it names, so a batch of
+tasks is one write and one read.  Agent to task process::
+
+    {"f": [fid...], "t": [[k, client, fid, iid, nframes]...]}  blobs, then task frames
+
+and task process to agent, one message per finished task, sent before the next starts so
+the agent always knows which task is running (the one it has no result for)::
+
+    {"k": k, "s": "finished"|"error"}  result frame
+    {"k": k, "s": "dropped"}           (cancelled while it waited in this process)
+
+While a batch runs, the agent may send ``{"cancel": [k...]}``: a reader thread
+(``Inbox``) answers "dropped" at once for each of those that has not started, and the
+main thread skips them; the lock makes "started" and "dropped" exclusive.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import struct
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+from . import serialization as S
+from .errors import InitializerError
+
+_HEAD = struct.Struct("!II")  # JSON length, frame count
+
+
+def pack(meta: Dict[str, Any], frames: Sequence[Any]) -> bytes:
+    """One buffer: lengths, JSON header, frames (frames may be any buffer objects)."""
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    sizes = struct.pack(f"!{len(frames)}Q", *(memoryview(f).nbytes for f in frames))
+    return b"".join([_HEAD.pack(len(head), len(frames)), sizes, head, *frames])
+
+
+def unpack(data: bytes) -> Tuple[Dict[str, Any], List[memoryview]]:
+    """The header and zero-copy views of the frames of a ``pack``-ed buffer."""
+    view = memoryview(data)
+    nhead, count = _HEAD.unpack_from(view)
+    at = _HEAD.size
+    sizes = struct.unpack_from(f"!{count}Q", view, at)
+    at += 8 * count
+    meta = json.loads(bytes(view[at:at + nhead]))
+    at += nhead
+    frames = []
+    for size in sizes:
+        frames.append(view[at:at + size])
+        at += size
+    return meta, frames
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this process when the agent goes, even if the agent is SIGKILLed."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:  # pragma: no cover - prctl is always there on Linux
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="zmqexec-parent-watch", daemon=True).start()
+
+
+class TaskRunner:
+    """Runs tasks with the caches of one task process: functions and initializers."""
+
+    def __init__(self) -> None:
+        self.blobs: Dict[str, Any] = {}
+        self.fns: Dict[str, Callable[..., Any]] = {}
+        self.initialized: Dict[str, Optional[BaseException]] = {}
+
+    def _function(self, fid: str) -> Callable[..., Any]:
+        fn = self.fns.get(fid)
+        if fn is None:
+            fn = self.fns[fid] = S.loads_function(self.blobs[fid])
+        return fn
+
+    def _initialize(self, client: str, iid: str) -> Optional[BaseException]:
+        """Run this client's initializer once in this process; remember a failure."""
+        if client not in self.initialized:
+            try:
+                init, initargs = S.loads_call(self.blobs[iid])
+                init(*initargs)
+                self.initialized[client] = None
+            except BaseException as exc:
+                error = InitializerError(
+                    f"the initializer failed in worker process {os.getpid()}: "
+                    f"{type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                self.initialized[client] = error
+        return self.initialized[client]
+
+    def run(self, client: str, fid: str, iid: str, frames: List[Any]) -> Tuple[str, bytes]:
+        """(``finished``, result pickle) or (``error``, error pickle)."""
+        failed = self._initialize(client, iid) if iid else None
+        if failed is not None:
+            return "error", S.dumps_error(failed)
+        try:
+            fn = self._function(fid)
+            args, kwargs = S.loads_args(frames[0])
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # SystemExit too: the client re-raises it
+            return "error", S.dumps_error(exc)
+        try:
+            return "finished", S.dumps_result(value)
+        except BaseException as exc:
+            return "error", S.dumps_error(exc)
+
+
+class Inbox:
+    """Reads the agent's messages on a thread, so a cancel lands while a task runs."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.batches: "queue.SimpleQueue[Optional[Tuple[Dict[str, Any], List[Any]]]]" = \
+            queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending: Set[str] = set()  # given to this process, not started, not dropped
+        threading.Thread(target=self._read, name="zmqexec-inbox", daemon=True).start()
+
+    def send(self, meta: Dict[str, Any], frames: Sequence[Any] = ()) -> None:
+        with self._send_lock:
+            self.conn.send_bytes(pack(meta, frames))
+
+    def claim(self, kw: str) -> bool:
+        """True if the task may start (it was not cancelled first)."""
+        with self._lock:
+            if kw in self._pending:
+                self._pending.discard(kw)
+                return True
+            return False
+
+    def _read(self) -> None:
+        while True:
+            try:
+                meta, frames = unpack(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                self.batches.put(None)
+                return
+            if "cancel" in meta:
+                with self._lock:
+                    dropped = [kw for kw in meta["cancel"] if kw in self._pending]
+                    self._pending.difference_update(dropped)
+                for kw in dropped:
+                    self.send({"k": kw, "s": "dropped"})
+            else:
+                with self._lock:
+                    self._pending.update(row[0] for row in meta["t"])
+                self.batches.put((meta, frames))
+
+
+def task_main(conn: Connection, parent: int) -> None:
+    """Body of a task process: take a batch, run each task, send each result."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    runner = TaskRunner()
+    inbox = Inbox(conn)
+    while True:
+        batch = inbox.batches.get()
+        if batch is None:
+            return
+        meta, frames = batch
+        fids = meta["f"]
+        for fid, blob in zip(fids, frames):
+            runner.blobs[fid] = bytes(blob)
+        at = len(fids)
+        for kw, client, fid, iid, nframes in meta["t"]:
+            task_frames = frames[at:at + nframes]
+            at += nframes
+            if inbox.claim(kw):
+                status, result = runner.run(client, fid, iid, task_frames)
+                inbox.send({"k": kw, "s": status}, [result])
+        del batch, frames
