@@ -70,6 +70,7 @@ class ClientIO(ClientState):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._closing = False
+        self._asleep = True  # the I/O thread may be in poll(): post() must wake it
         self.io_thread = threading.Thread(target=self._io_main, name="zmqexec-io", daemon=True)
         self.completion_thread = threading.Thread(target=self._completion_main,
                                                   name="zmqexec-completion", daemon=True)
@@ -80,10 +81,12 @@ class ClientIO(ClientState):
     def post(self, *command: Any) -> None:
         """Queue a command for the I/O thread and wake it (thread- and reentrant-safe)."""
         self._commands.put(command)
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # a wake-up is pending already, or we are closed
+        if self._asleep:  # one wake-up per batch of commands, not one per submit
+            self._asleep = False
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # a wake-up is pending already, or we are closed
 
     def unref(self, kw: str) -> None:
         self.post("unref", kw)
@@ -153,6 +156,7 @@ class ClientIO(ClientState):
                         os.read(self._wake_r, 65536)
                     except BlockingIOError:
                         pass
+                self._asleep = True  # before draining: a later post() writes again
                 self._run_commands()
                 if sock in events:
                     for _ in range(1000):

@@ -39,7 +39,7 @@ class Pending:
         self.futures = futures
         self.row = row  # SUBMIT row [k, priority, retries, pure, fid, iid, n]; None: attach
         self.frames = frames or []
-        self.nbytes = sum(len(f) for f in self.frames)
+        self.nbytes = sum(map(len, self.frames))
 
 
 def broker_error(kw: str, e: Dict[str, Any]) -> BaseException:

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 _live: "weakref.WeakSet[ZMQExecutor]" = weakref.WeakSet()
 _exiting = False
 
-_OPTION_NAMES = ("key", "pure", "priority", "retries", "timeout")
+FUTURE_ARGUMENT = ("a Future cannot be a task argument: pass future.result(), or its key "
+                   "and attach inside the task with Future(key)")
 
 
 def _python_exit() -> None:
@@ -191,8 +192,11 @@ class ZMQExecutor(_Submitter):
         self._executor = self
         self._opts: Dict[str, Any] = {}
         self._retries = retries
+        self._key_prefix = uuid.uuid4().hex[:16]  # random per executor, then a counter
+        self._key_counter = itertools.count()
         self._blobs: Dict[str, bytes] = {}
-        self._functions: Dict[int, Tuple[Callable[..., Any], str]] = {}
+        self._functions: Dict[int, Tuple[Callable[..., Any], str, str]] = {}
+        self._names: Dict[str, str] = {}  # function name -> wire prefix of its keys
         self._init_id = ""
         if initializer is not None:
             init_blob = S.dumps_call(initializer, tuple(initargs))
@@ -232,52 +236,61 @@ class ZMQExecutor(_Submitter):
 
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
                 opts: Dict[str, Any]) -> Future:
-        self._check_usable()
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        for arg in itertools.chain(args, kwargs.values()):
+        """The one submit path (executor and views); kept lean, it runs once per task."""
+        if os.getpid() != self._pid:
+            self._check_usable()
+        for arg in args:
             if isinstance(arg, concurrent.futures.Future):
-                raise TypeError("a Future cannot be a task argument: pass future.result(), "
-                                "or its key and attach inside the task with Future(key)")
-        if opts.get("timeout") is not None:
-            raise NotImplementedError("options(timeout=...) is not supported yet")
-        with self._shutdown_lock:
-            if self._io.broken is not None:
-                raise self._io.broken
-            if self._shutdown:
+                raise TypeError(FUTURE_ARGUMENT)
+        if kwargs and any(isinstance(v, concurrent.futures.Future) for v in kwargs.values()):
+            raise TypeError(FUTURE_ARGUMENT)
+        if self._shutdown or self._io.broken is not None or _exiting:
+            with self._shutdown_lock:
+                if self._io.broken is not None:
+                    raise self._io.broken
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            if _exiting:  # the stdlib wording, as DESIGN §1.1 asks
-                raise RuntimeError("cannot schedule new futures after shutdown")
-        pure = bool(opts.get("pure"))
-        key = opts.get("key")
-        if key is None:
-            name = S.funcname(fn)
-            key = f"{name}-{S.pure_token(fn, args, kwargs) if pure else uuid.uuid4().hex}"
-        kw = key_to_wire(key)
-        fid = self._function_id(fn)
-        frames: List[Any] = [S.dumps_args(args, kwargs)]
-        retries = opts.get("retries")
-        row = [kw, int(opts.get("priority") or 0),
-               self._retries if retries is None else int(retries), int(pure), fid,
-               self._init_id, len(frames)]
-        return self._io.submit(Future._new(key, kw, self), row, frames)
+        fid, name = self._function_id(fn)
+        if opts:
+            if opts.get("timeout") is not None:
+                raise NotImplementedError("options(timeout=...) is not supported yet")
+            pure = bool(opts.get("pure"))
+            key = opts.get("key")
+            if key is None:
+                token = S.pure_token(fn, args, kwargs) if pure else \
+                    f"{self._key_prefix}{next(self._key_counter):016x}"
+                key = f"{name}-{token}"
+            retries = opts.get("retries")
+            row: List[Any] = [key_to_wire(key), int(opts.get("priority") or 0),
+                   self._retries if retries is None else int(retries), int(pure), fid,
+                   self._init_id, 1]
+        else:  # the default: a generated key, whose wire form needs no JSON encoder
+            token = f"{self._key_prefix}{next(self._key_counter):016x}"
+            key = f"{name}-{token}"
+            row = [f"{self._names[name]}{token}\"", 0, self._retries, 0, fid, self._init_id, 1]
+        frames = [S.dumps_args(args, kwargs)]
+        return self._io.submit(Future._new(key, row[0], self), row, frames)
 
-    def _function_id(self, fn: Callable[..., Any]) -> str:
+    def _function_id(self, fn: Callable[..., Any]) -> Tuple[str, str]:
         """Pickle each distinct function once per executor; tasks name it by content hash.
 
         Like Dask, a function is pickled the first time it is submitted: changes to a
         function object (or the globals it pickles by value) after that are not seen.
+        Returns the blob id and the function's name for default keys.
         """
         cached = self._functions.get(id(fn))
         if cached is not None and cached[0] is fn:
-            return cached[1]
+            return cached[1], cached[2]
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
         blob = S.dumps_function(fn)
         fid = S.blob_id(blob)
+        name = S.funcname(fn)
+        self._names.setdefault(name, key_to_wire(f"{name}-")[:-1])
         self._blobs[fid] = blob
         if len(self._functions) >= 4096:  # many throwaway lambdas: start over
             self._functions.clear()
-        self._functions[id(fn)] = (fn, fid)  # holding fn keeps its id from being reused
-        return fid
+        self._functions[id(fn)] = (fn, fid, name)  # holding fn keeps its id from being reused
+        return fid, name
 
     def kill(self, future: Future) -> bool:
         """Stop a running task (not yet supported); a pending one is cancelled."""

@@ -120,6 +120,12 @@ class Message:
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_loads = json.JSONDecoder().decode
+# Per command: the batch field, its row shape, and whether rows count payload frames.
+_ROW_FIELDS = {cmd: (name, shape, _FRAMED.get(cmd) == name) for (cmd, name), shape in
+               _ROWS.items()}
+_LISTS = {cmd: tuple(n for n in ("ks", "f") if n in schema) for cmd, schema in
+          _SCHEMA.items()}
 
 
 def encode(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> List[Any]:
@@ -152,7 +158,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("header too large")
     try:
-        meta = json.loads(raw[4:]) if len(raw) > 4 else {}
+        meta = _loads(raw[4:].decode()) if len(raw) > 4 else {}
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
     if not isinstance(meta, dict):
@@ -164,25 +170,25 @@ def decode(frames: Sequence[Any]) -> Message:
     key = meta.get("k")
     if isinstance(key, str) and len(key) > MAX_KEY_LENGTH:
         raise ProtocolError(f"{NAMES[cmd]}: key longer than {MAX_KEY_LENGTH}")
-    for name in ("ks", "f"):
-        values = meta.get(name)
-        if values is not None and not all(isinstance(v, str) and len(v) <= MAX_KEY_LENGTH
-                                          for v in values):
+    for name in _LISTS.get(cmd, ()):
+        if not all(type(v) is str and len(v) <= MAX_KEY_LENGTH for v in meta[name]):
             raise ProtocolError(f"{NAMES[cmd]}: {name!r} must be a list of short strings")
     payload = list(frames[1:])
-    rows_field = _FRAMED.get(cmd)
     expected = 0
-    for name, shape in ((n, sh) for (c, n), sh in _ROWS.items() if c == cmd):
+    rows = _ROW_FIELDS.get(cmd)
+    if rows is not None:
+        name, shape, framed = rows
+        width = len(shape)
         for row in meta[name]:
-            if not isinstance(row, list) or len(row) < len(shape) or not all(
+            if type(row) is not list or len(row) < width or not all(
                     type(v) is t for v, t in zip(row, shape)):
                 raise ProtocolError(f"{NAMES[cmd]}: malformed {name!r} row")
-            if name == rows_field:
-                if row[len(shape) - 1] < 0:
+            if framed:
+                if row[width - 1] < 0:
                     raise ProtocolError(f"{NAMES[cmd]}: negative frame count")
-                expected += row[len(shape) - 1]
-    if rows_field is not None:
-        expected += len(meta.get("f") or ())
+                expected += row[width - 1]
+        if framed:
+            expected += len(meta.get("f") or ())
     if expected != len(payload):
         raise ProtocolError(f"{NAMES[cmd]}: {len(payload)} payload frames, "
                             f"header names {expected}")
