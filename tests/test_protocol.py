@@ -1,20 +1,35 @@
 """The wire format decodes what it encodes and rejects everything else with a reason."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from zmqexec import ProtocolError
 from zmqexec import protocol as P
 
 
-def test_encode_decode_round_trip_keeps_payload_frames_untouched():
-    payload = [b"\x80\x05function", memoryview(b"args")]
-    meta = {"f": ["fid"], "t": [['"a"', 1, 3, 0, "fid", "", 1]]}
+def test_small_parts_share_one_frame_and_large_ones_keep_their_own():
+    big = memoryview(b"x" * P.PACK_LIMIT)
+    payload = [b"function", b"args-1", big, b"args-3"]
+    meta = {"f": ["fid"], "t": [['"a"', 1, 3, 0, "fid", "", 1], ['"b"', 0, 3, 0, "fid", "", 1],
+                                ['"c"', 0, 3, 0, "fid", "", 1]]}
     frames = P.encode(P.SUBMIT, meta, payload)
-    assert len(frames) == 3 and frames[1] is payload[0] and frames[2] is payload[1]
+    assert len(frames) == 4  # header, blob, packed small parts, the large part
+    assert frames[1] is payload[0] and frames[3] is big
     msg = P.decode(frames)
-    assert (msg.cmd, msg.name, msg.meta) == (P.SUBMIT, "SUBMIT", meta)
-    assert msg.payload == payload
+    assert (msg.cmd, msg.name, msg.meta["t"]) == (P.SUBMIT, "SUBMIT", meta["t"])
+    assert [bytes(p) for p in msg.payload] == [bytes(p) for p in payload]
+
+
+@pytest.mark.parametrize("sizes, frames", [
+    ([5], [b"1234"]), ([2, -1], [b"12"]), ("bad", [b"12"]), ([-2], [b""]),
+])
+def test_packed_parts_that_do_not_add_up_are_rejected(sizes, frames):
+    head = b"ZX\x01\x0e" + json.dumps({"r": [["k", "finished", 1]] * len(sizes),
+                                       "z": sizes}).encode()
+    with pytest.raises(ProtocolError):
+        P.decode([head, *frames])
 
 
 @pytest.mark.parametrize("frames, reason", [

@@ -56,6 +56,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
+PACK_LIMIT = 1 << 16  # payload parts smaller than this share one frame in a batch
 MAGIC = b"ZX"
 MAX_KEY_LENGTH = 4096
 MAX_HEADER_BYTES = 1 << 20
@@ -129,9 +130,57 @@ _LISTS = {cmd: tuple(n for n in ("ks", "f") if n in schema) for cmd, schema in
 
 
 def encode(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> List[Any]:
-    """Frames for one message: the packed header frame, then the payload as given."""
+    """Frames for one message: the header frame, then the payload.
+
+    In a batch, parts under ``PACK_LIMIT`` bytes travel concatenated in one frame (``z``
+    lists each part's size, -1 for a part sent as its own frame): every frame costs a
+    send and a receive on each hop, while a large part keeps its own zero-copy frame.
+    """
+    if cmd in _FRAMED and payload:
+        nblobs = len(meta.get("f") or ())
+        sizes: List[int] = []
+        small: List[Any] = []
+        big: List[Any] = []
+        for part in payload[nblobs:]:
+            size = len(part)
+            if size < PACK_LIMIT:
+                sizes.append(size)
+                small.append(part)
+            else:
+                sizes.append(-1)
+                big.append(part)
+        if small:
+            meta = dict(meta, z=sizes)
+            head = MAGIC + bytes((PROTOCOL_VERSION, cmd)) + _dumps(meta).encode()
+            return [head, *payload[:nblobs], b"".join(small), *big]
     head = MAGIC + bytes((PROTOCOL_VERSION, cmd)) + _dumps(meta).encode()
     return [head, *payload]
+
+
+def _unpack_parts(meta: Dict[str, Any], frames: List[Any]) -> List[Any]:
+    """The payload parts of a batch whose small parts share one frame (see ``encode``)."""
+    sizes = meta["z"]
+    if type(sizes) is not list or not all(type(n) is int and n >= -1 for n in sizes):
+        raise ProtocolError("'z' must be a list of part sizes")
+    nblobs = len(meta.get("f") or ())
+    if len(frames) < nblobs + 1:
+        raise ProtocolError("packed parts frame missing")
+    packed = memoryview(frames[nblobs])
+    big = frames[nblobs + 1:]
+    parts = list(frames[:nblobs])
+    at = taken = 0
+    for size in sizes:
+        if size >= 0:
+            parts.append(packed[at:at + size])
+            at += size
+        elif taken < len(big):
+            parts.append(big[taken])
+            taken += 1
+        else:
+            raise ProtocolError("fewer frames than 'z' names")
+    if at != packed.nbytes or taken != len(big):
+        raise ProtocolError("packed parts do not match their sizes")
+    return parts
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -174,6 +223,8 @@ def decode(frames: Sequence[Any]) -> Message:
         if not all(type(v) is str and len(v) <= MAX_KEY_LENGTH for v in meta[name]):
             raise ProtocolError(f"{NAMES[cmd]}: {name!r} must be a list of short strings")
     payload = list(frames[1:])
+    if "z" in meta and cmd in _FRAMED:
+        payload = _unpack_parts(meta, payload)
     expected = 0
     rows = _ROW_FIELDS.get(cmd)
     if rows is not None:

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 import uuid
@@ -33,6 +34,7 @@ from ._version import __version__
 from .task import pack, task_main, unpack
 
 log = logging.getLogger(__name__)
+_SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
 DEFAULT_PREFETCH = 4  # tasks per slot held beyond the running ones (credit window)
 MAX_CHILD_BATCH = 64  # tasks handed to one task process at a time
 Task = Tuple[str, List[Any], List[Any]]  # key_wire, TASK row, payload frames
@@ -66,6 +68,36 @@ class Child:
         child_conn.close()
         self.keys: Deque[str] = deque()  # given, in order; keys[0] is running
         self.fids: Set[str] = set()
+        self.fd = self.conn.fileno()
+        self._buf = bytearray()
+
+    def read(self) -> Optional[List[bytes]]:
+        """The complete messages that have arrived (one read for many); None at EOF.
+
+        Reads the Pipe's descriptor directly with ``multiprocessing.Connection`` framing (a
+        4-byte signed length, -1 then an 8-byte length for huge messages), since a
+        ``recv_bytes`` per result would cost two system calls each.
+        """
+        data = os.read(self.fd, 1 << 20)
+        if not data:
+            return None
+        buf = self._buf
+        buf += data
+        out, at = [], 0
+        while len(buf) - at >= 4:
+            size = _SIZE.unpack_from(buf, at)[0]
+            head = 4
+            if size == -1:
+                if len(buf) - at < 12:
+                    break
+                size = _HUGE.unpack_from(buf, at + 4)[0]
+                head = 12
+            if len(buf) - at < head + size:
+                break
+            out.append(bytes(buf[at + head:at + head + size]))
+            at += head + size
+        del buf[:at]
+        return out
 
     def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
         fids, rows, frames = [], [], []
@@ -209,11 +241,18 @@ class Agent:
             log.info("broker said goodbye: %s", msg.meta.get("reason", ""))
 
     def _on_child_data(self, child: Child) -> bool:
-        """Take one result from a task process; False when there is none to take."""
+        """Take the results a task process sent; False at its end (EOF)."""
         try:
-            meta, frames = unpack(child.conn.recv_bytes())
-        except (EOFError, OSError):
-            return False  # it died mid-message; the sentinel reports the death
+            messages = child.read()
+        except OSError:
+            messages = None
+        if messages is None:
+            return False  # it died; the sentinel reports the death
+        for message in messages:
+            self._on_child_message(child, *unpack(message))
+        return True
+
+    def _on_child_message(self, child: Child, meta: Dict[str, Any], frames: List[Any]) -> None:
         kw = meta["k"]
         if meta["s"] == "dropped":  # a cancel reached it before it started
             if kw in child.keys:
@@ -222,23 +261,21 @@ class Agent:
                 self.dropped.append(kw)
                 if first and child.keys:
                     self.started.append(child.keys[0])
-            return True
+            return
         if not child.keys or child.keys[0] != kw:
             log.error("task process %d sent an unexpected result", child.proc.pid)
-            return False
+            return
         child.keys.popleft()
         rows, out = self.results
         rows.append([kw, meta["s"], len(frames)])
         out.extend(frames)
         if child.keys:
             self.started.append(child.keys[0])  # it starts the next one right away
-        return True
 
     def _on_child_exit(self, child: Child) -> None:
         self.children.remove(child)
-        while child.keys and child.conn.poll(0):  # results sent just before dying count
-            if not self._on_child_data(child):
-                break
+        while child.keys and child.conn.poll(0) and self._on_child_data(child):
+            pass  # results sent just before dying count (poll: a grandchild may hold the pipe)
         child.proc.join()
         exit = describe_exit(child.proc.exitcode)
         self.poller.unregister(child.conn.fileno())
@@ -304,9 +341,7 @@ class Agent:
                     if child not in self.children:
                         continue
                     if kind == "data":
-                        while child.keys and child.conn.poll(0):
-                            if not self._on_child_data(child):
-                                break
+                        self._on_child_data(child)
                     else:
                         self._on_child_exit(child)
             self._start_next()
