@@ -122,9 +122,18 @@ class Message:
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _loads = json.JSONDecoder().decode
-# Per command: the batch field, its row shape, and whether rows count payload frames.
-_ROW_FIELDS = {cmd: (name, shape, _FRAMED.get(cmd) == name) for (cmd, name), shape in
-               _ROWS.items()}
+
+
+def _row_check(shape: Tuple[type, ...]) -> Any:
+    """A fast validator for rows of one shape: ``row -> bool`` (runs once per task)."""
+    names = {t: t.__name__ for t in shape}
+    test = " and ".join(f"type(r[{i}]) is {names[t]}" for i, t in enumerate(shape))
+    return eval(f"lambda r: type(r) is list and len(r) >= {len(shape)} and {test}")
+
+
+# Per command: the batch field, its row validator and width, and whether rows count frames.
+_ROW_FIELDS = {cmd: (name, _row_check(shape), len(shape), _FRAMED.get(cmd) == name)
+               for (cmd, name), shape in _ROWS.items()}
 _LISTS = {cmd: tuple(n for n in ("ks", "f") if n in schema) for cmd, schema in
           _SCHEMA.items()}
 
@@ -228,11 +237,9 @@ def decode(frames: Sequence[Any]) -> Message:
     expected = 0
     rows = _ROW_FIELDS.get(cmd)
     if rows is not None:
-        name, shape, framed = rows
-        width = len(shape)
+        name, valid, width, framed = rows
         for row in meta[name]:
-            if type(row) is not list or len(row) < width or not all(
-                    type(v) is t for v, t in zip(row, shape)):
+            if not valid(row):
                 raise ProtocolError(f"{NAMES[cmd]}: malformed {name!r} row")
             if framed:
                 if row[width - 1] < 0:

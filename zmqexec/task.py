@@ -7,10 +7,10 @@ tasks is one write and one read.  Agent to task process::
     {"f": [fid...], "t": [[k, client, fid, iid, nframes]...]}  blobs, then task frames
 
 and task process to agent, one message per finished task, sent before the next starts so
-the agent always knows which task is running (the one it has no result for)::
+the agent always knows which task is running (the one it has no result for); it is a
+small binary record (``pack_result``), as there is one per task::
 
-    {"k": k, "s": "finished"|"error"}  result frame
-    {"k": k, "s": "dropped"}           (cancelled while it waited in this process)
+    status (finished|error|dropped) | key | result pickle
 
 While a batch runs, the agent may send ``{"cancel": [k...]}``: a reader thread
 (``Inbox``) answers "dropped" at once for each of those that has not started, and the
@@ -33,6 +33,21 @@ from . import serialization as S
 from .errors import InitializerError
 
 _HEAD = struct.Struct("!II")  # JSON length, frame count
+_RESULT = struct.Struct("!BH")  # status code, key length
+STATUSES = ("finished", "error", "dropped")
+_CODES = {name: code for code, name in enumerate(STATUSES)}
+
+
+def pack_result(kw: str, status: str, result: bytes = b"") -> bytes:
+    key = kw.encode()
+    return b"".join((_RESULT.pack(_CODES[status], len(key)), key, result))
+
+
+def unpack_result(data: bytes) -> Tuple[str, str, memoryview]:
+    """(key, status, result view) of a ``pack_result`` record."""
+    code, size = _RESULT.unpack_from(data)
+    at = _RESULT.size + size
+    return data[_RESULT.size:at].decode(), STATUSES[code], memoryview(data)[at:]
 
 
 def pack(meta: Dict[str, Any], frames: Sequence[Any]) -> bytes:
@@ -136,9 +151,9 @@ class Inbox:
         self._pending: Set[str] = set()  # given to this process, not started, not dropped
         threading.Thread(target=self._read, name="zmqexec-inbox", daemon=True).start()
 
-    def send(self, meta: Dict[str, Any], frames: Sequence[Any] = ()) -> None:
+    def send(self, kw: str, status: str, result: bytes = b"") -> None:
         with self._send_lock:
-            self.conn.send_bytes(pack(meta, frames))
+            self.conn.send_bytes(pack_result(kw, status, result))
 
     def claim(self, kw: str) -> bool:
         """True if the task may start (it was not cancelled first)."""
@@ -160,7 +175,7 @@ class Inbox:
                     dropped = [kw for kw in meta["cancel"] if kw in self._pending]
                     self._pending.difference_update(dropped)
                 for kw in dropped:
-                    self.send({"k": kw, "s": "dropped"})
+                    self.send(kw, "dropped")
             else:
                 with self._lock:
                     self._pending.update(row[0] for row in meta["t"])
@@ -188,5 +203,5 @@ def task_main(conn: Connection, parent: int) -> None:
             at += nframes
             if inbox.claim(kw):
                 status, result = runner.run(client, fid, iid, task_frames)
-                inbox.send({"k": kw, "s": status}, [result])
+                inbox.send(kw, status, result)
         del batch, frames

@@ -31,7 +31,7 @@ import zmq
 from . import protocol as P
 from . import serialization as S
 from ._version import __version__
-from .task import pack, task_main, unpack
+from .task import pack, task_main, unpack_result
 
 log = logging.getLogger(__name__)
 _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
@@ -249,12 +249,11 @@ class Agent:
         if messages is None:
             return False  # it died; the sentinel reports the death
         for message in messages:
-            self._on_child_message(child, *unpack(message))
+            self._on_child_message(child, *unpack_result(message))
         return True
 
-    def _on_child_message(self, child: Child, meta: Dict[str, Any], frames: List[Any]) -> None:
-        kw = meta["k"]
-        if meta["s"] == "dropped":  # a cancel reached it before it started
+    def _on_child_message(self, child: Child, kw: str, status: str, result: Any) -> None:
+        if status == "dropped":  # a cancel reached it before it started
             if kw in child.keys:
                 first = child.keys[0] == kw
                 child.keys.remove(kw)
@@ -267,8 +266,8 @@ class Agent:
             return
         child.keys.popleft()
         rows, out = self.results
-        rows.append([kw, meta["s"], len(frames)])
-        out.extend(frames)
+        rows.append([kw, status, 1])
+        out.append(result)
         if child.keys:
             self.started.append(child.keys[0])  # it starts the next one right away
 
