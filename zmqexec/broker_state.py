@@ -34,7 +34,7 @@ DONE = ("finished", "error", "lost")
 
 
 def _size(frames: Frames) -> int:
-    return sum(len(f) for f in frames)
+    return sum(map(len, frames))
 
 
 class Peer:
