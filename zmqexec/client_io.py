@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
@@ -110,7 +110,7 @@ class ClientIO(ClientState):
         self.post("close")
 
     # ---- the I/O thread -----------------------------------------------------------------------
-    def _send(self, cmd: int, meta: Dict[str, Any], payload: List[Any] = []) -> None:  # noqa: B006
+    def _send(self, cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> None:
         self._sock.send_multipart(P.encode(cmd, meta, payload), copy=False)
         self._last_sent = time.monotonic()
 

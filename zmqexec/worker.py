@@ -1,13 +1,16 @@
-"""The worker agent and its task processes.
+"""The worker agent: one broker connection, N task processes it keeps alive.
 
 ::
 
-    broker <--DEALER--> Agent.run()  --task frames over a Pipe-->  task_main() in child 1..N
-                        | TASK: to an idle child (STARTED) or the prefetch line
-                        | child result -> RESULT; child death (sentinel) -> DEATH + replace
-                        | CANCEL: drop from the prefetch line (DROPPED); running tasks run on
+    broker <--DEALER--> Agent.run()  --batches over a Pipe-->  task_main() in child 1..N
+                        | TASK batch: into ``waiting``; each idle child gets an even share
+                        |   (STARTED for the first; the next starts when a result arrives)
+                        | child results -> one RESULT batch per loop turn
+                        | child death (sentinel) -> DEATH for the running task, DROPPED
+                        |   for the rest of its batch, and a new child
+                        | CANCEL: drop from ``waiting``, or tell the child (DROPPED)
 
-The agent never unpickles: it moves the payload bytes between its socket and its children.
+The agent never unpickles: it moves payload bytes between its socket and its children.
 Only a task process unpickles, runs, and pickles the result.  A child's death is seen at
 once through its process sentinel, so the broker hears the exit status without waiting for
 a heartbeat; a lost agent (host down, SIGSTOP) is what heartbeats are for.
