@@ -3,6 +3,7 @@
 This module is the table of contents: every public name is re-exported here, and
 ``__all__`` is exact (a test checks it against the README).
 """
+import importlib
 from concurrent.futures import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -13,6 +14,7 @@ from concurrent.futures import (
     as_completed,
     wait,
 )
+from typing import TYPE_CHECKING, Any, List
 
 from ._version import __version__
 from .errors import (
@@ -33,8 +35,27 @@ from .errors import (
     WorkerLostError,
     ZMQExecError,
 )
-from .executor import ZMQExecutor, ZMQExecutorView
-from .future import Future
+
+if TYPE_CHECKING:
+    from .executor import ZMQExecutor, ZMQExecutorView
+    from .future import Future
+
+# The executor and Future load on first use, so ``python -m zmqexec broker`` (and the
+# embedded broker and agent it starts) skip the client side: a faster cluster start.
+_LAZY = {"ZMQExecutor": "executor", "ZMQExecutorView": "executor", "Future": "future"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zmqexec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     # executor and futures
