@@ -440,3 +440,43 @@ def test_a_dead_embedded_agent_is_replaced_and_its_task_runs_again(tmp_path):
         gate.touch()
         assert fut.result(timeout=30) == "x"
         assert ex._cluster.agent.pid != old and ex._cluster.agent_restarts == 1
+
+
+def describe_payload(data):
+    import numpy
+
+    if isinstance(data, numpy.ndarray):
+        data[0] = 1  # writable, as with ProcessPoolExecutor
+        return type(data).__name__, int(data.sum()), data.flags.writeable
+    return type(data).__name__, len(data), hashlib_digest(data)
+
+
+def hashlib_digest(data):
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_large_buffers_arrive_intact_out_of_band(executor):
+    import numpy
+
+    blob = os.urandom(3 << 20)
+    array = numpy.zeros(1 << 20, dtype=numpy.uint8)
+    assert executor.submit(describe_payload, blob).result(timeout=60) == (
+        "bytes", len(blob), hashlib_digest(blob))
+    assert executor.submit(describe_payload, array).result(timeout=60) == ("ndarray", 1, True)
+
+
+def gated_sum(gate, array):
+    wait_for_file(gate)
+    return int(array.sum())
+
+
+def test_changing_an_array_after_submit_does_not_change_the_task(executor, tmp_path):
+    import numpy
+
+    array = numpy.ones(2 << 20, dtype=numpy.uint8)
+    fut = executor.submit(gated_sum, str(tmp_path / "gate"), array)
+    array[:] = 0
+    (tmp_path / "gate").touch()
+    assert fut.result(timeout=60) == 2 << 20

@@ -13,7 +13,7 @@ import io
 import pickle
 import sys
 import traceback
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import cloudpickle
 
@@ -42,6 +42,60 @@ def _fast_dumps(obj: Any) -> bytes:
     return data
 
 
+OUT_OF_BAND_MIN = 1 << 20  # buffers this large travel as frames of their own
+
+
+def _bytes_from_buffer(buffer: Any) -> bytes:
+    return bytes(buffer)
+
+
+class _LargeBytes:
+    """Stands in for a large ``bytes`` argument so it travels out of band.
+
+    Pickle sends PickleBuffers out of band (numpy arrays make them) but writes ``bytes``
+    in band, and it does not consult ``reducer_override`` for them; this wrapper reduces
+    to a PickleBuffer and unpickles as the ``bytes`` it wraps.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _bytes_from_buffer, (pickle.PickleBuffer(self.data),)
+
+
+def _dumps_parts(obj: Any) -> List[Any]:
+    """``[pickle, *buffers]``: large buffers (numpy arrays, big bytes) out of band.
+
+    An out-of-band buffer skips the copy into the pickle here and out of it on the worker,
+    and crosses each hop as its own frame.  Read-only buffers (bytes) travel as they are;
+    writable ones are copied once now, so changing an array after ``submit`` cannot change
+    what the task sees, as with ProcessPoolExecutor.
+    """
+    buffers: List[Any] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True
+        buffers.append(raw if raw.readonly else bytes(raw))
+        return False
+
+    try:
+        data = pickle.dumps(obj, PICKLE_PROTOCOL, buffer_callback=out_of_band)
+        if b"__main__" in data:
+            raise pickle.PicklingError("refers to __main__")
+    except Exception:
+        buffers.clear()
+        data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=out_of_band)
+    return [data, *buffers]
+
+
 def blob_id(blob: bytes) -> str:
     """Content hash naming a pickled function or initializer in caches along the way."""
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
@@ -57,10 +111,13 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
             f"{type(exc).__name__}: {exc}") from exc
 
 
-def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
-    """Pickle a call's arguments; on failure name the argument that could not be pickled."""
+def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Any]:
+    """Pickle a call's arguments as ``[pickle, *buffers]``; on failure name the argument."""
+    if any(type(a) is bytes and len(a) >= OUT_OF_BAND_MIN for a in args):
+        args = tuple(_LargeBytes(a) if type(a) is bytes and len(a) >= OUT_OF_BAND_MIN
+                     else a for a in args)
     try:
-        return _fast_dumps((args, kwargs))
+        return _dumps_parts((args, kwargs))
     except Exception as exc:
         parts = [(f"argument {i}", arg) for i, arg in enumerate(args)]
         parts += [(f"keyword argument {name!r}", arg) for name, arg in kwargs.items()]
@@ -77,8 +134,9 @@ def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
                                  f"{exc}") from exc
 
 
-def loads_args(data: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-    args, kwargs = pickle.loads(data)
+def loads_args(data: Any, buffers: Sequence[Any] = ()) -> Tuple[Tuple[Any, ...],
+                                                                Dict[str, Any]]:
+    args, kwargs = pickle.loads(data, buffers=buffers)
     return args, kwargs
 
 

@@ -50,27 +50,42 @@ def unpack_result(data: bytes) -> Tuple[str, str, memoryview]:
     return data[_RESULT.size:at].decode(), STATUSES[code], memoryview(data)[at:]
 
 
-def pack(meta: Dict[str, Any], frames: Sequence[Any]) -> bytes:
-    """One buffer: lengths, JSON header, frames (frames may be any buffer objects)."""
+def pack(meta: Dict[str, Any], frames: Sequence[Any]) -> List[Any]:
+    """Messages for one batch: lengths, JSON header and small frames in one buffer, then
+    each large frame (an out-of-band buffer) as a message of its own, never copied here.
+    A large frame's length is stored negated so ``unpack`` knows to read it separately.
+    """
     head = json.dumps(meta, separators=(",", ":")).encode()
-    sizes = struct.pack(f"!{len(frames)}Q", *(memoryview(f).nbytes for f in frames))
-    return b"".join([_HEAD.pack(len(head), len(frames)), sizes, head, *frames])
+    sizes = [memoryview(f).nbytes for f in frames]
+    large = [f for f, n in zip(frames, sizes) if n >= S.OUT_OF_BAND_MIN]
+    if large:
+        sizes = [-n if n >= S.OUT_OF_BAND_MIN else n for n in sizes]
+        frames = [f for f in frames if memoryview(f).nbytes < S.OUT_OF_BAND_MIN]
+    packed = b"".join([_HEAD.pack(len(head), len(sizes)),
+                       struct.pack(f"!{len(sizes)}q", *sizes), head, *frames])
+    return [packed, *large]
 
 
-def unpack(data: bytes) -> Tuple[Dict[str, Any], List[memoryview]]:
-    """The header and zero-copy views of the frames of a ``pack``-ed buffer."""
+def unpack(data: bytes) -> Tuple[Dict[str, Any], List[Any], List[Tuple[int, int]]]:
+    """The header, zero-copy views of the packed frames (None for a large one), and the
+    (index, size) of each large frame, which follows as a message of its own."""
     view = memoryview(data)
     nhead, count = _HEAD.unpack_from(view)
     at = _HEAD.size
-    sizes = struct.unpack_from(f"!{count}Q", view, at)
+    sizes = struct.unpack_from(f"!{count}q", view, at)
     at += 8 * count
     meta = json.loads(bytes(view[at:at + nhead]))
     at += nhead
-    frames = []
-    for size in sizes:
-        frames.append(view[at:at + size])
-        at += size
-    return meta, frames
+    frames: List[Any] = []
+    large = []
+    for index, size in enumerate(sizes):
+        if size < 0:
+            frames.append(None)
+            large.append((index, -size))
+        else:
+            frames.append(view[at:at + size])
+            at += size
+    return meta, frames, large
 
 
 def _die_with_parent(parent: int) -> None:
@@ -129,7 +144,7 @@ class TaskRunner:
             return "error", S.dumps_error(failed)
         try:
             fn = self._function(fid)
-            args, kwargs = S.loads_args(frames[0])
+            args, kwargs = S.loads_args(frames[0], frames[1:])
             value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too: the client re-raises it
             return "error", S.dumps_error(exc)
@@ -166,7 +181,11 @@ class Inbox:
     def _read(self) -> None:
         while True:
             try:
-                meta, frames = unpack(self.conn.recv_bytes())
+                meta, frames, large = unpack(self.conn.recv_bytes())
+                for index, size in large:  # straight into writable memory: numpy arrays
+                    buffer = bytearray(size)  # made from it are writable, as with pickle
+                    self.conn.recv_bytes_into(buffer)
+                    frames[index] = memoryview(buffer)
             except (EOFError, OSError):
                 self.batches.put(None)
                 return

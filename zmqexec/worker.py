@@ -112,7 +112,8 @@ class Child:
             rows.append([kw, row[2], row[3], row[4], len(task_frames)])
             frames.extend(task_frames)
             self.keys.append(kw)
-        self.conn.send_bytes(pack({"f": fids, "t": rows}, [blobs[f] for f in fids] + frames))
+        for message in pack({"f": fids, "t": rows}, [blobs[f] for f in fids] + frames):
+            self.conn.send_bytes(message)
 
 
 class Agent:
@@ -223,7 +224,7 @@ class Agent:
                 mine = [kw for kw in rest if kw in child.keys]
                 if mine:
                     try:
-                        child.conn.send_bytes(pack({"cancel": mine}, []))
+                        child.conn.send_bytes(pack({"cancel": mine}, [])[0])
                     except OSError:
                         pass
         elif msg.cmd in (P.WELCOME, P.HEARTBEAT):
