@@ -13,6 +13,7 @@ import time
 import weakref
 
 import pytest
+from gates import wait_for_file
 from conftest import descendants, wait_until
 
 import zmqexec
@@ -36,13 +37,6 @@ def add(a, b):
 
 def sleep_return(seconds, value=None):
     time.sleep(seconds)
-    return value
-
-
-def wait_for_file(path, value=None, timeout=30):
-    end = time.monotonic() + timeout
-    while not os.path.exists(path) and time.monotonic() < end:
-        time.sleep(0.005)
     return value
 
 
@@ -288,7 +282,7 @@ def test_introspection_reports_address_workers_and_status(executor):
     assert "embedded" in text and "workers=2" in text and "pending=" in text
 
 
-def test_shutdown_wait_from_a_callback_raises(executor):
+def test_shutdown_wait_from_a_callback_raises(executor, tmp_path):
     errors = []
     done = threading.Event()
 
@@ -299,7 +293,9 @@ def test_shutdown_wait_from_a_callback_raises(executor):
             errors.append(exc)
         done.set()
 
-    executor.submit(add, 1, 1).add_done_callback(callback)
+    held = executor.submit(wait_for_file, str(tmp_path / "gate"))
+    held.add_done_callback(callback)  # before it completes: it runs on the completion thread
+    (tmp_path / "gate").touch()
     assert done.wait(30)
     assert errors and "callback" in str(errors[0])
 

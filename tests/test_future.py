@@ -5,7 +5,6 @@ import asyncio
 import concurrent.futures as cf
 import functools
 import gc
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from gates import wait_for_file
 from conftest import ROOT, wait_until
 
 import zmqexec
@@ -27,13 +27,6 @@ def count_call(path, value):
     with open(path, "a") as f:
         f.write("x")
     time.sleep(0.2)
-    return value
-
-
-def wait_for_file(path, value=None, timeout=30):
-    end = time.monotonic() + timeout
-    while not os.path.exists(path) and time.monotonic() < end:
-        time.sleep(0.005)
     return value
 
 
