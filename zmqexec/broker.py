@@ -97,8 +97,11 @@ class Broker:
             try:
                 self.sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:
-                reason = "peer unreachable" if exc.errno == zmq.EHOSTUNREACH else str(exc)
-                self.state.drop(f"send failed: {reason}", ident)
+                if exc.errno == zmq.EHOSTUNREACH:  # it left (a client after its BYE): routine
+                    self.state.dropped["send failed: peer unreachable"] += 1
+                    log.debug("peer %s is gone: message dropped", ident.hex()[:8])
+                else:
+                    self.state.drop(f"send failed: {exc}", ident)
 
 
 def parent_watch_fd(value: Optional[str]) -> Optional[int]:
