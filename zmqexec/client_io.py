@@ -128,7 +128,8 @@ class ClientIO(ClientState):
         sock.setsockopt(zmq.IDENTITY, self.ident.bytes)
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 20)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # a local (ipc) broker may still be starting: retry every 20 ms, without backoff
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 0 if self.address.startswith("ipc:") else 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 1000)

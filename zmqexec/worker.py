@@ -142,7 +142,7 @@ class Agent:
         self.results: Tuple[List[list], List[Any]] = ([], [])  # batched RESULT
         self.epoch: Optional[str] = None
         self.refused = False
-        self._stop = False
+        self._stop = self._orphaned = False
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -302,7 +302,9 @@ class Agent:
         self.sock.setsockopt(zmq.IDENTITY, uuid.UUID(self.ident).bytes)
         self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 20)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # a local (ipc) broker may still be starting: retry every 20 ms, without backoff
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX,
+                             0 if self.address.startswith("ipc:") else 1000)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 2000)
@@ -338,7 +340,7 @@ class Agent:
                         self._on_broker(frames)
                 elif what == self.parent_fd:
                     log.info("parent process is gone: stopping")
-                    self._stop = True
+                    self._stop = self._orphaned = True
                 elif what in by_fd:
                     kind, child = by_fd[what]
                     if child not in self.children:
@@ -367,6 +369,7 @@ class Agent:
             child.proc.kill()
         for child in self.children:
             child.proc.join(5)
-        self.sock.close(linger=500)
+        # an embedded cluster stops as a whole: nobody waits for our goodbye then
+        self.sock.close(linger=0 if self._orphaned else 500)
         self.ctx.term()
         log.info("agent %s stopped", self.name)
