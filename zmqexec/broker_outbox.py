@@ -47,6 +47,10 @@ class Outbox:
         batch[0].append(row)
         batch[1].extend(frames)
 
+    def error(self, client: bytes, kw: str, kind: str, text: str) -> None:
+        """A result the broker makes itself: an error named by class, never a pickle."""
+        self.result(client, [kw, "error", 0, {"type": kind, "msg": text}], [])
+
     def state(self, client: bytes, kw: str, state: str) -> None:
         self._states.setdefault(client, []).append([kw, state])
 

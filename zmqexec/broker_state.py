@@ -11,8 +11,8 @@ Life of a key in the table (``Entry.state``)::
     wanted --SUBMIT--> queued --TASK--> dispatched --STARTED--> running --RESULT--> done
       ^ INFORM before     ^   requeue on a lost worker (charged only if started)    |
         any submit        +---------------------------------------------------------+
-    An entry lives while a client is interested in it (or it is queued or out on an
-    agent); a done entry holds its result frames for those clients (--max-held-bytes).
+    An entry lives while a client wants it or it is queued or out on an agent; a done
+    entry holds its result frames for those clients (--max-held-bytes).
 """
 from __future__ import annotations
 
@@ -64,13 +64,14 @@ class Peer:
 class Entry:
     """One key: its task frames while it must run, its result frames while held."""
 
-    __slots__ = ("kw", "state", "owner", "priority", "retries", "attempts", "pure",
-                 "fid", "iid", "frames", "nbytes", "interests", "agent", "result")
+    __slots__ = ("kw", "state", "owner", "versions", "priority", "retries", "attempts",
+                 "pure", "fid", "iid", "frames", "nbytes", "interests", "agent", "result")
 
     def __init__(self, kw: str) -> None:
         self.kw = kw
         self.state = "wanted"
         self.owner = b""
+        self.versions: Tuple[str, str] = ("", "")  # the owner's Python and cloudpickle
         self.priority = 0
         self.retries = 0
         self.attempts = 0  # charged losses so far
@@ -247,20 +248,19 @@ class BrokerState:
             agent = self.peers.get(ident)
             if agent is None or agent.role != "worker" or len(agent.inflight) >= agent.capacity:
                 continue
-            entry = self.queue.pop(lambda e: e.state == "queued" and self.table.get(e.kw) is e)
+            entry = self.queue.pop(self._still_queued)
             if entry is None:
                 self.credits.appendleft(ident)
                 return
             self.queued_bytes -= entry.nbytes
             entry.state = "dispatched"
-            client = self.peers.get(entry.owner)
-            if client is not None and client.versions != agent.versions:
+            versions = entry.versions
+            if versions is not agent.versions and versions != agent.versions:
                 self.credits.appendleft(ident)
                 self._fail(entry, "error", {"type": "SerializationError", "msg": (
-                    f"client runs Python {client.versions[0]} / cloudpickle "
-                    f"{client.versions[1]} but worker {agent.name} runs Python "
-                    f"{agent.versions[0]} / cloudpickle {agent.versions[1]}; "
-                    "install the same versions on clients and workers")})
+                    f"client runs Python {versions[0]} / cloudpickle {versions[1]} but "
+                    f"worker {agent.name} runs Python {agent.versions[0]} / cloudpickle "
+                    f"{agent.versions[1]}; install the same versions on clients and workers")})
                 continue
             blobs = []
             for fid in (entry.fid, entry.iid):
@@ -281,6 +281,9 @@ class BrokerState:
             self._fail(entry, "error", {"type": "SerializationError", "msg": (
                 "the broker has no pickled function for this task (did it restart?); "
                 "submit it again")})
+
+    def _still_queued(self, entry: Entry) -> bool:  # cancels leave stale queue items
+        return entry.state == "queued" and self.table.get(entry.kw) is entry
 
     def _free_credit(self, agent: Peer) -> None:
         self.credits.append(agent.ident)
@@ -366,8 +369,8 @@ class BrokerState:
         entry = self.table.get(kw)
         if entry is not None and entry.state != "wanted":
             if not pure and peer.ident not in entry.interests:
-                self._refuse(peer, kw, "KeyExistsError", f"key {kw} is already live on the "
-                             "broker; choose another key= or submit with pure=True")
+                self.outbox.error(peer.ident, kw, "KeyExistsError", f"key {kw} is already "
+                                  "live on the broker; choose another key= or use pure=True")
                 return
             if entry.state not in ("error", "lost") or not pure:
                 self._interest(peer, entry)  # pure, or this client waits for it already
@@ -378,15 +381,16 @@ class BrokerState:
             entry.result, entry.attempts = None, 0
         nbytes = _size(payload)
         if self.queued_bytes + nbytes > self.max_queued_bytes:
-            self._refuse(peer, kw, "ZMQExecError", "the broker queue is full "
-                         f"(--max-queued-bytes {self.max_queued_bytes}); submit later")
+            self.outbox.error(peer.ident, kw, "ZMQExecError", "the broker queue is full "
+                              f"(--max-queued-bytes {self.max_queued_bytes}); submit later")
             self.dropped["queue full"] += 1
             return
         if entry is None:
             entry = self.table[kw] = Entry(kw)
         else:
             self.table[kw] = entry
-        entry.owner, entry.pure, entry.fid, entry.iid = peer.ident, pure, fid, iid
+        entry.owner, entry.versions, entry.pure = peer.ident, peer.versions, pure
+        entry.fid, entry.iid = fid, iid
         entry.priority, entry.retries = priority, max(0, retries)
         entry.frames, entry.nbytes = payload, nbytes
         self._interest(peer, entry)
@@ -395,9 +399,6 @@ class BrokerState:
         for ident in entry.interests:
             if ident != peer.ident:
                 self.outbox.state(ident, kw, "queued")
-
-    def _refuse(self, peer: Peer, kw: str, kind: str, text: str) -> None:
-        self.outbox.result(peer.ident, [kw, "error", 0, {"type": kind, "msg": text}], [])
 
     def _tell(self, ident: bytes, entry: Entry) -> None:
         """Send a client what is known of a key: its result if done, else its state."""
@@ -414,8 +415,8 @@ class BrokerState:
         entry = self.table.get(kw)
         if entry is None:
             if kw in self.lost_keys:
-                self._refuse(peer, kw, "KeyLostError", f"the result of {kw} was dropped "
-                             "(--max-held-bytes) before this client asked for it")
+                self.outbox.error(peer.ident, kw, "KeyLostError", f"the result of {kw} was "
+                                  "dropped (--max-held-bytes) before this client asked for it")
                 return
             entry = self.table[kw] = Entry(kw)
         self._interest(peer, entry)

@@ -125,10 +125,14 @@ class _MapResults(Iterator[Any]):
     def __init__(self, fs: Deque[Future], more: Optional[Callable[[], Optional[Future]]],
                  end: Optional[float], chunked: bool) -> None:
         self._fs, self._more, self._end, self._chunked = fs, more, end, chunked
-        self._chunk: Deque[Any] = deque()
+        self._chunk: Iterator[Any] = iter(())
 
     def __next__(self) -> Any:
-        while not self._chunk:
+        try:
+            return next(self._chunk)  # the common case of a chunked map: C speed
+        except StopIteration:
+            pass
+        while True:
             if not self._fs:
                 raise StopIteration
             if self._more is not None:
@@ -145,9 +149,10 @@ class _MapResults(Iterator[Any]):
             del fut  # yielded results are not referenced any more
             if not self._chunked:
                 return value
-            self._chunk.extend(value)
+            self._chunk = iter(value)
             del value
-        return self._chunk.popleft()
+            for item in self._chunk:
+                return item
 
     def close(self) -> None:
         """Cancel every result not taken yet."""
