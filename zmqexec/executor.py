@@ -270,11 +270,10 @@ class ZMQExecutor(_Submitter):
                               fid, self._init_id, 1]
         else:  # the default: a generated key, whose wire form needs no JSON encoder
             token = f"{self._key_prefix}{next(self._key_counter):016x}"
-            key = f"{name}-{token}"
             row = [f"{self._names[name]}{token}\"", 0, self._retries, 0, fid, self._init_id, 1]
         frames = S.dumps_args(args, kwargs)
         row[6] = len(frames)
-        return self._io.submit(Future._new(key, row[0], self), row, frames)
+        return self._io.submit(Future._new(row[0], self), row, frames)
 
     def _function_id(self, fn: Callable[..., Any]) -> Tuple[str, str]:
         """Pickle each distinct function once per executor; tasks name it by content hash.

@@ -20,7 +20,7 @@ from concurrent.futures._base import (
 from typing import TYPE_CHECKING, Any, Generator, List, Optional
 
 from .errors import BrokerLostError, TaskLostError
-from .protocol import key_to_wire
+from .protocol import key_from_wire, key_to_wire
 
 if TYPE_CHECKING:
     from .executor import ZMQExecutor
@@ -67,7 +67,6 @@ class Future(concurrent.futures.Future):
                  inform: bool = True) -> None:
         super().__init__()
         self._registered = False
-        self.key = key
         self._kw = key_to_wire(key)
         self.executor = client if client is not None else default_executor()
         self.inform = bool(inform)
@@ -75,13 +74,21 @@ class Future(concurrent.futures.Future):
         self.executor._io.attach(self, self.inform)
 
     @classmethod
-    def _new(cls, key: Any, kw: str, executor: "ZMQExecutor") -> "Future":
+    def _new(cls, kw: str, executor: "ZMQExecutor") -> "Future":
         """A Future made by ``submit``; the caller registers it (no inform message)."""
         self = cls.__new__(cls)
         concurrent.futures.Future.__init__(self)
         self._registered = False
-        self.key, self._kw, self.executor, self.inform = key, kw, executor, False
+        self._kw, self.executor, self.inform = kw, executor, False
         return self
+
+    @property
+    def key(self) -> Any:
+        """The cluster-wide key: a str, or a tuple of str/int.
+
+        Kept only in its wire form (one string per pending task, not two) and decoded here.
+        """
+        return key_from_wire(self._kw)
 
     @property
     def client(self) -> "ZMQExecutor":
