@@ -125,3 +125,27 @@ def test_a_client_dying_while_unpickling_leaves_other_clients_unaffected(how):
             assert cluster.agents[0].poll() is None
     finally:
         cluster.close()
+
+
+def die_or_count(path, i):
+    if i == 0:
+        import time
+
+        time.sleep(0.2)  # let the others queue up in the same task process's batch
+        os._exit(3)
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    return i
+
+
+def test_a_death_in_a_batch_charges_only_the_running_task(tmp_path):
+    counts = tmp_path / "counts"
+    with ZMQExecutor(1, retries=0) as ex:
+        ex.wait_for_workers(1, timeout=30)
+        futures = [ex.submit(die_or_count, str(counts), i) for i in range(10)]
+        with pytest.raises(WorkerLostError) as info:
+            futures[0].result(timeout=60)
+        assert info.value.attempts == 1
+        assert [f.result(timeout=60) for f in futures[1:]] == list(range(1, 10))
+    # the others went back unstarted and ran once each, though retries=0
+    assert sorted(int(x) for x in counts.read_text().split()) == list(range(1, 10))
