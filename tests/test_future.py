@@ -146,8 +146,7 @@ def test_an_unknown_key_ends_in_unknown_key_error():
 
 
 def test_an_attach_before_the_submit_waits_for_it(executor):
-    early = Future("late-submit", executor)
-    time.sleep(0.05)  # the INFORM reaches the broker before the submit below
+    early = Future("late-submit", executor)  # one ordered channel: its INFORM goes first
     fut = executor.options(key="late-submit").submit(add, 20, 22)
     assert early.result(timeout=30) == fut.result(timeout=30) == 42
 
@@ -156,7 +155,10 @@ ATTACH = textwrap.dedent("""
     import sys
     from zmqexec import Future, ZMQExecutor
     with ZMQExecutor(address=sys.argv[1]) as ex:
-        print(Future(sys.argv[2], ex).result(timeout=60), flush=True)
+        fut = Future(sys.argv[2], ex)
+        ex.status()  # answered after the INFORM before it: the broker knows we wait
+        print("informed", flush=True)
+        print(fut.result(timeout=60), flush=True)
 """)
 
 
@@ -170,14 +172,13 @@ def test_another_process_attaches_before_and_after_the_task_finished(executor, t
     gate = tmp_path / "gate"
     fut = executor.options(key="shared-key").submit(wait_for_file, str(gate), "shared")
     before = attach_elsewhere(executor.address, "shared-key")
-    assert wait_until(lambda: executor.status()["clients"] >= 2, timeout=30)
-    time.sleep(0.2)  # let its INFORM arrive while the task still runs
+    assert before.stdout.readline().strip() == "informed"  # while the task still runs
     gate.touch()
     assert fut.result(timeout=30) == "shared"
     after = attach_elsewhere(executor.address, "shared-key")
     for proc in (before, after):
         out, err = proc.communicate(timeout=60)
-        assert out.strip() == "shared", err
+        assert out.split()[-1] == "shared", err
 
 
 def test_release_drops_the_held_result_and_needs_a_done_future(executor, tmp_path):
