@@ -73,9 +73,9 @@ class ClientState:
         self.refs: Dict[str, int] = {}
         self.broken: Optional[BaseException] = None
         self.slots = 0
-        self.idle = threading.Condition(self.lock)  # notified when records empty out
 
     def post(self, *command: Any) -> None:
+        """Hand a command to the I/O side (``ClientIO`` provides it)."""
         raise NotImplementedError
 
     def submit(self, fut: Future, row: List[Any], frames: List[Any]) -> Future:
@@ -136,8 +136,6 @@ class ClientState:
             if rec.futures:
                 return
             del self.records[fut._kw]
-            if not self.records:
-                self.idle.notify_all()
         self.post("cancel", fut._kw)
 
     def _complete(self, item: Tuple[Any, ...]) -> None:
@@ -171,8 +169,6 @@ class ClientState:
                 return
             if self.refs.get(kw) and not isinstance(outcome[1], KeyExistsError):
                 self.done[kw] = outcome  # (a refused submit says nothing about the key)
-            if not self.records:
-                self.idle.notify_all()
         for fut in rec.futures:
             _settle(fut, outcome)
         if not outcome[0] and isinstance(outcome[1], InitializerError):
@@ -186,7 +182,6 @@ class ClientState:
                 log.error("executor broken: %s", error)
             records = list(self.records.values())
             self.records.clear()
-            self.idle.notify_all()
         for rec in records:
             for fut in rec.futures:
                 _settle(fut, (False, error))
