@@ -118,6 +118,21 @@ def test_tasks_go_to_agents_only_within_their_credit(h):
     assert out[1][1].meta["f"] == []  # the agent has the function already
 
 
+def test_an_agent_resizes_its_window_with_a_result_and_agents_take_turns(h):
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    h.hello(A2, "worker", slots=1, prefetch=0)
+    h.hello(C1, "client")
+    for i in range(8):
+        h.submit(C1, f"t{i}")
+    assert sorted(agent for agent, _ in h.tasks()) == [A1, A2]  # one each, in turn
+    h.send(A1, P.RESULT, {"r": [[kw("t0"), "finished", 1]], "p": 3}, [b"r"])
+    assert [agent for agent, _ in h.tasks()] == [A1] * 4  # 1 slot + 3 prefetched
+    h.send(A1, P.RESULT, {"r": [[kw("t2"), "finished", 1]], "p": 0}, [b"r"])
+    assert h.tasks() == []  # shrunk: it holds 3, more than its new window of 1
+    h.send(A1, P.RESULT, {"r": [[kw("t3"), "finished", 1]], "p": -5}, [b"r"])
+    assert h.tasks() == [] and h.state.status(h.now)["agents"][0]["capacity"] == 1
+
+
 def test_higher_priority_first_and_clients_take_turns(h):
     h.hello(C1, "client")
     h.hello(C2, "client")

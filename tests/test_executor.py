@@ -243,6 +243,19 @@ def test_priority_runs_higher_first_among_queued_tasks(tmp_path):
     assert order[fillers:] == ["high0", "high1", "high2", "low0", "low1", "low2"]
 
 
+def test_the_credit_window_grows_for_short_tasks_and_shrinks_for_long_ones():
+    with ZMQExecutor(2) as ex:
+        ex.wait_for_workers(1, timeout=30)
+        start = ex.status()["agents"][0]["capacity"]
+        cf.wait([ex.submit(add, i, 1) for i in range(3000)], timeout=60)
+        grown = ex.status()["agents"][0]["capacity"]
+        cf.wait([ex.submit(sleep_return, 0.03) for _ in range(40)], timeout=60)
+        shrunk = ex.status()["agents"][0]["capacity"]
+    assert start == 2 + 2 * 4  # slots plus the starting prefetch of 4 per slot
+    assert grown >= 2 + 2 * 32, grown  # short tasks: tens per slot, so batches are large
+    assert shrunk <= 2 + 2 * 2, shrunk  # 30 ms tasks: about one queued per slot
+
+
 def test_gather_raises_the_first_error_in_input_order(executor):
     futures = [executor.submit(sleep_return, 0.3, "slow"),
                executor.submit(fail, "second"), executor.submit(fail, "third")]

@@ -18,70 +18,18 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter, OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from collections import Counter, OrderedDict
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import protocol as P
 from ._version import __version__
 from .broker_outbox import Outbox
 from .broker_queue import RunQueue
 from .broker_status import status_document
+from .broker_table import DONE, MAX_PREFETCH, Entry, Frames, Peer, frames_size
 from .errors import ProtocolError
 
 log = logging.getLogger(__name__)
-Frames = List[Any]
-DONE = ("finished", "error", "lost")
-
-
-def _size(frames: Frames) -> int:
-    return sum(map(len, frames))
-
-
-class Peer:
-    """A connected client, agent or status reader, by routing id."""
-
-    def __init__(self, ident: bytes, meta: Dict[str, Any], now: float) -> None:
-        self.ident = ident
-        self.role: str = meta["role"]
-        self.name = str(meta.get("name") or meta["id"][:8])
-        self.host = str(meta.get("host", "?"))
-        self.pid = meta.get("pid")
-        self.versions = (str(meta.get("python")), str(meta.get("cloudpickle")))
-        self.interval = max(0.01, float(meta.get("hb", 1.0)))
-        self.ttl = max(3 * self.interval, float(meta.get("ttl", 10.0)))
-        self.last_seen = now
-        self.next_beat = now
-        # agents
-        self.slots = max(0, int(meta.get("slots", 0)))
-        self.capacity = self.slots + max(0, int(meta.get("prefetch", 0)))
-        self.inflight: Dict[str, Entry] = {}
-        self.finished = 0
-        self.fids: Set[str] = set()  # blobs this agent has, or this client sent
-        # clients
-        self.interests: Set[str] = set()
-
-
-class Entry:
-    """One key: its task frames while it must run, its result frames while held."""
-
-    __slots__ = ("kw", "state", "owner", "versions", "priority", "retries", "attempts",
-                 "pure", "fid", "iid", "frames", "nbytes", "interests", "agent", "result")
-
-    def __init__(self, kw: str) -> None:
-        self.kw = kw
-        self.state = "wanted"
-        self.owner = b""
-        self.versions: Tuple[str, str] = ("", "")  # the owner's Python and cloudpickle
-        self.priority = 0
-        self.retries = 0
-        self.attempts = 0  # charged losses so far
-        self.pure = False
-        self.fid = self.iid = ""
-        self.frames: Frames = []
-        self.nbytes = 0
-        self.interests: Set[bytes] = set()
-        self.agent: Optional[bytes] = None
-        self.result: Optional[Tuple[str, Frames, Optional[Dict[str, Any]]]] = None
 
 
 class BrokerState:
@@ -101,7 +49,8 @@ class BrokerState:
         self.peers: Dict[bytes, Peer] = {}
         self.table: Dict[str, Entry] = {}
         self.queue: RunQueue[Entry] = RunQueue()
-        self.credits: Deque[bytes] = deque()  # one agent id per free slot, lazily checked
+        # agents that may take another task, served in turn (checked again when popped)
+        self.ready: "OrderedDict[bytes, None]" = OrderedDict()
         self.held: "OrderedDict[str, int]" = OrderedDict()  # done keys, oldest first
         self.held_bytes = 0
         self.queued_bytes = 0
@@ -190,7 +139,7 @@ class BrokerState:
             self._delete(entry)
             return
         entry.result = (entry.state, payload, error)
-        entry.nbytes = _size(payload)
+        entry.nbytes = frames_size(payload)
         self.held[entry.kw] = entry.nbytes
         self.held_bytes += entry.nbytes
         while self.held_bytes > self.max_held_bytes and len(self.held) > 1:
@@ -242,21 +191,27 @@ class BrokerState:
             self.outbox.cancel(entry.agent, entry.kw)
 
     def dispatch(self) -> None:
-        """Hand queued tasks to agents while both a task and a credit exist."""
-        while self.credits and len(self.queue):
-            ident = self.credits.popleft()
+        """Hand queued tasks to agents with free capacity, one task per agent in turn."""
+        ready, queue = self.ready, self.queue
+        while ready and len(queue):
+            ident = next(iter(ready))
             agent = self.peers.get(ident)
-            if agent is None or agent.role != "worker" or len(agent.inflight) >= agent.capacity:
+            if agent is None or agent.role != "worker" or \
+                    len(agent.inflight) >= agent.capacity:
+                del ready[ident]
                 continue
-            entry = self.queue.pop(self._still_queued)
+            entry = queue.pop(self._still_queued)
             if entry is None:
-                self.credits.appendleft(ident)
                 return
+            if len(agent.inflight) + 1 >= agent.capacity:
+                del ready[ident]
+            else:
+                ready.move_to_end(ident)
             self.queued_bytes -= entry.nbytes
             entry.state = "dispatched"
             versions = entry.versions
             if versions is not agent.versions and versions != agent.versions:
-                self.credits.appendleft(ident)
+                self._free_credit(agent)
                 self._fail(entry, "error", {"type": "SerializationError", "msg": (
                     f"client runs Python {versions[0]} / cloudpickle {versions[1]} but "
                     f"worker {agent.name} runs Python {agent.versions[0]} / cloudpickle "
@@ -277,7 +232,7 @@ class BrokerState:
                        len(entry.frames)]
                 self.outbox.task(ident, row, entry.frames, blobs)
                 continue
-            self.credits.appendleft(ident)
+            self._free_credit(agent)
             self._fail(entry, "error", {"type": "SerializationError", "msg": (
                 "the broker has no pickled function for this task (did it restart?); "
                 "submit it again")})
@@ -286,7 +241,9 @@ class BrokerState:
         return entry.state == "queued" and self.table.get(entry.kw) is entry
 
     def _free_credit(self, agent: Peer) -> None:
-        self.credits.append(agent.ident)
+        """The agent may take another task: it joins the end of the ready ring if absent."""
+        if agent.ident not in self.ready and self.peers.get(agent.ident) is agent:
+            self.ready[agent.ident] = None
 
     def _lose(self, agent: Peer, entry: Entry, exit: str, charged: bool) -> None:
         """An agent lost a task: requeue it, or fail it after ``retries`` charged losses."""
@@ -344,8 +301,7 @@ class BrokerState:
             peer.interests = old.interests
         self.peers[ident] = peer
         log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
-        for _ in range(peer.capacity - len(peer.inflight)):
-            self._free_credit(peer)
+        self._free_credit(peer)
         self.send(ident, P.WELCOME, {"epoch": self.epoch, "heartbeat": peer.interval,
                                      "slots": self.slots(), **self.limits})
         self.dispatch()
@@ -379,7 +335,7 @@ class BrokerState:
             if entry.kw in self.held:  # errors are not cached: run a pure key again
                 self.held_bytes -= self.held.pop(entry.kw)
             entry.result, entry.attempts = None, 0
-        nbytes = _size(payload)
+        nbytes = frames_size(payload)
         if self.queued_bytes + nbytes > self.max_queued_bytes:
             self.outbox.error(peer.ident, kw, "ZMQExecError", "the broker queue is full "
                               f"(--max-queued-bytes {self.max_queued_bytes}); submit later")
@@ -445,6 +401,9 @@ class BrokerState:
                     self.outbox.state(ident, kw, "running")
 
     def _result(self, agent: Peer, msg: P.Message) -> None:
+        prefetch = msg.meta.get("p")  # the agent resizes its window as task times change
+        if type(prefetch) is int and 0 <= prefetch <= MAX_PREFETCH:
+            agent.capacity = agent.slots + prefetch
         frames, at = msg.payload, 0
         for kw, status, nframes in (row[:3] for row in msg.meta["r"]):
             payload = frames[at:at + nframes]

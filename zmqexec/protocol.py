@@ -30,7 +30,8 @@ TASK       b. -> agent     f: [fid], t: [[k, attempt, client, fid, iid,   blobs,
                            nframes]]                                      task's frames
 STARTED    agent -> b.     ks: [k]                                        -
 STATE      b. -> client    r: [[k, queued|running]]                       -
-RESULT     agent -> b.     r: [[k, finished|error, nframes]]              result frames
+RESULT     agent -> b.     r: [[k, finished|error, nframes]], p: new      result frames
+                           prefetch (optional, when the agent resizes it)
 RESULT     b. -> client    r: [[k, finished|error|lost, nframes, error    result frames
                            fields or null]] (null unless the broker
                            made the error)

@@ -38,8 +38,15 @@ from .task import pack, task_main, unpack_result
 
 log = logging.getLogger(__name__)
 _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
-DEFAULT_PREFETCH = 4  # tasks per slot held beyond the running ones (credit window)
-MAX_CHILD_BATCH = 64  # tasks handed to one task process at a time
+# The credit window adapts to how long tasks take: enough queued work per slot to cover
+# PREFETCH_WINDOW seconds (so short tasks travel in large batches), at least one task and
+# at most MAX_PREFETCH beyond each running one (so long tasks are not hoarded by one agent).
+PREFETCH_WINDOW = 0.02
+MAX_PREFETCH = 128
+START_PREFETCH = 4  # per slot, until task times are known
+MEASURE_PERIOD = 0.1  # seconds over which run times are averaged
+CHILD_WINDOW = 0.005  # seconds of work handed to one task process at a time
+MAX_CHILD_BATCH = 64
 Task = Tuple[str, List[Any], List[Any]]  # key_wire, TASK row, payload frames
 
 
@@ -70,6 +77,7 @@ class Child:
         self.proc.start()
         child_conn.close()
         self.keys: Deque[str] = deque()  # given, in order; keys[0] is running
+        self.since = 0.0  # when keys[0] started
         self.fids: Set[str] = set()
         self.fd = self.conn.fileno()
         self._buf = bytearray()
@@ -127,7 +135,10 @@ class Agent:
             raise ValueError("nprocs must be at least 1")
         self.address = address
         self.nprocs = nprocs
-        self.prefetch = DEFAULT_PREFETCH * nprocs if prefetch is None else prefetch
+        self.fixed_prefetch = prefetch is not None
+        self.prefetch = START_PREFETCH * nprocs if prefetch is None else prefetch
+        self.task_time = PREFETCH_WINDOW / START_PREFETCH  # mean run time, last period (s)
+        self.busy, self.ran, self.period = 0.0, 0, time.monotonic()  # this period's sums
         self.ident = uuid.uuid4().hex
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.interval = heartbeat_interval
@@ -173,8 +184,30 @@ class Agent:
             self.started = []
         rows, frames = self.results
         if rows:
-            self._send(P.RESULT, {"r": rows}, frames)
+            meta: Dict[str, Any] = {"r": rows}
+            prefetch = self._window()
+            if prefetch != self.prefetch:
+                meta["p"] = self.prefetch = prefetch
+            self._send(P.RESULT, meta, frames)
             self.results = ([], [])
+
+    def _window(self) -> int:
+        """The prefetch to ask for now: a fixed one, or PREFETCH_WINDOW of work per slot.
+
+        Measured over periods of MEASURE_PERIOD with results in them; changes under a
+        quarter are not worth telling the broker about."""
+        if self.fixed_prefetch:
+            return self.prefetch
+        now = time.monotonic()
+        if now - self.period < MEASURE_PERIOD or not self.ran:
+            return self.prefetch
+        # the mean over a period, not a moving average of single runs: one slow run (a
+        # first import in a fresh task process) must not shrink the window of thousands
+        self.task_time = self.busy / self.ran
+        self.busy, self.ran, self.period = 0.0, 0, now
+        per_slot = min(MAX_PREFETCH, max(1, int(PREFETCH_WINDOW / self.task_time)))
+        wanted = per_slot * self.nprocs
+        return wanted if abs(wanted - self.prefetch) * 4 > self.prefetch else self.prefetch
 
     def _spawn(self) -> Child:
         child = Child(self.mp)
@@ -186,9 +219,14 @@ class Agent:
     def _start_next(self) -> None:
         """Give waiting tasks to idle children, an even share each, in batches."""
         idle = [c for c in self.children if not c.keys]
+        if not idle or not self.waiting:
+            return
+        most = min(MAX_CHILD_BATCH, max(1, int(CHILD_WINDOW / self.task_time)))
+        now = time.monotonic()
         while idle and self.waiting:
-            share = max(1, min(MAX_CHILD_BATCH, len(self.waiting) // len(idle)))
+            share = max(1, min(most, len(self.waiting) // len(idle)))
             child = idle.pop()
+            child.since = now
             tasks = [self.waiting.popitem(last=False)[1]
                      for _ in range(min(share, len(self.waiting)))]
             try:
@@ -263,6 +301,7 @@ class Agent:
                 child.keys.remove(kw)
                 self.dropped.append(kw)
                 if first and child.keys:
+                    child.since = time.monotonic()
                     self.started.append(child.keys[0])
             return
         if not child.keys or child.keys[0] != kw:
@@ -272,6 +311,10 @@ class Agent:
         rows, out = self.results
         rows.append([kw, status, 1])
         out.append(result)
+        now = time.monotonic()
+        self.busy += now - child.since
+        self.ran += 1
+        child.since = now
         if child.keys:
             self.started.append(child.keys[0])  # it starts the next one right away
 

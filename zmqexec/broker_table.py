@@ -1,0 +1,63 @@
+"""The broker's records: one ``Peer`` per connected routing id, one ``Entry`` per key.
+
+Plain records with no behaviour of their own; ``BrokerState`` owns every decision about
+them.  Kept apart so the state module stays one screenful of decisions per handler.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+Frames = List[Any]
+DONE = ("finished", "error", "lost")
+MAX_PREFETCH = 1 << 16  # tasks an agent may ask to hold beyond its slots
+
+
+def frames_size(frames: Frames) -> int:
+    return sum(map(len, frames))
+
+
+class Peer:
+    """A connected client, agent or status reader, by routing id."""
+
+    def __init__(self, ident: bytes, meta: Dict[str, Any], now: float) -> None:
+        self.ident = ident
+        self.role: str = meta["role"]
+        self.name = str(meta.get("name") or meta["id"][:8])
+        self.host = str(meta.get("host", "?"))
+        self.pid = meta.get("pid")
+        self.versions = (str(meta.get("python")), str(meta.get("cloudpickle")))
+        self.interval = max(0.01, float(meta.get("hb", 1.0)))
+        self.ttl = max(3 * self.interval, float(meta.get("ttl", 10.0)))
+        self.last_seen = now
+        self.next_beat = now
+        # agents
+        self.slots = max(0, int(meta.get("slots", 0)))
+        self.capacity = self.slots + min(MAX_PREFETCH, max(0, int(meta.get("prefetch", 0))))
+        self.inflight: Dict[str, Entry] = {}
+        self.finished = 0
+        self.fids: Set[str] = set()  # blobs this agent has, or this client sent
+        # clients
+        self.interests: Set[str] = set()
+
+
+class Entry:
+    """One key: its task frames while it must run, its result frames while held."""
+
+    __slots__ = ("kw", "state", "owner", "versions", "priority", "retries", "attempts",
+                 "pure", "fid", "iid", "frames", "nbytes", "interests", "agent", "result")
+
+    def __init__(self, kw: str) -> None:
+        self.kw = kw
+        self.state = "wanted"
+        self.owner = b""
+        self.versions: Tuple[str, str] = ("", "")  # the owner's Python and cloudpickle
+        self.priority = 0
+        self.retries = 0
+        self.attempts = 0  # charged losses so far
+        self.pure = False
+        self.fid = self.iid = ""
+        self.frames: Frames = []
+        self.nbytes = 0
+        self.interests: Set[bytes] = set()
+        self.agent: Optional[bytes] = None
+        self.result: Optional[Tuple[str, Frames, Optional[Dict[str, Any]]]] = None
