@@ -27,6 +27,7 @@ from .client_io import ClientIO
 from .future import Future, register_executor, unregister_executor
 from .local import LocalCluster
 from .protocol import key_to_wire
+from .task import run_chunk
 
 log = logging.getLogger(__name__)
 _live: "weakref.WeakSet[ZMQExecutor]" = weakref.WeakSet()
@@ -45,11 +46,6 @@ def _python_exit() -> None:
 
 
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
-
-
-def _process_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]:
-    """Run one ``map`` chunk in a worker: one task, one message, many calls."""
-    return [fn(*args) for args in chunk]
 
 
 class _Submitter(concurrent.futures.Executor):
@@ -94,7 +90,7 @@ class _Submitter(concurrent.futures.Executor):
             if prefix is not None:
                 opts["key"] = f"{prefix}-{next(counter)}"
             if chunksize > 1:
-                return self._executor._submit(_process_chunk, (fn, args), {}, opts)
+                return self._executor._submit(run_chunk, (fn, args), {}, opts)
             return self._executor._submit(fn, args, {}, opts)
 
         fs: Deque[Future] = deque()

@@ -32,6 +32,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 from . import serialization as S
 from .errors import InitializerError
 
+def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]:
+    """Run one ``map`` chunk: one task, one message, many calls.
+
+    It lives here, in the module every task process has imported, so the first chunk
+    does not import the client's modules into the task process (about 40 ms)."""
+    return [fn(*args) for args in chunk]
+
+
 _HEAD = struct.Struct("!II")  # JSON length, frame count
 _RESULT = struct.Struct("!BH")  # status code, key length
 STATUSES = ("finished", "error", "dropped")

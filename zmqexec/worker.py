@@ -194,15 +194,18 @@ class Agent:
     def _window(self) -> int:
         """The prefetch to ask for now: a fixed one, or PREFETCH_WINDOW of work per slot.
 
-        Measured over periods of MEASURE_PERIOD with results in them; changes under a
-        quarter are not worth telling the broker about."""
+        Measured over periods of MEASURE_PERIOD (or of two windows of results, if
+        shorter); changes under a quarter are not worth telling the broker about."""
         if self.fixed_prefetch:
             return self.prefetch
         now = time.monotonic()
-        if now - self.period < MEASURE_PERIOD or not self.ran:
+        if not self.ran or (now - self.period < MEASURE_PERIOD and
+                            self.ran < 2 * self.prefetch):
             return self.prefetch
         # the mean over a period, not a moving average of single runs: one slow run (a
-        # first import in a fresh task process) must not shrink the window of thousands
+        # first import in a fresh task process) must not shrink the window of thousands;
+        # a period also ends after two windows' worth of results, so that short tasks
+        # after long ones widen a small window within a few milliseconds
         self.task_time = self.busy / self.ran
         self.busy, self.ran, self.period = 0.0, 0, now
         per_slot = min(MAX_PREFETCH, max(1, int(PREFETCH_WINDOW / self.task_time)))
