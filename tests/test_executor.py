@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -489,3 +490,60 @@ def test_changing_an_array_after_submit_does_not_change_the_task(executor, tmp_p
     array[:] = 0
     (tmp_path / "gate").touch()
     assert fut.result(timeout=60) == 2 << 20
+
+
+def sum_and_pid(array):
+    return int(array.sum()), os.getpid()
+
+
+def die_on_first_attempt(marker, array):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return int(array.sum())
+
+
+def test_large_arguments_go_through_shared_memory_files_freed_with_the_future(tmp_path):
+    import numpy
+
+    with ZMQExecutor(1) as ex:
+        spill_dir = ex._cluster.spill.dir
+        gate = tmp_path / "gate"
+        fut = ex.submit(gated_sum, str(gate), numpy.ones(2 << 20, dtype=numpy.uint8))
+        assert len(os.listdir(spill_dir)) == 1  # written at submit: the snapshot
+        gate.touch()
+        assert fut.result(timeout=60) == 2 << 20
+        del fut
+        gc.collect()
+        assert wait_until(lambda: os.listdir(spill_dir) == [], timeout=10)
+        # a retried task finds its file again
+        fut = ex.submit(die_on_first_attempt, str(tmp_path / "marker"),
+                        numpy.ones(1 << 20, dtype=numpy.uint8))
+        assert fut.result(timeout=60) == 1 << 20
+        # without the directory (say /dev/shm is full) large arguments travel as frames
+        shutil.rmtree(spill_dir)
+        array = numpy.full(1 << 20, 3, dtype=numpy.uint8)
+        fut = ex.submit(sum_and_pid, array)
+        array[:] = 0  # the frame was copied at submit, as the file would have been
+        assert fut.result(timeout=60)[0] == 3 << 20
+    assert not os.path.exists(spill_dir)
+
+
+KILLED_CLIENT = textwrap.dedent("""
+    import os, signal, numpy
+    from zmqexec import ZMQExecutor
+    ex = ZMQExecutor(1)
+    ex.submit(pow, 2, 2).result(timeout=30)
+    ex.submit(len, numpy.ones(1 << 21, dtype=numpy.uint8))
+    print(ex._cluster.dir, ex._cluster.spill.dir, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_client_leaves_no_directories_behind():
+    proc = subprocess.run([sys.executable, "-c", KILLED_CLIENT], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    dirs = proc.stdout.split()
+    assert len(dirs) == 2 and "spill" in dirs[1]
+    assert wait_until(lambda: not any(os.path.exists(d) for d in dirs), timeout=15), dirs

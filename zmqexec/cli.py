@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--start-method", help=argparse.SUPPRESS)
     p.add_argument("--parent-fd", help=argparse.SUPPRESS)
+    p.add_argument("--cleanup", action="append", default=[], help=argparse.SUPPRESS)
 
     p = sub.add_parser("status", parents=[common], help="show a broker's status",
                        description="Show a broker's agents and task counts.")
@@ -170,7 +171,8 @@ def run_worker(args: argparse.Namespace) -> int:
     agent = Agent(args.address, args.nprocs, name=args.name, prefetch=args.prefetch,
                   heartbeat_interval=args.heartbeat_interval,
                   heartbeat_timeout=args.heartbeat_timeout,
-                  parent_fd=parent_watch_fd(args.parent_fd), start_method=args.start_method)
+                  parent_fd=parent_watch_fd(args.parent_fd), start_method=args.start_method,
+                  cleanup=args.cleanup)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN if args.parent_fd is not None else agent.stop)
     agent.run()

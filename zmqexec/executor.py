@@ -213,6 +213,8 @@ class ZMQExecutor(_Submitter):
                                          heartbeat_interval=heartbeat_interval,
                                          heartbeat_timeout=heartbeat_timeout)
             address = self._cluster.address
+        # large arguments through shared memory: every task process is on this machine
+        self._spill = self._cluster.spill.spill if self._cluster else None
         assert address is not None
         self._workers = max_workers
         self.address = address
@@ -267,7 +269,7 @@ class ZMQExecutor(_Submitter):
         else:  # the default: a generated key, whose wire form needs no JSON encoder
             token = f"{self._key_prefix}{next(self._key_counter):016x}"
             row = [f"{self._names[name]}{token}\"", 0, self._retries, 0, fid, self._init_id, 1]
-        frames = S.dumps_args(args, kwargs)
+        frames = S.dumps_args(args, kwargs, self._spill)
         row[6] = len(frames)
         return self._io.submit(Future._new(row[0], self), row, frames)
 

@@ -3,7 +3,8 @@
 Both run as ``python -m zmqexec`` child processes talking over ipc in a fresh 0700
 directory, so only this OS user can connect.  Each gets the read end of a pipe whose only
 write end this client holds: when the client dies, even by SIGKILL, the pipe reads EOF and
-both stop (the agent then kills its task processes, which also die with their agent).
+both stop (the agent then kills its task processes, which also die with their agent, and
+removes the client's directories: the ipc one and the ``shm.Spill`` one for large arguments).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
+from .shm import Spill
 from .worker import describe_exit
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,11 @@ class LocalCluster:
         self.address = f"ipc://{self.dir}/broker"
         self._watch_r, self._watch_w = os.pipe()
         self._env = dict(os.environ, ZMQEXEC_SYS_PATH=json.dumps(sys.path))
+        self.spill = Spill()
         self._agent_args = ["worker", self.address, "--nprocs", str(nprocs),
                             "--heartbeat-interval", str(heartbeat_interval),
-                            "--heartbeat-timeout", str(heartbeat_timeout)]
+                            "--heartbeat-timeout", str(heartbeat_timeout),
+                            "--cleanup", self.dir, "--cleanup", self.spill.dir]
         if start_method:
             self._agent_args += ["--start-method", start_method]
         self.agent_restarts = 0
@@ -85,3 +89,4 @@ class LocalCluster:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.spill.close()

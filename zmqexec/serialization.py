@@ -13,11 +13,12 @@ import io
 import pickle
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cloudpickle
 
 from .errors import RemoteTraceback, SerializationError
+from .shm import MARK, SPILL_MIN, unspill
 
 PICKLE_PROTOCOL = 5
 PYTHON_VERSION = "%d.%d" % sys.version_info[:2]
@@ -66,13 +67,15 @@ class _LargeBytes:
         return _bytes_from_buffer, (pickle.PickleBuffer(self.data),)
 
 
-def _dumps_parts(obj: Any) -> List[Any]:
+def _dumps_parts(obj: Any, spill: Optional[Callable[[List[Any]], List[Any]]] = None
+                 ) -> List[Any]:
     """``[pickle, *buffers]``: large buffers (numpy arrays, big bytes) out of band.
 
     An out-of-band buffer skips the copy into the pickle here and out of it on the worker,
     and crosses each hop as its own frame.  Read-only buffers (bytes) travel as they are;
     writable ones are copied once now, so changing an array after ``submit`` cannot change
-    what the task sees, as with ProcessPoolExecutor.
+    what the task sees, as with ProcessPoolExecutor.  With ``spill`` (embedded mode, see
+    ``shm``) large buffers go into shared memory instead, and that write is the copy.
     """
     buffers: List[Any] = []
 
@@ -83,7 +86,8 @@ def _dumps_parts(obj: Any) -> List[Any]:
             return True
         if raw.nbytes < OUT_OF_BAND_MIN:
             return True
-        buffers.append(raw if raw.readonly else bytes(raw))
+        buffers.append(raw if raw.readonly or spill is not None and raw.nbytes >= SPILL_MIN
+                       else bytes(raw))
         return False
 
     try:
@@ -93,6 +97,8 @@ def _dumps_parts(obj: Any) -> List[Any]:
     except Exception:
         buffers.clear()
         data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=out_of_band)
+    if spill is not None and buffers:
+        return spill([data, *buffers])
     return [data, *buffers]
 
 
@@ -111,13 +117,14 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
             f"{type(exc).__name__}: {exc}") from exc
 
 
-def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Any]:
+def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any],
+               spill: Optional[Callable[[List[Any]], List[Any]]] = None) -> List[Any]:
     """Pickle a call's arguments as ``[pickle, *buffers]``; on failure name the argument."""
     if any(type(a) is bytes and len(a) >= OUT_OF_BAND_MIN for a in args):
         args = tuple(_LargeBytes(a) if type(a) is bytes and len(a) >= OUT_OF_BAND_MIN
                      else a for a in args)
     try:
-        return _dumps_parts((args, kwargs))
+        return _dumps_parts((args, kwargs), spill)
     except Exception as exc:
         parts = [(f"argument {i}", arg) for i, arg in enumerate(args)]
         parts += [(f"keyword argument {name!r}", arg) for name, arg in kwargs.items()]
@@ -136,6 +143,8 @@ def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Any]:
 
 def loads_args(data: Any, buffers: Sequence[Any] = ()) -> Tuple[Tuple[Any, ...],
                                                                 Dict[str, Any]]:
+    if data[0] == MARK:  # large buffers in shared memory (embedded mode)
+        data, buffers = unspill(data, buffers)
     args, kwargs = pickle.loads(data, buffers=buffers)
     return args, kwargs
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -130,7 +131,7 @@ class Agent:
     def __init__(self, address: str, nprocs: int, *, name: Optional[str] = None,
                  prefetch: Optional[int] = None, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 10.0, parent_fd: Optional[int] = None,
-                 start_method: Optional[str] = None) -> None:
+                 start_method: Optional[str] = None, cleanup: Sequence[str] = ()) -> None:
         if nprocs < 1:
             raise ValueError("nprocs must be at least 1")
         self.address = address
@@ -144,6 +145,7 @@ class Agent:
         self.interval = heartbeat_interval
         self.timeout = heartbeat_timeout
         self.parent_fd = parent_fd
+        self.cleanup = list(cleanup)  # an embedding client's directories, if it dies first
         self.mp = multiprocessing.get_context(start_method or default_start_method())
         self.children: List[Child] = []
         self.waiting: "OrderedDict[str, Task]" = OrderedDict()  # prefetched, not yet given
@@ -418,4 +420,7 @@ class Agent:
         # an embedded cluster stops as a whole: nobody waits for our goodbye then
         self.sock.close(linger=0 if self._orphaned else 500)
         self.ctx.term()
+        if self._orphaned:
+            for path in self.cleanup:
+                shutil.rmtree(path, ignore_errors=True)
         log.info("agent %s stopped", self.name)

@@ -1,0 +1,119 @@
+"""Large arguments through shared memory, between an embedded client and its task processes.
+
+An out-of-band buffer of an argument (a numpy array, a large ``bytes``) normally crosses
+client -> broker -> agent -> task process as a frame, and every hop copies it through the
+kernel.  In embedded mode all those processes share one machine, so ``Spill`` writes each
+buffer of ``SPILL_MIN`` bytes or more once into a file of a private 0700 directory on
+``/dev/shm`` (a RAM file system) and sends its path instead; the task process maps the file
+copy-on-write, so a numpy argument is used in place and a task that changes its argument
+changes only its own copy.  The copy into the file is also the snapshot taken at
+``submit``, so changing an array afterwards cannot change what the task sees.
+
+The first frame says which frames are paths: ``b"M"`` + a JSON list of their indices +
+``b"\\n"`` + the pickle (a pickle itself starts with ``b"\\x80"``, so the two cannot be
+confused).  A file lives as long as its ``SpillRef`` frame: the client's pending record
+holds the frames until the key's future completes, so a retried or resubmitted task still
+finds its file, and dropping the record deletes it.  The directory is removed by
+``Spill.close``, or by the embedded agent if the client dies first.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+from typing import Any, List, Optional, Sequence
+
+log = logging.getLogger(__name__)
+SPILL_MIN = 1 << 20
+MARK = 0x4D  # b"M"
+
+
+class SpillRef(bytes):
+    """A frame holding a spilled buffer's path; deleting the last reference frees the file.
+
+    The frame is the UTF-8 path, so it travels like any small frame; ``__del__`` ties the
+    file's life to the client's record of the task without any bookkeeping by key.
+    """
+
+    def __del__(self) -> None:
+        try:
+            os.unlink(self)
+        except OSError:
+            pass
+
+
+class Spill:
+    """Writes large argument buffers into files of one private directory."""
+
+    def __init__(self) -> None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.dir = tempfile.mkdtemp(prefix="zmqexec-spill-", dir=base)  # mode 0700
+        self._names = itertools.count()
+        self.broken = False
+
+    def spill(self, frames: List[Any]) -> List[Any]:
+        """``frames`` (``[pickle, *buffers]``) with each large buffer moved into a file.
+
+        A write that fails (a full ``/dev/shm``) keeps that buffer a frame: slower, never
+        lost.  Writable buffers ``serialization`` left uncopied for this are copied then."""
+        spilled: List[int] = []
+        out = list(frames)
+        for index in range(1, len(frames)):
+            view = memoryview(frames[index])
+            if view.nbytes < SPILL_MIN:
+                continue
+            ref = None if self.broken else self._write(view)
+            if ref is not None:
+                out[index] = ref
+                spilled.append(index)
+            elif not view.readonly:
+                out[index] = bytes(view)
+        if spilled:
+            out[0] = b"M" + json.dumps(spilled).encode() + b"\n" + bytes(frames[0])
+        return out
+
+    def _write(self, view: memoryview) -> Optional[SpillRef]:
+        path = os.path.join(self.dir, str(next(self._names)))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            log.warning("cannot spill a large argument to %s (%s): sending it as a frame",
+                        self.dir, exc)
+            self.broken = True
+            return None
+        ref = SpillRef(path.encode())  # from here on, dropping ``ref`` deletes the file
+        try:
+            view = view.cast("B")
+            written = 0
+            while written < view.nbytes:
+                written += os.write(fd, view[written:])
+        except OSError as exc:
+            log.warning("cannot spill a large argument (%s): sending it as a frame", exc)
+            return None
+        finally:
+            os.close(fd)
+        return ref
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def unspill(data: Any, buffers: Sequence[Any]) -> "tuple[Any, List[Any]]":
+    """The pickle and buffers of frames made by ``Spill.spill`` (task process side).
+
+    Spilled buffers are mapped copy-on-write: writable, private, and backed by the file's
+    pages rather than a copy."""
+    view = memoryview(data)
+    end = bytes(view[:16 + 8 * len(buffers)]).index(b"\n")
+    indices = json.loads(bytes(view[1:end]))
+    out = list(buffers)
+    for index in indices:
+        if type(index) is not int or not 1 <= index <= len(out):
+            raise ValueError("malformed spill manifest")
+        with open(bytes(out[index - 1]), "rb") as file:
+            out[index - 1] = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
+    return view[end + 1:], out
