@@ -547,3 +547,14 @@ def test_a_killed_client_leaves_no_directories_behind():
     dirs = proc.stdout.split()
     assert len(dirs) == 2 and "spill" in dirs[1]
     assert wait_until(lambda: not any(os.path.exists(d) for d in dirs), timeout=15), dirs
+
+
+def test_batches_of_long_keys_are_split_under_the_header_cap(executor):
+    before = executor.status()
+    futures = [executor.options(key=f"{'k' * 3000}-{i}").submit(add, i, 1) for i in range(400)]
+    assert [f.result(timeout=60) for f in futures] == list(range(1, 401))
+    del futures
+    gc.collect()  # 400 releases in one batch of about 1.2 MB: split
+    assert wait_until(lambda: executor.status()["held_keys"] == before["held_keys"],
+                      timeout=30)
+    assert executor.status()["dropped"] == before["dropped"]

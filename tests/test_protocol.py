@@ -67,3 +67,22 @@ def test_keys_round_trip_through_their_wire_form(key):
 def test_keys_of_other_shapes_are_refused(key):
     with pytest.raises(TypeError, match="key must be"):
         P.key_to_wire(key)
+
+
+@pytest.mark.parametrize("cmd, meta, payload", [
+    (P.TASK, {"f": ["fid"], "t": [["k" * 3000 + str(i), 1, "c", "fid", "", 1]
+                                  for i in range(300)]},
+     [b"blob"] + [b"x%d" % i for i in range(300)]),
+    (P.RESULT, {"r": [["k" * 3000 + str(i), "finished", 2, None] for i in range(300)]},
+     [b"%d" % i for i in range(600)]),
+    (P.RELEASE, {"ks": ["k" * 4000 + str(i) for i in range(300)]}, []),
+])
+def test_a_batch_too_large_for_one_header_is_split_with_its_frames(cmd, meta, payload):
+    parts = P.encode_split(cmd, meta, payload)
+    assert len(parts) > 1 and all(len(part[0]) < P.MAX_HEADER_BYTES for part in parts)
+    decoded = [P.decode(part) for part in parts]
+    name = "ks" if cmd == P.RELEASE else next(iter(k for k in meta if k != "f"))
+    assert [row for m in decoded for row in m.meta[name]] == meta[name]
+    assert [bytes(f) for m in decoded for f in m.payload] == payload
+    if cmd == P.TASK:  # blobs go with the first part only
+        assert [m.meta["f"] for m in decoded] == [["fid"]] + [[]] * (len(parts) - 1)

@@ -60,14 +60,16 @@ class Outbox:
     def flush(self) -> List[Tuple[bytes, Frames]]:
         """Everything to send now, states before results so a key never goes backwards."""
         out = self.out
+        split = P.encode_split
         for ident, rows in self._states.items():
-            out.append((ident, P.encode(P.STATE, {"r": rows})))
+            out.extend((ident, m) for m in split(P.STATE, {"r": rows}))
         for ident, (rows, frames) in self._results.items():
-            out.append((ident, P.encode(P.RESULT, {"r": rows}, frames)))
+            out.extend((ident, m) for m in split(P.RESULT, {"r": rows}, frames))
         for ident, kws in self._cancels.items():
-            out.append((ident, P.encode(P.CANCEL, {"ks": kws})))
+            out.extend((ident, m) for m in split(P.CANCEL, {"ks": kws}))
         for ident, (fids, blobs, rows, frames) in self._tasks.items():
-            out.append((ident, P.encode(P.TASK, {"f": fids, "t": rows}, blobs + frames)))
+            out.extend((ident, m) for m in split(P.TASK, {"f": fids, "t": rows},
+                                                 blobs + frames))
         self.out = []
         self._states, self._results, self._cancels, self._tasks = {}, {}, {}, {}
         return out

@@ -111,7 +111,8 @@ class ClientIO(ClientState):
 
     # ---- the I/O thread -----------------------------------------------------------------------
     def _send(self, cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> None:
-        self._sock.send_multipart(P.encode(cmd, meta, payload), copy=False)
+        for message in P.encode_split(cmd, meta, payload):  # batches: under the header cap
+            self._sock.send_multipart(message, copy=False)
         self._last_sent = time.monotonic()
 
     def _hello(self) -> None:

@@ -13,7 +13,9 @@ or a list), so the broker can use them as dictionary keys without knowing their 
 
 Messages that carry tasks or results are batches: one header row per task, and the
 payload frames of all rows in order (function blobs named in ``f`` first).  Under load one
-message carries many tasks; a lone task still goes out at once, as a batch of one.
+message carries many tasks; a lone task still goes out at once, as a batch of one.  A
+batch whose header could pass a quarter of ``MAX_HEADER_BYTES`` (long keys) leaves as
+several messages (``encode_split``), since receivers drop larger headers.
 
 =========  ==============  =============================================  ==============
 command    direction       header fields                                  payload
@@ -170,6 +172,58 @@ def encode(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> List[
             return [head, *payload[:nblobs], b"".join(small), *big]
     head = MAGIC + bytes((PROTOCOL_VERSION, cmd)) + _dumps(meta).encode()
     return [head, *payload]
+
+
+HEADER_BUDGET = MAX_HEADER_BYTES // 4  # senders split batches whose header may pass this
+_ROW_COST = 256  # bytes a row may take besides its key (fields, an error text)
+_BATCH = {SUBMIT: "t", TASK: "t", RESULT: "r", STATE: "r", STARTED: "ks", DROPPED: "ks",
+          CANCEL: "ks", RELEASE: "ks"}
+
+
+def encode_split(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()
+                 ) -> List[List[Any]]:
+    """``encode``, as several messages if a batch's header could pass ``HEADER_BUDGET``.
+
+    Receivers drop a header over ``MAX_HEADER_BYTES``, so every sender of a batch splits
+    it here, each part with its rows' frames (the blobs named in ``f`` go with the first
+    part, which arrives first)."""
+    name = _BATCH.get(cmd, "")
+    rows = meta.get(name)
+    if not rows:
+        return [encode(cmd, meta, payload)]
+    keyed = name != "ks"
+    keys = sum(len(row[0]) for row in rows) if keyed else sum(map(len, rows))
+    if keys <= HEADER_BUDGET - _ROW_COST * len(rows):
+        return [encode(cmd, meta, payload)]
+    framed = _FRAMED.get(cmd) == name
+    count_at = _ROW_FIELDS[cmd][2] - 1 if framed else 0
+    nblobs = len(meta.get("f") or ())
+    parts: List[List[Any]] = []
+    chunk: List[Any] = []
+    frames: List[Any] = list(payload[:nblobs])
+    at, size = nblobs, 0
+    for row in rows:
+        cost = (len(row[0]) if keyed else len(row)) + _ROW_COST
+        if chunk and size + cost > HEADER_BUDGET:
+            parts.append(encode(cmd, _part(meta, name, chunk, parts), frames))
+            chunk, frames, size = [], [], 0
+        chunk.append(row)
+        size += cost
+        if framed:
+            frames.extend(payload[at:at + row[count_at]])
+            at += row[count_at]
+    parts.append(encode(cmd, _part(meta, name, chunk, parts), frames))
+    return parts
+
+
+def _part(meta: Dict[str, Any], name: str, rows: List[Any], parts: List[Any]
+          ) -> Dict[str, Any]:
+    """The header of one part of a split batch: its rows, and no blobs after the first."""
+    out = dict(meta)
+    out[name] = rows
+    if parts and "f" in meta:
+        out["f"] = []
+    return out
 
 
 def _unpack_parts(meta: Dict[str, Any], frames: List[Any]) -> List[Any]:

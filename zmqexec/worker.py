@@ -173,7 +173,8 @@ class Agent:
             "running": running})
 
     def _send(self, cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> None:
-        self.sock.send_multipart(P.encode(cmd, meta, payload), copy=False)
+        for message in P.encode_split(cmd, meta, payload):  # batches: under the header cap
+            self.sock.send_multipart(message, copy=False)
         self.last_sent = time.monotonic()
 
     def _flush(self) -> None:
