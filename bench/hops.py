@@ -119,12 +119,12 @@ def main() -> None:
             sock = ctx.socket(zmq.DEALER)
             sock.connect(front if hops == 2 else echo_addr)
 
-            def zmq_once() -> None:
+            def zmq_once(sock: zmq.Socket = sock) -> None:
                 sock.send_multipart([b"x" * 64])
                 sock.recv_multipart()
 
-            _report(f"zmq ipc, {2 * hops} hops ({'client, broker, worker' if hops == 2 else 'client, echo'})",
-                    _time(n, zmq_once))
+            path = "client, broker, worker" if hops == 2 else "client, echo"
+            _report(f"zmq ipc, {2 * hops} hops ({path})", _time(n, zmq_once))
             sock.send_multipart([b"stop"])
             sock.recv_multipart()
             sock.close(linger=0)

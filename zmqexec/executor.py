@@ -32,6 +32,15 @@ from .task import run_chunk
 log = logging.getLogger(__name__)
 _live: "weakref.WeakSet[ZMQExecutor]" = weakref.WeakSet()
 _exiting = False
+_this_pid = os.getpid()  # kept current by a fork hook: os.getpid() is a system call
+
+
+def _after_fork() -> None:
+    global _this_pid
+    _this_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 FUTURE_ARGUMENT = ("a Future cannot be a task argument: pass future.result(), or its key "
                    "and attach inside the task with Future(key)")
@@ -240,7 +249,7 @@ class ZMQExecutor(_Submitter):
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any],
                 opts: Dict[str, Any]) -> Future:
         """The one submit path (executor and views); kept lean, it runs once per task."""
-        if os.getpid() != self._pid:
+        if _this_pid != self._pid:
             self._check_usable()
         for arg in args:
             if isinstance(arg, concurrent.futures.Future):

@@ -178,14 +178,19 @@ class Agent:
         self.last_sent = time.monotonic()
 
     def _flush(self) -> None:
-        """Send this loop turn's STARTED, RESULT and DROPPED notices, one message each."""
+        """Send this loop turn's STARTED, RESULT and DROPPED notices, one message each.
+
+        STARTED goes before RESULT, so a key never goes backwards on the broker."""
         if self.dropped:
             self._send(P.DROPPED, {"ks": self.dropped})
             self.dropped = []
+        rows, frames = self.results
+        if self.started and rows:  # a task that started and finished since the last turn
+            finished = {row[0] for row in rows}  # needs no "running" notice: its result
+            self.started = [kw for kw in self.started if kw not in finished]  # says more
         if self.started:
             self._send(P.STARTED, {"ks": self.started})
             self.started = []
-        rows, frames = self.results
         if rows:
             meta: Dict[str, Any] = {"r": rows}
             prefetch = self._window()
