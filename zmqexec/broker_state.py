@@ -191,51 +191,69 @@ class BrokerState:
             self.outbox.cancel(entry.agent, entry.kw)
 
     def dispatch(self) -> None:
-        """Hand queued tasks to agents with free capacity, one task per agent in turn."""
-        ready, queue = self.ready, self.queue
+        """Hand queued tasks to agents with free capacity, agents taking turns.
+
+        An agent's turn takes an even share of the queue (at least one task, at most its
+        free capacity): a few long tasks spread over all agents, while a long queue leaves
+        in runs of hundreds without a turn per task."""
+        ready, queue, still_queued = self.ready, self.queue, self._still_queued
         while ready and len(queue):
             ident = next(iter(ready))
             agent = self.peers.get(ident)
             if agent is None or agent.role != "worker" or \
-                    len(agent.inflight) >= agent.capacity:
+                    agent.capacity <= len(agent.inflight):
                 del ready[ident]
                 continue
-            entry = queue.pop(self._still_queued)
-            if entry is None:
-                return
-            if len(agent.inflight) + 1 >= agent.capacity:
+            free = agent.capacity - len(agent.inflight)
+            take = max(1, min(free, len(queue) // len(ready)))
+            if take >= free:
                 del ready[ident]
             else:
                 ready.move_to_end(ident)
-            self.queued_bytes -= entry.nbytes
-            entry.state = "dispatched"
-            versions = entry.versions
-            if versions is not agent.versions and versions != agent.versions:
-                self._free_credit(agent)
-                self._fail(entry, "error", {"type": "SerializationError", "msg": (
-                    f"client runs Python {versions[0]} / cloudpickle {versions[1]} but "
-                    f"worker {agent.name} runs Python {agent.versions[0]} / cloudpickle "
-                    f"{agent.versions[1]}; install the same versions on clients and workers")})
-                continue
-            blobs = []
-            for fid in (entry.fid, entry.iid):
-                if fid and fid not in agent.fids:
-                    blob = self.blobs.get(fid)
-                    if blob is None:
-                        break
-                    agent.fids.add(fid)
-                    blobs.append((fid, blob))
-            else:
-                entry.agent = ident
-                agent.inflight[entry.kw] = entry
-                row = [entry.kw, entry.attempts + 1, entry.owner.hex(), entry.fid, entry.iid,
-                       len(entry.frames)]
-                self.outbox.task(ident, row, entry.frames, blobs)
-                continue
+            for _ in range(take):
+                entry = queue.pop(still_queued)
+                if entry is None:  # only stale items were left
+                    self._free_credit(agent)
+                    return
+                self.queued_bytes -= entry.nbytes
+                entry.state = "dispatched"
+                if entry.versions is agent.versions or entry.versions == agent.versions:
+                    if (not entry.fid or entry.fid in agent.fids) and \
+                            (not entry.iid or entry.iid in agent.fids):
+                        entry.agent = ident
+                        agent.inflight[entry.kw] = entry
+                        self.outbox.task(ident, [entry.kw, entry.attempts + 1, entry.client,
+                                                 entry.fid, entry.iid, len(entry.frames)],
+                                         entry.frames)
+                        continue
+                self._give_first(agent, entry)
+
+    def _give_first(self, agent: Peer, entry: Entry) -> None:
+        """The slow path of ``dispatch``: send blobs the agent lacks, or fail the task."""
+        versions = entry.versions
+        if versions != agent.versions:
             self._free_credit(agent)
             self._fail(entry, "error", {"type": "SerializationError", "msg": (
-                "the broker has no pickled function for this task (did it restart?); "
-                "submit it again")})
+                f"client runs Python {versions[0]} / cloudpickle {versions[1]} but "
+                f"worker {agent.name} runs Python {agent.versions[0]} / cloudpickle "
+                f"{agent.versions[1]}; install the same versions on clients and workers")})
+            return
+        blobs = []
+        for fid in (entry.fid, entry.iid):
+            if fid and fid not in agent.fids:
+                blob = self.blobs.get(fid)
+                if blob is None:
+                    self._free_credit(agent)
+                    self._fail(entry, "error", {"type": "SerializationError", "msg": (
+                        "the broker has no pickled function for this task (did it "
+                        "restart?); submit it again")})
+                    return
+                blobs.append((fid, blob))
+        agent.fids.update(fid for fid, _ in blobs)
+        entry.agent = agent.ident
+        agent.inflight[entry.kw] = entry
+        self.outbox.task(agent.ident, [entry.kw, entry.attempts + 1, entry.client, entry.fid,
+                                       entry.iid, len(entry.frames)], entry.frames, blobs)
 
     def _still_queued(self, entry: Entry) -> bool:  # cancels leave stale queue items
         return entry.state == "queued" and self.table.get(entry.kw) is entry
@@ -345,7 +363,8 @@ class BrokerState:
             entry = self.table[kw] = Entry(kw)
         else:
             self.table[kw] = entry
-        entry.owner, entry.versions, entry.pure = peer.ident, peer.versions, pure
+        entry.owner, entry.client = peer.ident, peer.hex
+        entry.versions, entry.pure = peer.versions, pure
         entry.fid, entry.iid = fid, iid
         entry.priority, entry.retries = priority, max(0, retries)
         entry.frames, entry.nbytes = payload, nbytes

@@ -21,6 +21,7 @@ class Peer:
 
     def __init__(self, ident: bytes, meta: Dict[str, Any], now: float) -> None:
         self.ident = ident
+        self.hex = ident.hex()
         self.role: str = meta["role"]
         self.name = str(meta.get("name") or meta["id"][:8])
         self.host = str(meta.get("host", "?"))
@@ -43,13 +44,14 @@ class Peer:
 class Entry:
     """One key: its task frames while it must run, its result frames while held."""
 
-    __slots__ = ("kw", "state", "owner", "versions", "priority", "retries", "attempts",
+    __slots__ = ("kw", "state", "owner", "client", "versions", "priority", "retries", "attempts",
                  "pure", "fid", "iid", "frames", "nbytes", "interests", "agent", "result")
 
     def __init__(self, kw: str) -> None:
         self.kw = kw
         self.state = "wanted"
         self.owner = b""
+        self.client = ""  # the owner's routing id in hex, as TASK rows name it
         self.versions: Tuple[str, str] = ("", "")  # the owner's Python and cloudpickle
         self.priority = 0
         self.retries = 0
