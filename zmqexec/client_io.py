@@ -190,7 +190,11 @@ class ClientIO(ClientState):
                 self.on_close()
 
     def _run_commands(self) -> None:
-        """Apply what user threads queued; CANCEL and RELEASE leave as one batch each."""
+        """Apply what user threads queued; CANCEL and RELEASE leave as one batch each.
+
+        Releases leave before submits: a release names a key with no pending record, so
+        a key dropped and submitted again is released first, not after its new submit."""
+        unrefs: List[str] = []
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -199,6 +203,8 @@ class ClientIO(ClientState):
             kind = command[0]
             if kind == "submit":
                 self._backlog.append(command[1])
+            elif kind == "unref":
+                unrefs.append(command[1])
             elif kind == "cancel":
                 kw = command[1]
                 if kw in self._sent:
@@ -206,11 +212,11 @@ class ClientIO(ClientState):
                     self._cancels.append(kw)
                 elif self._attaching.pop(kw, None) is not None:
                     self._releases.append(kw)
-            elif kind == "unref":
-                self._unref(command[1])
             elif kind in ("inform", "status"):
-                self._pump()  # keep the channel ordered: what came earlier leaves first
+                self._unref(unrefs)  # keep the channel ordered: what came earlier leaves first
+                unrefs = []
                 self._flush_batches()
+                self._pump()
                 if kind == "inform":
                     self._attaching[command[1]] = time.monotonic() + self.attach_timeout
                     self._send(P.INFORM, {"k": command[1]})
@@ -219,8 +225,10 @@ class ClientIO(ClientState):
                     self._send(P.STATUS, {})
             elif kind == "close":
                 self._closing = True
-        self._pump()
+        if unrefs:
+            self._unref(unrefs)
         self._flush_batches()
+        self._pump()
 
     def _flush_batches(self) -> None:
         if self._cancels:
@@ -230,17 +238,19 @@ class ClientIO(ClientState):
             self._send(P.RELEASE, {"ks": self._releases})
             self._releases = []
 
-    def _unref(self, kw: str) -> None:
+    def _unref(self, kws: List[str]) -> None:
+        """Futures of these keys were dropped; release keys no local future holds."""
+        refs, done, records, releases = self.refs, self.done, self.records, self._releases
         with self.lock:
-            count = self.refs.get(kw, 0) - 1
-            if count > 0:
-                self.refs[kw] = count
-                return
-            self.refs.pop(kw, None)
-            self.done.pop(kw, None)
-            if kw in self.records:
-                return
-        self._releases.append(kw)
+            for kw in kws:
+                count = refs.get(kw, 0) - 1
+                if count > 0:
+                    refs[kw] = count
+                    continue
+                refs.pop(kw, None)
+                done.pop(kw, None)
+                if kw not in records:
+                    releases.append(kw)
 
     def _pump(self) -> None:
         """Send backlogged submits as batches while the broker's credit window allows."""
@@ -258,12 +268,15 @@ class ClientIO(ClientState):
                 self._sent[rec.kw] = rec.nbytes
                 self._sent_bytes += rec.nbytes
                 size += rec.nbytes
-                self._attaching.pop(rec.kw, None)  # our own submit makes the key known
-                for fid in (rec.row[4], rec.row[5]):
-                    if fid and fid not in self._sent_fids:
-                        self._sent_fids.add(fid)
-                        fids.append(fid)
-                rows.append(rec.row)
+                if self._attaching:
+                    self._attaching.pop(rec.kw, None)  # our own submit makes the key known
+                row = rec.row
+                if row[4] not in self._sent_fids or row[5] and row[5] not in self._sent_fids:
+                    for fid in (row[4], row[5]):
+                        if fid and fid not in self._sent_fids:
+                            self._sent_fids.add(fid)
+                            fids.append(fid)
+                rows.append(row)
                 frames.extend(rec.frames)
             if rows:
                 blobs = [self.blobs[fid] for fid in fids]

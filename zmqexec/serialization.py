@@ -43,6 +43,7 @@ def _fast_dumps(obj: Any) -> bytes:
     return data
 
 
+_SIMPLE = frozenset((int, float, str, bool, type(None), complex))
 OUT_OF_BAND_MIN = 1 << 20  # buffers this large travel as frames of their own
 
 
@@ -120,6 +121,13 @@ def dumps_function(fn: Callable[..., Any]) -> bytes:
 def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any],
                spill: Optional[Callable[[List[Any]], List[Any]]] = None) -> List[Any]:
     """Pickle a call's arguments as ``[pickle, *buffers]``; on failure name the argument."""
+    if not kwargs:  # the common case, once per task: positional values of builtin types
+        for arg in args:  # cannot name __main__ nor carry a large buffer
+            kind = type(arg)
+            if kind not in _SIMPLE and (kind is not bytes or len(arg) >= OUT_OF_BAND_MIN):
+                break
+        else:
+            return [pickle.dumps((args, kwargs), PICKLE_PROTOCOL)]
     if any(type(a) is bytes and len(a) >= OUT_OF_BAND_MIN for a in args):
         args = tuple(_LargeBytes(a) if type(a) is bytes and len(a) >= OUT_OF_BAND_MIN
                      else a for a in args)
