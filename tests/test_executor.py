@@ -558,3 +558,10 @@ def test_batches_of_long_keys_are_split_under_the_header_cap(executor):
     assert wait_until(lambda: executor.status()["held_keys"] == before["held_keys"],
                       timeout=30)
     assert executor.status()["dropped"] == before["dropped"]
+
+
+def test_a_key_whose_futures_are_gone_can_be_submitted_again_at_once(executor):
+    for i in range(50):
+        future = executor.options(key="reused").submit(add, i, 0)
+        assert future.result(timeout=30) == i  # never the previous run's result
+        future = None  # the last future of the key: released before the next submit

@@ -89,7 +89,20 @@ class ClientIO(ClientState):
                 pass  # a wake-up is pending already, or we are closed
 
     def unref(self, kw: str) -> None:
-        self.post("unref", kw)
+        """A future of ``kw`` is gone (``__del__``, ``release()``).
+
+        Counted at once when the lock is free, so a key whose last future was just dropped
+        may be submitted again right away; inside the lock's holder (a garbage collection
+        that ran while the lock was held) it is left to the I/O thread."""
+        if self.lock.acquire(blocking=False):
+            try:
+                gone = self._drop_ref(kw)
+            finally:
+                self.lock.release()
+            if gone:
+                self.post("release", kw)
+        else:
+            self.post("unref", kw)
 
     def request_status(self, timeout: Optional[float]) -> Dict[str, Any]:
         reply: concurrent.futures.Future = concurrent.futures.Future()
@@ -205,6 +218,8 @@ class ClientIO(ClientState):
                 self._backlog.append(command[1])
             elif kind == "unref":
                 unrefs.append(command[1])
+            elif kind == "release":
+                self._releases.append(command[1])
             elif kind == "cancel":
                 kw = command[1]
                 if kw in self._sent:
@@ -240,17 +255,18 @@ class ClientIO(ClientState):
 
     def _unref(self, kws: List[str]) -> None:
         """Futures of these keys were dropped; release keys no local future holds."""
-        refs, done, records, releases = self.refs, self.done, self.records, self._releases
         with self.lock:
-            for kw in kws:
-                count = refs.get(kw, 0) - 1
-                if count > 0:
-                    refs[kw] = count
-                    continue
-                refs.pop(kw, None)
-                done.pop(kw, None)
-                if kw not in records:
-                    releases.append(kw)
+            self._releases.extend(kw for kw in kws if self._drop_ref(kw))
+
+    def _drop_ref(self, kw: str) -> bool:
+        """One future fewer for ``kw`` (lock held); True if the broker may forget it."""
+        count = self.refs.get(kw, 0) - 1
+        if count > 0:
+            self.refs[kw] = count
+            return False
+        self.refs.pop(kw, None)
+        self.done.pop(kw, None)
+        return kw not in self.records
 
     def _pump(self) -> None:
         """Send backlogged submits as batches while the broker's credit window allows."""
