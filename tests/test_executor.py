@@ -279,11 +279,6 @@ def test_a_future_argument_is_refused_with_advice(executor):
     fut.result(timeout=30)
 
 
-def test_not_yet_supported_options_say_so(executor):
-    with pytest.raises(NotImplementedError, match="timeout"):
-        executor.options(timeout=1).submit(add, 1, 2)
-
-
 def test_introspection_reports_address_workers_and_status(executor):
     executor.wait_for_workers(2, timeout=30)
     assert executor._max_workers == 2

@@ -23,6 +23,7 @@ class Outbox:
         self._results: Dict[bytes, Tuple[List[list], Frames]] = {}
         self._states: Dict[bytes, List[list]] = {}
         self._cancels: Dict[bytes, List[str]] = {}
+        self._kills: Dict[bytes, List[str]] = {}
 
     def send(self, ident: bytes, cmd: int, meta: Dict[str, Any],
              payload: Sequence[Any] = ()) -> None:
@@ -57,6 +58,9 @@ class Outbox:
     def cancel(self, agent: bytes, kw: str) -> None:
         self._cancels.setdefault(agent, []).append(kw)
 
+    def kill(self, agent: bytes, kw: str) -> None:
+        self._kills.setdefault(agent, []).append(kw)
+
     def flush(self) -> List[Tuple[bytes, Frames]]:
         """Everything to send now, states before results so a key never goes backwards."""
         out = self.out
@@ -67,9 +71,12 @@ class Outbox:
             out.extend((ident, m) for m in split(P.RESULT, {"r": rows}, frames))
         for ident, kws in self._cancels.items():
             out.extend((ident, m) for m in split(P.CANCEL, {"ks": kws}))
+        for ident, kws in self._kills.items():
+            out.extend((ident, m) for m in split(P.KILL, {"ks": kws}))
         for ident, (fids, blobs, rows, frames) in self._tasks.items():
             out.extend((ident, m) for m in split(P.TASK, {"f": fids, "t": rows},
                                                  blobs + frames))
         self.out = []
         self._states, self._results, self._cancels, self._tasks = {}, {}, {}, {}
+        self._kills = {}
         return out

@@ -26,7 +26,7 @@ from ._version import __version__
 from .broker_outbox import Outbox
 from .broker_queue import RunQueue
 from .broker_status import status_document
-from .broker_table import DONE, MAX_PREFETCH, Entry, Frames, Peer, frames_size
+from .broker_table import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
 from .errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -222,9 +222,7 @@ class BrokerState:
                             (not entry.iid or entry.iid in agent.fids):
                         entry.agent = ident
                         agent.inflight[entry.kw] = entry
-                        self.outbox.task(ident, [entry.kw, entry.attempts + 1, entry.client,
-                                                 entry.fid, entry.iid, len(entry.frames)],
-                                         entry.frames)
+                        self.outbox.task(ident, entry.task_row(), entry.frames)
                         continue
                 self._give_first(agent, entry)
 
@@ -252,8 +250,7 @@ class BrokerState:
         agent.fids.update(fid for fid, _ in blobs)
         entry.agent = agent.ident
         agent.inflight[entry.kw] = entry
-        self.outbox.task(agent.ident, [entry.kw, entry.attempts + 1, entry.client, entry.fid,
-                                       entry.iid, len(entry.frames)], entry.frames, blobs)
+        self.outbox.task(agent.ident, entry.task_row(), entry.frames, blobs)
 
     def _still_queued(self, entry: Entry) -> bool:  # cancels leave stale queue items
         return entry.state == "queued" and self.table.get(entry.kw) is entry
@@ -332,14 +329,16 @@ class BrokerState:
             self.blobs[fid] = blob
             peer.fids.add(fid)
         at = len(fids)
-        for kw, priority, retries, pure, fid, iid, nframes in (
-                row[:7] for row in msg.meta["t"]):
+        for row in msg.meta["t"]:
+            kw, priority, retries, pure, fid, iid, nframes = row[:7]
+            limit = row[7] if len(row) > 7 else 0  # options(timeout=)
             self._submit_one(peer, kw, priority, retries, bool(pure), fid, iid,
-                             frames[at:at + nframes])
+                             frames[at:at + nframes],
+                             float(limit) if type(limit) in (int, float) and limit > 0 else 0.0)
             at += nframes
 
     def _submit_one(self, peer: Peer, kw: str, priority: int, retries: int, pure: bool,
-                    fid: str, iid: str, payload: Frames) -> None:
+                    fid: str, iid: str, payload: Frames, timeout: float) -> None:
         entry = self.table.get(kw)
         if entry is not None and entry.state != "wanted":
             if not pure and peer.ident not in entry.interests:
@@ -365,7 +364,7 @@ class BrokerState:
             self.table[kw] = entry
         entry.owner, entry.client = peer.ident, peer.hex
         entry.versions, entry.pure = peer.versions, pure
-        entry.fid, entry.iid = fid, iid
+        entry.fid, entry.iid, entry.timeout = fid, iid, timeout
         entry.priority, entry.retries = priority, max(0, retries)
         entry.frames, entry.nbytes = payload, nbytes
         self._interest(peer, entry)
@@ -438,9 +437,28 @@ class BrokerState:
 
     def _death(self, agent: Peer, msg: P.Message) -> None:
         entry = agent.inflight.pop(msg.meta["k"], None)
-        if entry is not None:
-            self._free_credit(agent)
+        if entry is None:
+            return
+        self._free_credit(agent)
+        why = msg.meta.get("why")
+        if why in STOPPED and self.table.get(entry.kw) is entry and entry.state not in DONE:
+            kind, text = STOPPED[why]  # the agent stopped it on purpose: never retried
+            self._fail(entry, "error", {"type": kind, "msg": text.format(
+                key=P.key_from_wire(entry.kw), timeout=entry.timeout, worker=agent.name)})
+        else:
             self._lose(agent, entry, str(msg.meta.get("exit", "died")), charged=True)
+
+    def _kill(self, peer: Peer, msg: P.Message) -> None:
+        """Stop tasks this client wants: on their agent, or at once if still queued."""
+        for kw in msg.meta["ks"]:
+            entry = self.table.get(kw)
+            if entry is None or peer.ident not in entry.interests:
+                continue
+            if entry.state == "queued":
+                self._fail(entry, "error", {"type": "TaskKilledError", "msg": (
+                    f"task {P.key_from_wire(kw)!r} was killed before it started")})
+            elif entry.state in ("dispatched", "running") and entry.agent is not None:
+                self.outbox.kill(entry.agent, kw)
 
     def _dropped(self, agent: Peer, msg: P.Message) -> None:
         for kw in msg.meta["ks"]:
@@ -466,6 +484,7 @@ _HANDLERS = {
     ("client", P.INFORM): BrokerState._inform,
     ("client", P.RELEASE): BrokerState._release,
     ("client", P.CANCEL): BrokerState._cancel_msg,
+    ("client", P.KILL): BrokerState._kill,
     ("worker", P.STARTED): BrokerState._started,
     ("worker", P.RESULT): BrokerState._result,
     ("worker", P.DEATH): BrokerState._death,

@@ -10,6 +10,12 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 Frames = List[Any]
 DONE = ("finished", "error", "lost")
 MAX_PREFETCH = 1 << 16  # tasks an agent may ask to hold beyond its slots
+STOPPED = {  # DEATH "why" from an agent that killed a task process on purpose
+    "timeout": ("TaskTimeoutError", "task {key!r} ran longer than its timeout of "
+                "{timeout:g} s on worker {worker}; its process was replaced"),
+    "killed": ("TaskKilledError", "task {key!r} was killed on worker {worker} "
+               "(executor.kill); its process was replaced"),
+}
 
 
 def frames_size(frames: Frames) -> int:
@@ -44,8 +50,9 @@ class Peer:
 class Entry:
     """One key: its task frames while it must run, its result frames while held."""
 
-    __slots__ = ("kw", "state", "owner", "client", "versions", "priority", "retries", "attempts",
-                 "pure", "fid", "iid", "frames", "nbytes", "interests", "agent", "result")
+    __slots__ = ("kw", "state", "owner", "client", "versions", "priority", "retries",
+                 "attempts", "pure", "fid", "iid", "timeout", "frames", "nbytes", "interests",
+                 "agent", "result")
 
     def __init__(self, kw: str) -> None:
         self.kw = kw
@@ -58,8 +65,16 @@ class Entry:
         self.attempts = 0  # charged losses so far
         self.pure = False
         self.fid = self.iid = ""
+        self.timeout = 0.0  # seconds it may run on a worker; 0: no limit
         self.frames: Frames = []
         self.nbytes = 0
         self.interests: Set[bytes] = set()
         self.agent: Optional[bytes] = None
         self.result: Optional[Tuple[str, Frames, Optional[Dict[str, Any]]]] = None
+
+    def task_row(self) -> List[Any]:
+        """The TASK row sent to an agent: ``[k, attempt, client, fid, iid, n(, timeout)]``."""
+        row = [self.kw, self.attempts + 1, self.client, self.fid, self.iid, len(self.frames)]
+        if self.timeout:
+            row.append(self.timeout)
+        return row

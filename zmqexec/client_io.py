@@ -154,6 +154,7 @@ class ClientIO(ClientState):
         self._sent_fids: Set[str] = set()  # blobs the broker has from this client
         self._cancels: List[str] = []
         self._releases: List[str] = []
+        self._kills: List[str] = []
         self._status_waiters: Deque[concurrent.futures.Future] = deque()
         self._window, self._window_bytes = 0, 0  # no sends before WELCOME
         now = self._last_heard = self._last_sent = time.monotonic()
@@ -220,6 +221,9 @@ class ClientIO(ClientState):
                 unrefs.append(command[1])
             elif kind == "release":
                 self._releases.append(command[1])
+            elif kind == "kill":
+                if command[1] in self._sent:
+                    self._kills.append(command[1])
             elif kind == "cancel":
                 kw = command[1]
                 if kw in self._sent:
@@ -252,6 +256,9 @@ class ClientIO(ClientState):
         if self._releases:
             self._send(P.RELEASE, {"ks": self._releases})
             self._releases = []
+        if self._kills:
+            self._send(P.KILL, {"ks": self._kills})
+            self._kills = []
 
     def _unref(self, kws: List[str]) -> None:
         """Futures of these keys were dropped; release keys no local future holds."""

@@ -67,6 +67,9 @@ class _Submitter(concurrent.futures.Executor):
                 priority: Optional[int] = None, retries: Optional[int] = None,
                 timeout: Optional[float] = None) -> "ZMQExecutorView":
         """A view with per-task options; later values win, None keeps the default."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, (int, float)) or not timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
         given = dict(key=key, pure=pure, priority=priority, retries=retries, timeout=timeout)
         opts = dict(self._opts)
         opts.update({k: v for k, v in given.items() if v is not None})
@@ -263,8 +266,6 @@ class ZMQExecutor(_Submitter):
                 raise RuntimeError("cannot schedule new futures after shutdown")
         fid, name = self._function_id(fn)
         if opts:
-            if opts.get("timeout") is not None:
-                raise NotImplementedError("options(timeout=...) is not supported yet")
             pure = bool(opts.get("pure"))
             key = opts.get("key")
             if key is None:
@@ -275,6 +276,8 @@ class ZMQExecutor(_Submitter):
             row: List[Any] = [key_to_wire(key), int(opts.get("priority") or 0),
                               self._retries if retries is None else int(retries), int(pure),
                               fid, self._init_id, 1]
+            if opts.get("timeout") is not None:
+                row.append(opts["timeout"])
         else:  # the default: a generated key, whose wire form needs no JSON encoder
             token = f"{self._key_prefix}{next(self._key_counter):016x}"
             row = [f"{self._names[name]}{token}\"", 0, self._retries, 0, fid, self._init_id, 1]
@@ -305,12 +308,16 @@ class ZMQExecutor(_Submitter):
         return fid, name
 
     def kill(self, future: Future) -> bool:
-        """Stop a running task (not yet supported); a pending one is cancelled."""
+        """Stop a running task: its worker process is killed and replaced, and the future
+        raises ``TaskKilledError``. A pending future is cancelled; False if already done."""
+        if not isinstance(future, Future) or future.executor._executor is not self:
+            raise ValueError("kill() takes a future of this executor")
         if future.done():
             return False
         if future.cancel():
             return True
-        raise NotImplementedError("kill() of a running task is not supported yet")
+        self._io.post("kill", future._kw)
+        return True
 
     def wait_for_workers(self, n: int = 1, timeout: Optional[float] = None) -> None:
         """Block until the broker has at least ``n`` worker slots (processes)."""

@@ -27,9 +27,9 @@ WELCOME    broker -> peer  epoch, heartbeat, window, window_bytes,        -
 REFUSE     broker -> peer  reason                                         -
 RESET      broker -> peer  reason (peer must HELLO again)                 -
 SUBMIT     client -> b.    f: [fid], t: [[k, priority, retries, pure,     blobs, then each
-                           fid, iid, nframes]]                            task's frames
+                           fid, iid, nframes(, timeout)]]                 task's frames
 TASK       b. -> agent     f: [fid], t: [[k, attempt, client, fid, iid,   blobs, then each
-                           nframes]]                                      task's frames
+                           nframes(, timeout)]]                           task's frames
 STARTED    agent -> b.     ks: [k]                                        -
 STATE      b. -> client    r: [[k, queued|running]]                       -
 RESULT     agent -> b.     r: [[k, finished|error, nframes]], p: new      result frames
@@ -37,9 +37,11 @@ RESULT     agent -> b.     r: [[k, finished|error, nframes]], p: new      result
 RESULT     b. -> client    r: [[k, finished|error|lost, nframes, error    result frames
                            fields or null]] (null unless the broker
                            made the error)
-DEATH      agent -> b.     k, exit (exit code or signal name)             -
+DEATH      agent -> b.     k, exit (exit code or signal name), why        -
+                           ("timeout" or "killed" if the agent did it)
 DROPPED    agent -> b.     ks: [k] (given back unstarted, free)           -
 CANCEL     client/b. ->    ks: [k]                                        -
+KILL       client/b. ->    ks: [k] (stop these if running)                -
 INFORM     client -> b.    k                                              -
 RELEASE    client -> b.    ks: [k]                                        -
 HEARTBEAT  both ways       epoch (from the broker), slots                 -
@@ -66,14 +68,14 @@ MAX_HEADER_BYTES = 1 << 20
 
 HELLO, WELCOME, REFUSE, RESET = 1, 2, 3, 4
 SUBMIT, TASK, STARTED, STATE, RESULT = 10, 11, 12, 13, 14
-DEATH, DROPPED, CANCEL, INFORM, RELEASE = 15, 16, 17, 18, 19
+DEATH, DROPPED, CANCEL, INFORM, RELEASE, KILL = 15, 16, 17, 18, 19, 20
 HEARTBEAT, STATUS, BYE = 30, 31, 32
 
 NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", REFUSE: "REFUSE", RESET: "RESET",
     SUBMIT: "SUBMIT", TASK: "TASK", STARTED: "STARTED", STATE: "STATE",
     RESULT: "RESULT", DEATH: "DEATH", DROPPED: "DROPPED", CANCEL: "CANCEL",
-    INFORM: "INFORM", RELEASE: "RELEASE", HEARTBEAT: "HEARTBEAT",
+    INFORM: "INFORM", RELEASE: "RELEASE", KILL: "KILL", HEARTBEAT: "HEARTBEAT",
     STATUS: "STATUS", BYE: "BYE",
 }
 
@@ -93,6 +95,7 @@ _SCHEMA: Dict[int, Dict[str, Tuple[type, ...]]] = {
     CANCEL: {"ks": (list,)},
     INFORM: {"k": (str,)},
     RELEASE: {"ks": (list,)},
+    KILL: {"ks": (list,)},
     HEARTBEAT: {},
     STATUS: {},
     BYE: {},
@@ -177,7 +180,7 @@ def encode(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> List[
 HEADER_BUDGET = MAX_HEADER_BYTES // 4  # senders split batches whose header may pass this
 _ROW_COST = 256  # bytes a row may take besides its key (fields, an error text)
 _BATCH = {SUBMIT: "t", TASK: "t", RESULT: "r", STATE: "r", STARTED: "ks", DROPPED: "ks",
-          CANCEL: "ks", RELEASE: "ks"}
+          CANCEL: "ks", RELEASE: "ks", KILL: "ks"}
 
 
 def encode_split(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()

@@ -9,6 +9,8 @@
                         | child death (sentinel) -> DEATH for the running task, DROPPED
                         |   for the rest of its batch, and a new child
                         | CANCEL: drop from ``waiting``, or tell the child (DROPPED)
+                        | KILL, or a running task past its TASK row's timeout: kill
+                        |   its child; DEATH with why=killed|timeout (never retried)
 
 The agent never unpickles: it moves payload bytes between its socket and its children.
 Only a task process unpickles, runs, and pickles the result.  A child's death is seen at
@@ -23,22 +25,21 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import sys
 import time
 import uuid
-from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
 from . import protocol as P
 from . import serialization as S
 from ._version import __version__
-from .task import pack, task_main, unpack_result
+from .child import Child, Task
+from .task import pack, unpack_result
 
 log = logging.getLogger(__name__)
-_SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
 # The credit window adapts to how long tasks take: enough queued work per slot to cover
 # PREFETCH_WINDOW seconds (so short tasks travel in large batches), at least one task and
 # at most MAX_PREFETCH beyond each running one (so long tasks are not hoarded by one agent).
@@ -48,7 +49,6 @@ START_PREFETCH = 4  # per slot, until task times are known
 MEASURE_PERIOD = 0.1  # seconds over which run times are averaged
 CHILD_WINDOW = 0.005  # seconds of work handed to one task process at a time
 MAX_CHILD_BATCH = 64
-Task = Tuple[str, List[Any], List[Any]]  # key_wire, TASK row, payload frames
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -66,63 +66,6 @@ def describe_exit(code: Optional[int]) -> str:
 def default_start_method() -> str:
     """fork on Linux (fast, the agent is small and single-purpose), spawn elsewhere."""
     return "fork" if sys.platform.startswith("linux") else "spawn"
-
-
-class Child:
-    """The agent's handle on one task process and the keys it holds, running one first."""
-
-    def __init__(self, ctx: Any) -> None:
-        self.conn, child_conn = multiprocessing.Pipe()
-        self.proc = ctx.Process(target=task_main, args=(child_conn, os.getpid()),
-                                name="zmqexec-task", daemon=True)
-        self.proc.start()
-        child_conn.close()
-        self.keys: Deque[str] = deque()  # given, in order; keys[0] is running
-        self.since = 0.0  # when keys[0] started
-        self.fids: Set[str] = set()
-        self.fd = self.conn.fileno()
-        self._buf = bytearray()
-
-    def read(self) -> Optional[List[bytes]]:
-        """The complete messages that have arrived (one read for many); None at EOF.
-
-        Reads the Pipe's descriptor directly with ``multiprocessing.Connection`` framing (a
-        4-byte signed length, -1 then an 8-byte length for huge messages), since a
-        ``recv_bytes`` per result would cost two system calls each.
-        """
-        data = os.read(self.fd, 1 << 20)
-        if not data:
-            return None
-        buf = self._buf
-        buf += data
-        out, at = [], 0
-        while len(buf) - at >= 4:
-            size = _SIZE.unpack_from(buf, at)[0]
-            head = 4
-            if size == -1:
-                if len(buf) - at < 12:
-                    break
-                size = _HUGE.unpack_from(buf, at + 4)[0]
-                head = 12
-            if len(buf) - at < head + size:
-                break
-            out.append(bytes(buf[at + head:at + head + size]))
-            at += head + size
-        del buf[:at]
-        return out
-
-    def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
-        fids, rows, frames = [], [], []
-        for kw, row, task_frames in tasks:
-            for fid in (row[3], row[4]):
-                if fid and fid not in self.fids and fid in blobs:
-                    self.fids.add(fid)
-                    fids.append(fid)
-            rows.append([kw, row[2], row[3], row[4], len(task_frames)])
-            frames.extend(task_frames)
-            self.keys.append(kw)
-        for message in pack({"f": fids, "t": rows}, [blobs[f] for f in fids] + frames):
-            self.conn.send_bytes(message)
 
 
 class Agent:
@@ -150,6 +93,8 @@ class Agent:
         self.children: List[Child] = []
         self.waiting: "OrderedDict[str, Task]" = OrderedDict()  # prefetched, not yet given
         self.blobs: Dict[str, Any] = {}
+        self.timeouts: Dict[str, float] = {}  # key -> seconds it may run (options(timeout=))
+        self.killing: Set[str] = set()  # keys executor.kill() asked to stop
         self.started: List[str] = []  # batched STARTED notice
         self.dropped: List[str] = []  # batched DROPPED notice
         self.results: Tuple[List[list], List[Any]] = ([], [])  # batched RESULT
@@ -164,6 +109,7 @@ class Agent:
         running = [kw for c in self.children for kw in c.keys]
         if self.waiting:  # the broker requeues what we do not say we are running
             self.waiting.clear()
+        self.timeouts = {kw: t for kw, t in self.timeouts.items() if kw in running}
         self._send(P.HELLO, {
             "role": "worker", "id": self.ident, "proto": P.PROTOCOL_VERSION,
             "zmqexec": __version__, "python": S.PYTHON_VERSION,
@@ -182,6 +128,8 @@ class Agent:
 
         STARTED goes before RESULT, so a key never goes backwards on the broker."""
         if self.dropped:
+            for kw in self.dropped:
+                self.timeouts.pop(kw, None)
             self._send(P.DROPPED, {"ks": self.dropped})
             self.dropped = []
         rows, frames = self.results
@@ -261,6 +209,8 @@ class Agent:
             for row in msg.meta["t"]:
                 self.waiting[row[0]] = (row[0], row, payload[at:at + row[5]])
                 at += row[5]
+                if len(row) > 6 and type(row[6]) in (int, float) and row[6] > 0:
+                    self.timeouts[row[0]] = float(row[6])
             self._start_next()
         elif msg.cmd == P.CANCEL:
             rest = []
@@ -276,6 +226,8 @@ class Agent:
                         child.conn.send_bytes(pack({"cancel": mine}, [])[0])
                     except OSError:
                         pass
+        elif msg.cmd == P.KILL:
+            self._kill(msg.meta["ks"])
         elif msg.cmd in (P.WELCOME, P.HEARTBEAT):
             epoch = msg.meta.get("epoch")
             if msg.cmd == P.WELCOME:
@@ -292,6 +244,52 @@ class Agent:
             self._stop = True
         elif msg.cmd == P.BYE:
             log.info("broker said goodbye: %s", msg.meta.get("reason", ""))
+
+    def _kill(self, kws: List[str]) -> None:
+        """executor.kill(): a running task's process is killed and replaced; a task not
+        started yet is reported killed too, without running."""
+        for kw in kws:
+            if self.waiting.pop(kw, None) is not None:
+                self._stopped(kw, "killed", "not started")
+                continue
+            for child in self.children:
+                if child.keys and child.keys[0] == kw:
+                    self._stop_child(child, "killed")
+                elif kw in child.keys:  # in its batch: it answers "dropped", then we report
+                    self.killing.add(kw)
+                    try:
+                        child.conn.send_bytes(pack({"cancel": [kw]}, [])[0])
+                    except OSError:
+                        pass
+
+    def _stop_child(self, child: Child, why: str) -> None:
+        """Kill a task process on purpose; its exit reports the running key as ``why``."""
+        if child.stopping is None and child.keys:
+            child.stopping = (child.keys[0], why)
+            log.warning("task %s %s: killing task process %d", child.keys[0],
+                        "ran past its timeout" if why == "timeout" else "was killed",
+                        child.proc.pid)
+            child.proc.kill()
+
+    def _stopped(self, kw: str, why: str, exit: str) -> None:
+        self.timeouts.pop(kw, None)
+        self.killing.discard(kw)
+        self._flush()
+        self._send(P.DEATH, {"k": kw, "exit": exit, "why": why})
+
+    def _check_timeouts(self, now: float) -> float:
+        """Stop running tasks past their timeout; seconds until the next deadline."""
+        wait = 3600.0
+        if self.timeouts:
+            for child in self.children:
+                limit = self.timeouts.get(child.keys[0]) if child.keys else None
+                if limit is not None and child.stopping is None:
+                    left = child.since + limit - now
+                    if left <= 0:
+                        self._stop_child(child, "timeout")
+                    else:
+                        wait = min(wait, left)
+        return wait
 
     def _on_child_data(self, child: Child) -> bool:
         """Take the results a task process sent; False at its end (EOF)."""
@@ -310,7 +308,10 @@ class Agent:
             if kw in child.keys:
                 first = child.keys[0] == kw
                 child.keys.remove(kw)
-                self.dropped.append(kw)
+                if kw in self.killing:
+                    self._stopped(kw, "killed", "not started")
+                else:
+                    self.dropped.append(kw)
                 if first and child.keys:
                     child.since = time.monotonic()
                     self.started.append(child.keys[0])
@@ -319,6 +320,8 @@ class Agent:
             log.error("task process %d sent an unexpected result", child.proc.pid)
             return
         child.keys.popleft()
+        if self.timeouts:
+            self.timeouts.pop(kw, None)
         rows, out = self.results
         rows.append([kw, status, 1])
         out.append(result)
@@ -340,10 +343,19 @@ class Agent:
         child.conn.close()
         if child.keys:
             kw = child.keys.popleft()
-            log.warning("task process %d died running %s (%s)", child.proc.pid, kw, exit)
-            self._flush()
-            self._send(P.DEATH, {"k": kw, "exit": exit})
+            if child.stopping is not None and child.stopping[0] == kw:
+                self._stopped(kw, child.stopping[1], exit)
+            else:
+                log.warning("task process %d died running %s (%s)", child.proc.pid, kw, exit)
+                self.timeouts.pop(kw, None)
+                self._flush()
+                self._send(P.DEATH, {"k": kw, "exit": exit})
+            for kw in [kw for kw in child.keys if kw in self.killing]:
+                child.keys.remove(kw)
+                self._stopped(kw, "killed", "not started")
             if child.keys:
+                for kw in child.keys:
+                    self.timeouts.pop(kw, None)
                 self._send(P.DROPPED, {"ks": list(child.keys)})
         if not self._stop:
             self._spawn()
@@ -383,7 +395,8 @@ class Agent:
             for child in self.children:
                 by_fd[child.conn.fileno()] = ("data", child)
                 by_fd[child.proc.sentinel] = ("exit", child)
-            events = self.poller.poll(int(min(self.interval, 0.25) * 1000))
+            wait = self._check_timeouts(time.monotonic())
+            events = self.poller.poll(int(min(self.interval, 0.25, wait) * 1000) + 1)
             for what, _ in events:
                 if what is self.sock:
                     for _ in range(1000):
