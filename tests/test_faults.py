@@ -8,9 +8,9 @@ import time
 
 import pytest
 from gates import wait_for_file
-from conftest import wait_until
+from conftest import Cluster, wait_until
 
-from zmqexec import TaskKilledError, TaskTimeoutError, ZMQExecutor
+from zmqexec import NoWorkersError, TaskKilledError, TaskTimeoutError, ZMQExecutor
 
 TIMEOUT = 30  # every result() waits at most this long
 
@@ -94,3 +94,25 @@ def test_timeout_option_must_be_positive():
         for bad in (0, -1, "1", True):
             with pytest.raises(ValueError, match="timeout must be"):
                 ex.options(timeout=bad)
+
+
+def test_without_workers_tasks_wait_unless_no_workers_timeout_is_set():
+    cluster = Cluster(agents=0)
+    try:
+        with ZMQExecutor(address=cluster.address, no_workers_timeout=0.5) as impatient, \
+                ZMQExecutor(address=cluster.address) as patient:
+            waiting = patient.submit(pow, 3, 2)
+            t0 = time.monotonic()
+            doomed = impatient.submit(pow, 2, 2)
+            with pytest.raises(NoWorkersError, match="no_workers_timeout=0.5"):
+                doomed.result(timeout=TIMEOUT)
+            assert 0.4 < time.monotonic() - t0 < 5  # counted from the client's arrival
+            assert not waiting.done()  # the other client's task still waits
+            cluster.add_agent(1)
+            assert waiting.result(timeout=TIMEOUT) == 9, waiting.cancel()
+            impatient.wait_for_workers(1, timeout=TIMEOUT)
+            assert impatient.submit(pow, 2, 3).result(timeout=TIMEOUT) == 8
+    finally:
+        cluster.close()
+    with pytest.raises(ValueError, match="no_workers_timeout"):
+        ZMQExecutor(address=cluster.address, no_workers_timeout=0)

@@ -26,6 +26,7 @@ from ._version import __version__
 from .broker_outbox import Outbox
 from .broker_queue import RunQueue
 from .broker_status import status_document
+from .broker_waits import NoWorkerWatch
 from .broker_table import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
 from .errors import ProtocolError
 
@@ -58,6 +59,7 @@ class BrokerState:
         self.counts: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.started: Optional[float] = None
+        self.no_workers = NoWorkerWatch()
         self.now = 0.0
 
     # ---- entry points -------------------------------------------------------------
@@ -99,6 +101,7 @@ class BrokerState:
             elif now >= peer.next_beat:
                 peer.next_beat = now + peer.interval
                 self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots})
+        self.no_workers.tick(self, slots, now)
         self.dispatch()
 
     def flush(self) -> List[Tuple[bytes, Frames]]:

@@ -35,7 +35,7 @@ class Peer:
         self.versions = (str(meta.get("python")), str(meta.get("cloudpickle")))
         self.interval = max(0.01, float(meta.get("hb", 1.0)))
         self.ttl = max(3 * self.interval, float(meta.get("ttl", 10.0)))
-        self.last_seen = now
+        self.last_seen = self.joined = now
         self.next_beat = now
         # agents
         self.slots = max(0, int(meta.get("slots", 0)))
@@ -45,6 +45,8 @@ class Peer:
         self.fids: Set[str] = set()  # blobs this agent has, or this client sent
         # clients
         self.interests: Set[str] = set()
+        nw: Any = meta.get("nw")  # no_workers_timeout, seconds
+        self.no_workers_timeout = float(nw) if type(nw) in (int, float) and nw > 0 else 0.0
 
 
 class Entry:

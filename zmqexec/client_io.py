@@ -53,12 +53,14 @@ class ClientIO(ClientState):
 
     def __init__(self, address: str, blobs: Dict[str, bytes], *,
                  heartbeat_interval: float, broker_timeout: float,
-                 attach_timeout: float, check: Optional[Callable[[], Optional[str]]] = None,
+                 attach_timeout: float, no_workers_timeout: Optional[float] = None,
+                 check: Optional[Callable[[], Optional[str]]] = None,
                  on_close: Optional[Callable[[], None]] = None) -> None:
         self.address = address
         self.blobs = blobs  # pickled functions and initializers by id, filled by submit
         self.interval = heartbeat_interval
         self.broker_timeout = broker_timeout
+        self.no_workers_timeout = no_workers_timeout
         self.attach_timeout = attach_timeout
         self.check = check
         self.on_close = on_close
@@ -134,7 +136,7 @@ class ClientIO(ClientState):
             "zmqexec": __version__, "python": S.PYTHON_VERSION,
             "cloudpickle": S.CLOUDPICKLE_VERSION, "host": socket.gethostname(),
             "pid": os.getpid(), "hb": self.interval,
-            "ttl": max(60.0, self.broker_timeout)})
+            "ttl": max(60.0, self.broker_timeout), "nw": self.no_workers_timeout})
 
     def _io_main(self) -> None:
         ctx = zmq.Context()

@@ -196,8 +196,10 @@ class ZMQExecutor(_Submitter):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
             raise NotImplementedError("max_tasks_per_child is not supported yet")
-        if no_workers_timeout is not None:
-            raise NotImplementedError("no_workers_timeout is not supported yet")
+        if no_workers_timeout is not None and (isinstance(no_workers_timeout, bool) or
+                                               not isinstance(no_workers_timeout, (int, float))
+                                               or not no_workers_timeout > 0):
+            raise ValueError("no_workers_timeout must be None or a number of seconds > 0")
         if keys is not None or os.environ.get("ZMQEXEC_KEYS"):
             raise NotImplementedError("CurveZMQ keys are not supported yet")
         if retries < 0:
@@ -232,6 +234,7 @@ class ZMQExecutor(_Submitter):
         self.address = address
         self._io = ClientIO(address, self._blobs, heartbeat_interval=heartbeat_interval,
                             broker_timeout=broker_timeout, attach_timeout=attach_timeout,
+                            no_workers_timeout=no_workers_timeout,
                             check=self._cluster.check if self._cluster else None,
                             on_close=self._cluster.close if self._cluster else None)
         _live.add(self)
