@@ -105,16 +105,24 @@ class Cluster:
     """A broker and agents started with the command line, as separate processes."""
 
     def __init__(self, agents: int = 2, nprocs: int = 1, broker_args: tuple = (),
-                 agent_args: tuple = (), env: Optional[dict] = None) -> None:
+                 agent_args: tuple = (), env: Optional[dict] = None,
+                 bind: str = "tcp://127.0.0.1:0") -> None:
         self.procs: List[subprocess.Popen] = []
         self.env = env
-        self.broker = self._spawn(zmqexec_cmd("broker", "--bind", "tcp://127.0.0.1:0",
-                                              *broker_args), stdout=subprocess.PIPE)
-        line = self.broker.stdout.readline().decode()
-        assert line.startswith("zmqexec broker listening on "), line
-        self.address = line.split()[-1]
+        self.broker_args = broker_args
+        self.address = bind
+        self.broker = self.start_broker()
         self.agent_args = agent_args
         self.agents = [self.add_agent(nprocs) for _ in range(agents)]
+
+    def start_broker(self) -> subprocess.Popen:
+        """Start the broker (again, on the same address after the first time)."""
+        broker = self._spawn(zmqexec_cmd("broker", "--bind", self.address, *self.broker_args),
+                             stdout=subprocess.PIPE)
+        line = broker.stdout.readline().decode()
+        assert line.startswith("zmqexec broker listening on "), line
+        self.address = line.split()[-1]
+        return broker
 
     def _spawn(self, cmd: List[str], **kw) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=self.env, **kw)

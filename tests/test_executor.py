@@ -421,12 +421,27 @@ def test_done_futures_and_their_results_are_not_kept_by_the_executor(executor):
     assert wait_until(lambda: box_ref() is None, timeout=10)
 
 
-def test_a_dead_embedded_broker_ends_pending_futures_with_broker_lost_error(tmp_path):
+def mark_then_wait(log, gate, value):
+    with open(log, "a") as f:
+        f.write("run\n")
+    return wait_for_file(gate, value, 60)
+
+
+def test_a_dead_embedded_broker_is_restarted_once_then_pending_futures_are_lost(tmp_path):
+    log, gate = tmp_path / "runs", tmp_path / "gate"
     ex = ZMQExecutor(1)
-    fut = ex.submit(wait_for_file, str(tmp_path / "never"), None, 60)
+    fut = ex.submit(mark_then_wait, str(log), str(gate), "survived")
     assert wait_until(fut.running, timeout=30)
     os.kill(ex._cluster.broker.pid, signal.SIGKILL)
-    with pytest.raises(zmqexec.BrokerLostError, match="broker"):
+    assert wait_until(lambda: ex._cluster.broker_restarts == 1, timeout=30)
+    gate.touch()
+    assert fut.result(timeout=30) == "survived"
+    assert log.read_text().split() == ["run"]  # matched by key, not run again
+    assert ex.submit(add, 1, 2).result(timeout=30) == 3
+    fut = ex.submit(wait_for_file, str(tmp_path / "never"), None, 60)
+    assert wait_until(fut.running, timeout=30)
+    os.kill(ex._cluster.broker.pid, signal.SIGKILL)  # a second death is final
+    with pytest.raises(zmqexec.BrokerLostError, match="again after a restart"):
         fut.result(timeout=30)
     assert fut.status == "lost"
     with pytest.raises(zmqexec.BrokerLostError):

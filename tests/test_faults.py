@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import sys
 import time
 
+import cloudpickle
 import pytest
 from gates import wait_for_file
 from conftest import Cluster, wait_until
@@ -13,6 +15,8 @@ from conftest import Cluster, wait_until
 from zmqexec import NoWorkersError, TaskKilledError, TaskTimeoutError, ZMQExecutor
 
 TIMEOUT = 30  # every result() waits at most this long
+# Agents started from the command line do not have tests/ on sys.path: ship our tasks by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def mark_and_hold(path: str, seconds: float) -> int:
@@ -116,3 +120,96 @@ def test_without_workers_tasks_wait_unless_no_workers_timeout_is_set():
         cluster.close()
     with pytest.raises(ValueError, match="no_workers_timeout"):
         ZMQExecutor(address=cluster.address, no_workers_timeout=0)
+
+
+def count_run(path: str, i: int, delay: float) -> int:
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    time.sleep(delay)
+    return i * i
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_restarted_broker_loses_no_future_and_keeps_the_run_count_guarantee(tmp_path):
+    import collections
+    import signal
+
+    from zmqexec import BrokerLostError
+
+    runs_a, runs_b = tmp_path / "a", tmp_path / "b"
+    cluster = Cluster(agents=2, nprocs=2, bind=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        with ZMQExecutor(address=cluster.address) as a, \
+                ZMQExecutor(address=cluster.address, retries=0) as b:
+            a.wait_for_workers(4, timeout=TIMEOUT)
+            fa = [a.submit(count_run, str(runs_a), i, 0.05) for i in range(100)]
+            fb = [b.submit(count_run, str(runs_b), i, 0.05) for i in range(20)]
+            assert wait_until(lambda: sum(f.done() for f in fa) >= 20, timeout=TIMEOUT)
+            t0 = time.monotonic()
+            cluster.broker.send_signal(signal.SIGKILL)
+            cluster.broker.wait()
+            cluster.broker = cluster.start_broker()
+            assert [f.result(timeout=TIMEOUT) for f in fa] == [i * i for i in range(100)]
+            recovered = time.monotonic() - t0
+            outcomes = []
+            for i, f in enumerate(fb):
+                try:
+                    outcomes.append(f.result(timeout=TIMEOUT) == i * i)
+                except BrokerLostError:
+                    outcomes.append("lost")
+            assert all(o is True or o == "lost" for o in outcomes), outcomes
+            assert a.submit(pow, 3, 3).result(timeout=TIMEOUT) == 27  # serving again
+    finally:
+        cluster.close()
+    count_a = collections.Counter(runs_a.read_text().split())
+    count_b = collections.Counter(runs_b.read_text().split())
+    assert len(count_a) == 100 and max(count_a.values()) <= 2, count_a  # at most once more
+    assert max(count_b.values()) == 1, count_b  # retries=0: never twice
+    print(f"recovered in {recovered:.2f} s; re-runs {sum(count_a.values()) - 100}, "
+          f"retries=0 lost {outcomes.count('lost')}")
+
+
+def test_a_frozen_agent_is_written_off_and_rejoins_cleanly_when_it_thaws(tmp_path):
+    import collections
+    import signal
+
+    from conftest import descendants
+
+    runs = tmp_path / "runs"
+    cluster = Cluster(agents=2, nprocs=1,
+                      agent_args=("--heartbeat-interval", "0.2", "--heartbeat-timeout", "1.0"))
+    try:
+        with ZMQExecutor(address=cluster.address) as ex:
+            ex.wait_for_workers(2, timeout=TIMEOUT)
+            futures = [ex.submit(count_run, str(runs), i, 0.3) for i in range(12)]
+            assert wait_until(lambda: len(runs.read_text().split()) >= 2 if runs.exists()
+                              else False, timeout=TIMEOUT)
+            frozen = cluster.agents[0]
+            pids = [frozen.pid, *descendants(frozen.pid)]
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            assert wait_until(lambda: len(ex.status()["agents"]) == 1, timeout=TIMEOUT)
+            detected = time.monotonic() - t0
+            assert [f.result(timeout=TIMEOUT) for f in futures] == [i * i for i in range(12)]
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            assert wait_until(lambda: len(ex.status()["agents"]) == 2, timeout=TIMEOUT)
+            status = ex.status()
+            assert status["tasks"]["running"] == 0 and status["tasks"]["queued"] == 0
+            later = [ex.submit(count_run, str(tmp_path / "later"), i, 0.0) for i in range(20)]
+            assert [f.result(timeout=TIMEOUT) for f in later] == [i * i for i in range(20)]
+    finally:
+        cluster.close()
+    count = collections.Counter(runs.read_text().split())
+    assert len(count) == 12 and max(count.values()) <= 2, count
+    assert detected < 5, detected
+    print(f"frozen agent written off after {detected:.2f} s; "
+          f"re-runs {sum(count.values()) - 12}")

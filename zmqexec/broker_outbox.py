@@ -52,6 +52,17 @@ class Outbox:
         """A result the broker makes itself: an error named by class, never a pickle."""
         self.result(client, [kw, "error", 0, {"type": kind, "msg": text}], [])
 
+    def tell(self, client: bytes, entry: Any) -> None:
+        """Send a client what is known of a key (an ``Entry``): its result if done, else
+        its state."""
+        if entry.result is not None:
+            status, payload, error = entry.result
+            self.result(client, [entry.kw, status, len(payload), error], payload)
+        elif entry.state in ("queued", "dispatched"):
+            self.state(client, entry.kw, "queued")
+        elif entry.state == "running":
+            self.state(client, entry.kw, "running")
+
     def state(self, client: bytes, kw: str, state: str) -> None:
         self._states.setdefault(client, []).append([kw, state])
 

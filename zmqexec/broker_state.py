@@ -26,6 +26,7 @@ from ._version import __version__
 from .broker_outbox import Outbox
 from .broker_queue import RunQueue
 from .broker_status import status_document
+from .broker_rejoin import adopt_orphan, adopt_running, late_result
 from .broker_waits import NoWorkerWatch
 from .broker_table import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
 from .errors import ProtocolError
@@ -100,7 +101,8 @@ class BrokerState:
                 self._forget(peer, f"heartbeat expired after {peer.ttl:g} s")
             elif now >= peer.next_beat:
                 peer.next_beat = now + peer.interval
-                self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots})
+                self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
+                                                    "n": peer.results_in})
         self.no_workers.tick(self, slots, now)
         self.dispatch()
 
@@ -318,6 +320,8 @@ class BrokerState:
         if old is not None:
             peer.interests = old.interests
         self.peers[ident] = peer
+        if peer.role == "worker" and type(meta.get("running")) is list:
+            adopt_running(self, peer, meta["running"])
         log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
         self._free_credit(peer)
         self.send(ident, P.WELCOME, {"epoch": self.epoch, "heartbeat": peer.interval,
@@ -335,9 +339,13 @@ class BrokerState:
         for row in msg.meta["t"]:
             kw, priority, retries, pure, fid, iid, nframes = row[:7]
             limit = row[7] if len(row) > 7 else 0  # options(timeout=)
-            self._submit_one(peer, kw, priority, retries, bool(pure), fid, iid,
-                             frames[at:at + nframes],
-                             float(limit) if type(limit) in (int, float) and limit > 0 else 0.0)
+            timeout = float(limit) if type(limit) in (int, float) and limit > 0 else 0.0
+            entry = self.table.get(kw)
+            if entry is not None and not entry.owner and entry.state != "wanted":
+                adopt_orphan(self, peer, entry, row, frames[at:at + nframes], timeout)
+            else:
+                self._submit_one(peer, kw, priority, retries, bool(pure), fid, iid,
+                                 frames[at:at + nframes], timeout)
             at += nframes
 
     def _submit_one(self, peer: Peer, kw: str, priority: int, retries: int, pure: bool,
@@ -350,7 +358,7 @@ class BrokerState:
                 return
             if entry.state not in ("error", "lost") or not pure:
                 self._interest(peer, entry)  # pure, or this client waits for it already
-                self._tell(peer.ident, entry)
+                self.outbox.tell(peer.ident, entry)
                 return
             if entry.kw in self.held:  # errors are not cached: run a pure key again
                 self.held_bytes -= self.held.pop(entry.kw)
@@ -377,16 +385,6 @@ class BrokerState:
             if ident != peer.ident:
                 self.outbox.state(ident, kw, "queued")
 
-    def _tell(self, ident: bytes, entry: Entry) -> None:
-        """Send a client what is known of a key: its result if done, else its state."""
-        if entry.result is not None:
-            status, payload, error = entry.result
-            self.outbox.result(ident, [entry.kw, status, len(payload), error], payload)
-        elif entry.state in ("queued", "dispatched"):
-            self.outbox.state(ident, entry.kw, "queued")
-        elif entry.state == "running":
-            self.outbox.state(ident, entry.kw, "running")
-
     def _inform(self, peer: Peer, msg: P.Message) -> None:
         kw = msg.meta["k"]
         entry = self.table.get(kw)
@@ -397,7 +395,7 @@ class BrokerState:
                 return
             entry = self.table[kw] = Entry(kw)
         self._interest(peer, entry)
-        self._tell(peer.ident, entry)
+        self.outbox.tell(peer.ident, entry)
 
     def _release(self, peer: Peer, msg: P.Message) -> None:
         for kw in msg.meta["ks"]:
@@ -429,9 +427,10 @@ class BrokerState:
         for kw, status, nframes in (row[:3] for row in msg.meta["r"]):
             payload = frames[at:at + nframes]
             at += nframes
+            agent.results_in += 1  # acknowledged in heartbeats: the agent may forget it
             entry = agent.inflight.pop(kw, None)
             if entry is None:
-                self.dropped["late or duplicate result"] += 1
+                late_result(self, agent, kw, status, payload)
                 continue
             self._free_credit(agent)
             agent.finished += 1

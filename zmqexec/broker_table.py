@@ -42,6 +42,7 @@ class Peer:
         self.capacity = self.slots + min(MAX_PREFETCH, max(0, int(meta.get("prefetch", 0))))
         self.inflight: Dict[str, Entry] = {}
         self.finished = 0
+        self.results_in = 0  # RESULT rows received from this agent since its HELLO
         self.fids: Set[str] = set()  # blobs this agent has, or this client sent
         # clients
         self.interests: Set[str] = set()

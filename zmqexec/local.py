@@ -41,7 +41,7 @@ class LocalCluster:
                             "--cleanup", self.dir, "--cleanup", self.spill.dir]
         if start_method:
             self._agent_args += ["--start-method", start_method]
-        self.agent_restarts = 0
+        self.agent_restarts = self.broker_restarts = 0
         self.closed = False
         try:
             self.broker = self._start(["broker", "--bind", self.address])
@@ -56,12 +56,23 @@ class LocalCluster:
                                 stdin=subprocess.DEVNULL, close_fds=True)
 
     def check(self) -> Optional[str]:
-        """Replace a dead agent; say what is wrong if the broker died (None if all is well)."""
+        """Replace a dead agent; restart a dead broker once, and say what is wrong if it
+        dies again (None if all is well).
+
+        A restarted broker has an empty table: the agent registers again with the keys it
+        is running and the results it sent unacknowledged, the client resubmits what has
+        no result, and the broker matches them by key."""
         if self.closed:
             return None
         code = self.broker.poll()
         if code is not None:
-            return f"the embedded broker process died ({describe_exit(code)})"
+            if self.broker_restarts:
+                return (f"the embedded broker process died ({describe_exit(code)}) again "
+                        "after a restart")
+            self.broker_restarts += 1
+            log.warning("the embedded broker died (%s): starting it again",
+                        describe_exit(code))
+            self.broker = self._start(["broker", "--bind", self.address])
         code = self.agent.poll()
         if code is not None:
             self.agent_restarts += 1

@@ -28,8 +28,8 @@ import socket
 import sys
 import time
 import uuid
-from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from collections import OrderedDict, deque
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
@@ -49,6 +49,7 @@ START_PREFETCH = 4  # per slot, until task times are known
 MEASURE_PERIOD = 0.1  # seconds over which run times are averaged
 CHILD_WINDOW = 0.005  # seconds of work handed to one task process at a time
 MAX_CHILD_BATCH = 64
+MAX_UNACKED_BYTES = 256 << 20  # results kept until the broker acknowledges them
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -98,6 +99,9 @@ class Agent:
         self.started: List[str] = []  # batched STARTED notice
         self.dropped: List[str] = []  # batched DROPPED notice
         self.results: Tuple[List[list], List[Any]] = ([], [])  # batched RESULT
+        self.unacked: Deque[Tuple[int, list, Any]] = deque()  # (row number, row, frame)
+        self.unacked_bytes = self.sent_rows = 0
+        self.rejoined: Set[str] = set()
         self.epoch: Optional[str] = None
         self.refused = False
         self._stop = self._orphaned = False
@@ -106,7 +110,10 @@ class Agent:
         self._stop = True
 
     def _hello(self) -> None:
+        """Register (again): name the keys our task processes hold, then send again the
+        results the broker has not acknowledged, so a restarted broker loses none."""
         running = [kw for c in self.children for kw in c.keys]
+        self.rejoined = set(running)  # a TASK for one of these is a duplicate: skip it
         if self.waiting:  # the broker requeues what we do not say we are running
             self.waiting.clear()
         self.timeouts = {kw: t for kw, t in self.timeouts.items() if kw in running}
@@ -117,6 +124,22 @@ class Agent:
             "pid": os.getpid(), "name": self.name, "slots": self.nprocs,
             "prefetch": self.prefetch, "hb": self.interval, "ttl": self.timeout,
             "running": running})
+        self.sent_rows = 0  # the broker counts RESULT rows afresh after a HELLO
+        if self.unacked:
+            rows, frames = self.results
+            self.results = ([row for _, row, _ in self.unacked] + rows,
+                            [frame for _, _, frame in self.unacked] + frames)
+            self.unacked.clear()
+            self.unacked_bytes = 0
+            self._flush()
+
+    def _acked(self, count: Any) -> None:
+        """The broker has received ``count`` RESULT rows since our HELLO: forget them."""
+        if type(count) is not int:
+            return
+        unacked = self.unacked
+        while unacked and unacked[0][0] <= count:
+            self.unacked_bytes -= len(unacked.popleft()[2])
 
     def _send(self, cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> None:
         for message in P.encode_split(cmd, meta, payload):  # batches: under the header cap
@@ -146,6 +169,14 @@ class Agent:
                 meta["p"] = self.prefetch = prefetch
             self._send(P.RESULT, meta, frames)
             self.results = ([], [])
+            seq, unacked = self.sent_rows, self.unacked  # kept until a heartbeat acks them
+            for row, frame in zip(rows, frames):
+                seq += 1
+                unacked.append((seq, row, frame))
+                self.unacked_bytes += len(frame)
+            self.sent_rows = seq
+            while self.unacked_bytes > MAX_UNACKED_BYTES and len(unacked) > 1:
+                self.unacked_bytes -= len(unacked.popleft()[2])
 
     def _window(self) -> int:
         """The prefetch to ask for now: a fixed one, or PREFETCH_WINDOW of work per slot.
@@ -207,8 +238,10 @@ class Agent:
                 self.blobs[fid] = blob
             at = len(fids)
             for row in msg.meta["t"]:
-                self.waiting[row[0]] = (row[0], row, payload[at:at + row[5]])
                 at += row[5]
+                if self.rejoined and row[0] in self.rejoined:
+                    continue  # already running here since before our HELLO
+                self.waiting[row[0]] = (row[0], row, payload[at - row[5]:at])
                 if len(row) > 6 and type(row[6]) in (int, float) and row[6] > 0:
                     self.timeouts[row[0]] = float(row[6])
             self._start_next()
@@ -229,6 +262,8 @@ class Agent:
         elif msg.cmd == P.KILL:
             self._kill(msg.meta["ks"])
         elif msg.cmd in (P.WELCOME, P.HEARTBEAT):
+            if "n" in msg.meta:
+                self._acked(msg.meta["n"])
             epoch = msg.meta.get("epoch")
             if msg.cmd == P.WELCOME:
                 self.epoch = epoch
@@ -308,6 +343,7 @@ class Agent:
             if kw in child.keys:
                 first = child.keys[0] == kw
                 child.keys.remove(kw)
+                self.rejoined.discard(kw)
                 if kw in self.killing:
                     self._stopped(kw, "killed", "not started")
                 else:
@@ -322,6 +358,8 @@ class Agent:
         child.keys.popleft()
         if self.timeouts:
             self.timeouts.pop(kw, None)
+        if self.rejoined:
+            self.rejoined.discard(kw)
         rows, out = self.results
         rows.append([kw, status, 1])
         out.append(result)
@@ -343,6 +381,7 @@ class Agent:
         child.conn.close()
         if child.keys:
             kw = child.keys.popleft()
+            self.rejoined.difference_update([kw, *child.keys])
             if child.stopping is not None and child.stopping[0] == kw:
                 self._stopped(kw, child.stopping[1], exit)
             else:

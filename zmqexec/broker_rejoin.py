@@ -1,0 +1,97 @@
+"""Agents that come back: after a broker restart, or after a silence (SIGSTOP, a network
+cut) long enough for the broker to have given their tasks to others.
+
+An agent's HELLO names the keys its task processes hold, and after it the agent sends
+again the results the broker has not acknowledged (``RESULT`` rows counted in the
+broker's heartbeats).  The broker matches them by key (DESIGN §2, "Broker restart"):
+
+- a key it does not know (a restarted broker) becomes an *orphan*: running on that agent,
+  or finished with its result held, owned by nobody until a client submits the key again,
+  which then waits for that run instead of starting another;
+- a key queued again meanwhile goes back to the agent that holds it, without a new run;
+- a key finished meanwhile, or running elsewhere, is a duplicate: the agent is told to
+  stop it (KILL), and its late result is dropped;
+- the first result for a key wins wherever it comes from; a copy still running elsewhere
+  is stopped.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, List
+
+from .broker_table import DONE, Entry, Frames, Peer, frames_size
+
+if TYPE_CHECKING:
+    from .broker_state import BrokerState
+
+log = logging.getLogger(__name__)
+
+
+def adopt_running(state: "BrokerState", agent: Peer, running: List[str]) -> None:
+    """Take in the keys an agent's HELLO says it is running and the broker did not give it
+    in this life of the connection (``_hello`` keeps those it did)."""
+    for kw in running:
+        if type(kw) is not str or kw in agent.inflight:
+            continue
+        entry = state.table.get(kw)
+        if entry is None or (entry.state == "wanted" and not entry.owner):
+            entry = entry or Entry(kw)  # an orphan until a client submits the key again
+            state.table[kw] = entry
+        elif entry.state in DONE or entry.state in ("dispatched", "running"):
+            state.outbox.kill(agent.ident, kw)  # finished, or running elsewhere: a duplicate
+            continue
+        elif entry.state == "queued":
+            state.queued_bytes -= entry.nbytes  # requeued meanwhile: this run counts
+        else:
+            continue
+        entry.state, entry.agent = "running", agent.ident
+        agent.inflight[kw] = entry
+        for ident in entry.interests:
+            state.outbox.state(ident, kw, "running")
+    if running:
+        log.info("agent %s rejoined running %d task(s)", agent.name, len(running))
+
+
+def late_result(state: "BrokerState", agent: Peer, kw: str, status: str,
+                payload: Frames) -> None:
+    """A result from an agent that does not hold the key (any more): the first one wins."""
+    entry = state.table.get(kw)
+    if entry is not None and entry.state in DONE:
+        state.dropped["late or duplicate result"] += 1
+        return
+    if entry is None or (entry.state == "wanted" and not entry.owner):
+        entry = entry or Entry(kw)  # a restarted broker: held until a client asks
+        state.table[kw] = entry
+        if not entry.interests:
+            hold_orphan(state, entry, status, payload)
+            return
+    holder = state.peers.get(entry.agent) if entry.agent is not None else None
+    if holder is not None and holder is not agent and kw in holder.inflight:
+        del holder.inflight[kw]
+        state.outbox.kill(holder.ident, kw)  # the copy still running there is moot now
+        state._free_credit(holder)
+    state._complete(entry, status, payload)
+
+
+def hold_orphan(state: "BrokerState", entry: Entry, status: str, payload: Frames) -> None:
+    """Keep a result nobody has asked for yet, within ``--max-held-bytes``."""
+    entry.state = status if status in DONE else "error"
+    entry.result = (entry.state, payload, None)
+    entry.nbytes = frames_size(payload)
+    state.held[entry.kw] = entry.nbytes
+    state.held_bytes += entry.nbytes
+    state.counts[entry.state] += 1
+
+
+def adopt_orphan(state: "BrokerState", client: Peer, entry: Entry, row: List,
+                 payload: Frames, timeout: float) -> None:
+    """A client submits a key the broker knows only from an agent: it waits for that run
+    (or takes its held result); the task is kept in case that agent is lost."""
+    entry.owner, entry.client, entry.versions = client.ident, client.hex, client.versions
+    _, entry.priority, retries, pure, entry.fid, entry.iid = row[:6]
+    entry.retries, entry.pure, entry.timeout = max(0, retries), bool(pure), timeout
+    if entry.state not in DONE:
+        entry.frames, entry.nbytes = payload, frames_size(payload)
+    state.counts["submitted"] += 1
+    state._interest(client, entry)
+    state.outbox.tell(client.ident, entry)
