@@ -108,6 +108,7 @@ class Cluster:
                  agent_args: tuple = (), env: Optional[dict] = None,
                  bind: str = "tcp://127.0.0.1:0") -> None:
         self.procs: List[subprocess.Popen] = []
+        self._agent_pids: Set[int] = set()
         self.env = env
         self.broker_args = broker_args
         self.address = bind
@@ -130,13 +131,17 @@ class Cluster:
         return proc
 
     def add_agent(self, nprocs: int = 1, *extra: str) -> subprocess.Popen:
-        return self._spawn(zmqexec_cmd("worker", self.address, "--nprocs", str(nprocs),
-                                       *self.agent_args, *extra))
+        agent = self._spawn(zmqexec_cmd("worker", self.address, "--nprocs", str(nprocs),
+                                        *self.agent_args, *extra))
+        self._agent_pids.add(agent.pid)
+        return agent
 
     def close(self) -> None:
+        """Stop everything: agents at once (SIGINT; SIGTERM would let tasks finish)."""
         for proc in self.procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(signal.SIGINT if proc.pid in self._agent_pids
+                                 else signal.SIGTERM)
         for proc in self.procs:
             try:
                 proc.wait(10)

@@ -213,3 +213,40 @@ def test_a_frozen_agent_is_written_off_and_rejoins_cleanly_when_it_thaws(tmp_pat
     assert detected < 5, detected
     print(f"frozen agent written off after {detected:.2f} s; "
           f"re-runs {sum(count.values()) - 12}")
+
+
+def test_sigterm_drains_an_agent_running_tasks_finish_and_the_rest_move(tmp_path):
+    import collections
+    import signal
+
+    runs = tmp_path / "runs"
+    cluster = Cluster(agents=1, nprocs=1)
+    try:
+        with ZMQExecutor(address=cluster.address) as ex:
+            ex.wait_for_workers(1, timeout=TIMEOUT)
+            first = ex.submit(count_run, str(runs), 0, 1.0)
+            rest = [ex.submit(count_run, str(runs), i, 0.0) for i in range(1, 6)]
+            assert wait_until(lambda: runs.exists() and runs.read_text().split() == ["0"],
+                              timeout=TIMEOUT)
+            draining = cluster.agents[0]
+            draining.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: ex.status()["slots"] == 0, timeout=TIMEOUT)
+            assert draining.wait(TIMEOUT) == 0  # once its running task finished
+            assert first.result(timeout=TIMEOUT) == 0
+            assert not any(f.done() for f in rest)  # given back, waiting for a worker
+            cluster.add_agent(1)
+            assert [f.result(timeout=TIMEOUT) for f in rest] == [i * i for i in range(1, 6)]
+            # past --drain-timeout, a running task is stopped and runs again elsewhere
+            impatient = cluster.add_agent(1, "--drain-timeout", "0.5")
+            ex.wait_for_workers(2, timeout=TIMEOUT)
+            long = [ex.submit(count_run, str(tmp_path / "long"), i, 2.0) for i in range(2)]
+            assert wait_until(lambda: (tmp_path / "long").exists() and
+                              len((tmp_path / "long").read_text().split()) == 2, timeout=TIMEOUT)
+            t0 = time.monotonic()
+            impatient.send_signal(signal.SIGTERM)
+            assert impatient.wait(TIMEOUT) == 0
+            assert time.monotonic() - t0 < 1.5
+            assert [f.result(timeout=TIMEOUT) for f in long] == [0, 1]
+    finally:
+        cluster.close()
+    assert collections.Counter(runs.read_text().split()) == {str(i): 1 for i in range(6)}

@@ -1,5 +1,8 @@
-"""Agents that come back: after a broker restart, or after a silence (SIGSTOP, a network
-cut) long enough for the broker to have given their tasks to others.
+"""Agents that come back (after a broker restart, or after a silence long enough for the
+broker to have given their tasks to others: SIGSTOP, a network cut), and agents that drain.
+
+A draining agent (SIGTERM) says so in its heartbeats: it gets no more tasks and counts for
+no slots, while its running tasks finish; it gives back the rest (DROPPED) and says BYE.
 
 An agent's HELLO names the keys its task processes hold, and after it the agent sends
 again the results the broker has not acknowledged (``RESULT`` rows counted in the
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, List
 
+from . import protocol as P
 from .broker_table import DONE, Entry, Frames, Peer, frames_size
 
 if TYPE_CHECKING:
@@ -50,6 +54,13 @@ def adopt_running(state: "BrokerState", agent: Peer, running: List[str]) -> None
             state.outbox.state(ident, kw, "running")
     if running:
         log.info("agent %s rejoined running %d task(s)", agent.name, len(running))
+
+
+def agent_heartbeat(state: "BrokerState", agent: Peer, msg: "P.Message") -> None:
+    """A heartbeat from an agent; one that says ``drain`` gets no more tasks."""
+    if msg.meta.get("drain") is True and agent.slots:
+        log.info("agent %s is draining", agent.name)
+        agent.slots = agent.capacity = 0
 
 
 def late_result(state: "BrokerState", agent: Peer, kw: str, status: str,

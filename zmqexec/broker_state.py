@@ -26,7 +26,7 @@ from ._version import __version__
 from .broker_outbox import Outbox
 from .broker_queue import RunQueue
 from .broker_status import status_document
-from .broker_rejoin import adopt_orphan, adopt_running, late_result
+from .broker_rejoin import adopt_orphan, adopt_running, agent_heartbeat, late_result
 from .broker_waits import NoWorkerWatch
 from .broker_table import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
 from .errors import ProtocolError
@@ -421,7 +421,7 @@ class BrokerState:
 
     def _result(self, agent: Peer, msg: P.Message) -> None:
         prefetch = msg.meta.get("p")  # the agent resizes its window as task times change
-        if type(prefetch) is int and 0 <= prefetch <= MAX_PREFETCH:
+        if type(prefetch) is int and 0 <= prefetch <= MAX_PREFETCH and agent.slots:
             agent.capacity = agent.slots + prefetch
         frames, at = msg.payload, 0
         for kw, status, nframes in (row[:3] for row in msg.meta["r"]):
@@ -494,4 +494,5 @@ _HANDLERS = {
     **{(role, P.STATUS): BrokerState._status for role in P.ROLES},
     **{(role, P.BYE): BrokerState._bye for role in P.ROLES},
     **{(role, P.HEARTBEAT): lambda self, peer, msg: None for role in P.ROLES},
+    ("worker", P.HEARTBEAT): agent_heartbeat,
 }

@@ -172,8 +172,8 @@ def run_worker(args: argparse.Namespace) -> int:
                   heartbeat_interval=args.heartbeat_interval,
                   heartbeat_timeout=args.heartbeat_timeout,
                   parent_fd=parent_watch_fd(args.parent_fd), start_method=args.start_method,
-                  cleanup=args.cleanup)
-    signal.signal(signal.SIGTERM, agent.stop)
+                  cleanup=args.cleanup, drain_timeout=args.drain_timeout)
+    signal.signal(signal.SIGTERM, agent.drain)
     signal.signal(signal.SIGINT, signal.SIG_IGN if args.parent_fd is not None else agent.stop)
     agent.run()
     return 1 if agent.refused else 0

@@ -37,6 +37,7 @@ from . import protocol as P
 from . import serialization as S
 from ._version import __version__
 from .child import Child, Task
+from .worker_stops import Stopping
 from .task import pack, unpack_result
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,14 @@ def default_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-class Agent:
+class Agent(Stopping):
     """Owns the broker connection and heartbeats, and N task processes it keeps alive."""
 
     def __init__(self, address: str, nprocs: int, *, name: Optional[str] = None,
                  prefetch: Optional[int] = None, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 10.0, parent_fd: Optional[int] = None,
-                 start_method: Optional[str] = None, cleanup: Sequence[str] = ()) -> None:
+                 start_method: Optional[str] = None, cleanup: Sequence[str] = (),
+                 drain_timeout: float = 60.0) -> None:
         if nprocs < 1:
             raise ValueError("nprocs must be at least 1")
         self.address = address
@@ -90,6 +92,9 @@ class Agent:
         self.timeout = heartbeat_timeout
         self.parent_fd = parent_fd
         self.cleanup = list(cleanup)  # an embedding client's directories, if it dies first
+        self.drain_timeout = drain_timeout
+        self.drain_until: Optional[float] = None  # set by SIGTERM
+        self.draining = False
         self.mp = multiprocessing.get_context(start_method or default_start_method())
         self.children: List[Child] = []
         self.waiting: "OrderedDict[str, Task]" = OrderedDict()  # prefetched, not yet given
@@ -208,6 +213,8 @@ class Agent:
 
     def _start_next(self) -> None:
         """Give waiting tasks to idle children, an even share each, in batches."""
+        if self.draining:
+            return
         idle = [c for c in self.children if not c.keys]
         if not idle or not self.waiting:
             return
@@ -241,6 +248,9 @@ class Agent:
                 at += row[5]
                 if self.rejoined and row[0] in self.rejoined:
                     continue  # already running here since before our HELLO
+                if self.draining:
+                    self.dropped.append(row[0])  # sent before the broker heard we drain
+                    continue
                 self.waiting[row[0]] = (row[0], row, payload[at - row[5]:at])
                 if len(row) > 6 and type(row[6]) in (int, float) and row[6] > 0:
                     self.timeouts[row[0]] = float(row[6])
@@ -279,52 +289,6 @@ class Agent:
             self._stop = True
         elif msg.cmd == P.BYE:
             log.info("broker said goodbye: %s", msg.meta.get("reason", ""))
-
-    def _kill(self, kws: List[str]) -> None:
-        """executor.kill(): a running task's process is killed and replaced; a task not
-        started yet is reported killed too, without running."""
-        for kw in kws:
-            if self.waiting.pop(kw, None) is not None:
-                self._stopped(kw, "killed", "not started")
-                continue
-            for child in self.children:
-                if child.keys and child.keys[0] == kw:
-                    self._stop_child(child, "killed")
-                elif kw in child.keys:  # in its batch: it answers "dropped", then we report
-                    self.killing.add(kw)
-                    try:
-                        child.conn.send_bytes(pack({"cancel": [kw]}, [])[0])
-                    except OSError:
-                        pass
-
-    def _stop_child(self, child: Child, why: str) -> None:
-        """Kill a task process on purpose; its exit reports the running key as ``why``."""
-        if child.stopping is None and child.keys:
-            child.stopping = (child.keys[0], why)
-            log.warning("task %s %s: killing task process %d", child.keys[0],
-                        "ran past its timeout" if why == "timeout" else "was killed",
-                        child.proc.pid)
-            child.proc.kill()
-
-    def _stopped(self, kw: str, why: str, exit: str) -> None:
-        self.timeouts.pop(kw, None)
-        self.killing.discard(kw)
-        self._flush()
-        self._send(P.DEATH, {"k": kw, "exit": exit, "why": why})
-
-    def _check_timeouts(self, now: float) -> float:
-        """Stop running tasks past their timeout; seconds until the next deadline."""
-        wait = 3600.0
-        if self.timeouts:
-            for child in self.children:
-                limit = self.timeouts.get(child.keys[0]) if child.keys else None
-                if limit is not None and child.stopping is None:
-                    left = child.since + limit - now
-                    if left <= 0:
-                        self._stop_child(child, "timeout")
-                    else:
-                        wait = min(wait, left)
-        return wait
 
     def _on_child_data(self, child: Child) -> bool:
         """Take the results a task process sent; False at its end (EOF)."""
@@ -455,11 +419,13 @@ class Agent:
                         self._on_child_data(child)
                     else:
                         self._on_child_exit(child)
+            now = time.monotonic()
+            if self.drain_until is not None:
+                self._drain_turn(now)
             self._start_next()
             self._flush()
-            now = time.monotonic()
             if now - self.last_sent >= self.interval:
-                self._send(P.HEARTBEAT, {"slots": self.nprocs})
+                self._send(P.HEARTBEAT, {"slots": self.nprocs, "drain": self.draining})
             if now - self.last_heard > self.timeout:
                 log.warning("no word from the broker for %.1f s: registering again",
                             now - self.last_heard)
