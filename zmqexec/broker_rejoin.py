@@ -31,13 +31,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def adopt_running(state: "BrokerState", agent: Peer, running: List[str]) -> None:
+def adopt_running(state: "BrokerState", agent: Peer, running: List[str],
+                  epoch: object) -> None:
     """Take in the keys an agent's HELLO says it is running and the broker did not give it
-    in this life of the connection (``_hello`` keeps those it did)."""
+    in this life of the connection (``_hello`` keeps those it did).  ``epoch`` is the one
+    the agent last registered with: a key this broker does not know is an orphan only if
+    the broker is new to the agent; otherwise it was finished and forgotten meanwhile."""
     for kw in running:
         if type(kw) is not str or kw in agent.inflight:
             continue
         entry = state.table.get(kw)
+        if entry is None and epoch == state.epoch:
+            state.outbox.kill(agent.ident, kw)  # done and released while the agent was away
+            continue
         if entry is None or (entry.state == "wanted" and not entry.owner):
             entry = entry or Entry(kw)  # an orphan until a client submits the key again
             state.table[kw] = entry

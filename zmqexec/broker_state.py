@@ -321,7 +321,7 @@ class BrokerState:
             peer.interests = old.interests
         self.peers[ident] = peer
         if peer.role == "worker" and type(meta.get("running")) is list:
-            adopt_running(self, peer, meta["running"])
+            adopt_running(self, peer, meta["running"], meta.get("epoch"))
         log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
         self._free_credit(peer)
         self.send(ident, P.WELCOME, {"epoch": self.epoch, "heartbeat": peer.interval,

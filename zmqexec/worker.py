@@ -128,7 +128,7 @@ class Agent(Stopping):
             "cloudpickle": S.CLOUDPICKLE_VERSION, "host": socket.gethostname(),
             "pid": os.getpid(), "name": self.name, "slots": self.nprocs,
             "prefetch": self.prefetch, "hb": self.interval, "ttl": self.timeout,
-            "running": running})
+            "running": running, "epoch": self.epoch})
         self.sent_rows = 0  # the broker counts RESULT rows afresh after a HELLO
         if self.unacked:
             rows, frames = self.results
@@ -367,6 +367,20 @@ class Agent(Stopping):
     def run(self) -> None:
         """Connect, register, and serve until stopped or the parent goes away."""
         self.ctx = zmq.Context()
+        self.poller = zmq.Poller()
+        if self.parent_fd is not None:
+            self.poller.register(self.parent_fd, zmq.POLLIN)
+        for _ in range(self.nprocs):
+            self._spawn()
+        self._connect()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _connect(self) -> None:
+        """A fresh DEALER to the broker, then HELLO (with what we run and have not had
+        acknowledged)."""
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, uuid.UUID(self.ident).bytes)
         self.sock.setsockopt(zmq.IPV6, 1)
@@ -377,19 +391,20 @@ class Agent(Stopping):
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 2000)
-        self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
-        if self.parent_fd is not None:
-            self.poller.register(self.parent_fd, zmq.POLLIN)
-        for _ in range(self.nprocs):
-            self._spawn()
         self.sock.connect(self.address)
         self._hello()
         self.last_heard = time.monotonic()
-        try:
-            self._loop()
-        finally:
-            self._shutdown()
+
+    def _reconnect(self) -> None:
+        """Silence past the heartbeat timeout: start over on a new connection.
+
+        After a network cut, an old TCP connection can stay mute for many seconds while
+        its retransmissions back off; a new one carries the HELLO (and our unacknowledged
+        results) at once, and the broker hands our identity over to it."""
+        self.poller.unregister(self.sock)
+        self.sock.close(linger=0)
+        self._connect()
 
     def _loop(self) -> None:
         by_fd: Dict[int, Tuple[str, Child]] = {}
@@ -427,10 +442,9 @@ class Agent(Stopping):
             if now - self.last_sent >= self.interval:
                 self._send(P.HEARTBEAT, {"slots": self.nprocs, "drain": self.draining})
             if now - self.last_heard > self.timeout:
-                log.warning("no word from the broker for %.1f s: registering again",
+                log.warning("no word from the broker for %.1f s: connecting again",
                             now - self.last_heard)
-                self.last_heard = now
-                self._hello()
+                self._reconnect()
 
     def _shutdown(self) -> None:
         try:
