@@ -250,3 +250,48 @@ def test_sigterm_drains_an_agent_running_tasks_finish_and_the_rest_move(tmp_path
     finally:
         cluster.close()
     assert collections.Counter(runs.read_text().split()) == {str(i): 1 for i in range(6)}
+
+
+KILLED_CLIENT = """
+import os, signal, sys, time
+from zmqexec import ZMQExecutor
+def wait_for_file(path, value, timeout):  # defined here: it travels by value
+    end = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
+    return value
+ex = ZMQExecutor(address=sys.argv[1], heartbeat_interval=0.2)
+fs = [ex.submit(wait_for_file, sys.argv[2], None, 60) for _ in range(50)]
+while ex.status()["tasks"]["queued"] + ex.status()["tasks"]["running"] < 50:
+    pass
+print("submitted", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_client_is_dropped_by_heartbeat_and_others_carry_on(tmp_path):
+    import subprocess
+
+    gate = tmp_path / "gate"
+    cluster = Cluster(agents=1, nprocs=2, broker_args=("--client-timeout", "1"))
+    try:
+        with ZMQExecutor(address=cluster.address) as other:
+            other.wait_for_workers(2, timeout=TIMEOUT)
+            proc = subprocess.run([sys.executable, "-c", KILLED_CLIENT, cluster.address,
+                                   str(gate)],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == -9 and proc.stdout.strip() == "submitted", proc.stderr
+            t0 = time.monotonic()
+            assert wait_until(lambda: other.status()["clients"] == 1, timeout=TIMEOUT)
+            detected = time.monotonic() - t0
+            status = other.status()
+            assert status["tasks"]["queued"] == 0  # its queued tasks were dropped
+            assert status["tasks"]["cancelled"] >= 40, status
+            gate.touch()  # let its two running tasks end: their results go nowhere
+            assert list(other.map(pow, range(20), [2] * 20, timeout=TIMEOUT)) == [
+                i * i for i in range(20)]
+            assert wait_until(lambda: other.status()["held_keys"] == 0, timeout=TIMEOUT)
+    finally:
+        cluster.close()
+    assert detected < 5, detected
+    print(f"killed client dropped {detected:.2f} s after its death")

@@ -22,11 +22,10 @@ from collections import Counter, OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import protocol as P
-from ._version import __version__
 from .broker_outbox import Outbox
 from .broker_queue import RunQueue
 from .broker_status import status_document
-from .broker_rejoin import adopt_orphan, adopt_running, agent_heartbeat, late_result
+from .broker_join import adopt_orphan, agent_heartbeat, hello, late_result
 from .broker_waits import NoWorkerWatch
 from .broker_table import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
 from .errors import ProtocolError
@@ -39,8 +38,10 @@ class BrokerState:
 
     def __init__(self, *, max_held_bytes: int = 1 << 30, max_queued_bytes: int = 4 << 30,
                  max_frame: int = 256 << 20, max_message: int = 4 << 30,
-                 window: int = 4096, window_bytes: int = 256 << 20) -> None:
+                 window: int = 4096, window_bytes: int = 256 << 20,
+                 client_timeout: Optional[float] = None) -> None:
         self.epoch = uuid.uuid4().hex
+        self.client_timeout = client_timeout  # overrides the ttl clients ask for
         self.limits = {"max_frame": max_frame, "max_message": max_message,
                        "window": window, "window_bytes": window_bytes}
         self.max_held_bytes = max_held_bytes
@@ -76,7 +77,7 @@ class BrokerState:
             return
         peer = self.peers.get(ident)
         if msg.cmd == P.HELLO:
-            self._hello(ident, msg, now)
+            hello(self, ident, msg, now)
             return
         if peer is None:
             self.drop("message before HELLO", ident)
@@ -299,35 +300,6 @@ class BrokerState:
                     self._cancel(wanted)
 
     # ---- handlers -------------------------------------------------------------------------
-    def _hello(self, ident: bytes, msg: P.Message, now: float) -> None:
-        meta = msg.meta
-        if meta["proto"] != P.PROTOCOL_VERSION or meta["role"] not in P.ROLES:
-            reason = (f"refused: peer speaks protocol {meta['proto']} as {meta['role']!r}; "
-                      f"this broker (zmqexec {__version__}) speaks protocol "
-                      f"{P.PROTOCOL_VERSION}: install the same zmqexec version everywhere")
-            self.send(ident, P.REFUSE, {"reason": reason})
-            return
-        old = self.peers.get(ident)
-        peer = Peer(ident, meta, now)
-        if old is not None and old.role == peer.role == "worker":
-            running = set(meta.get("running") or ())
-            for kw, entry in old.inflight.items():
-                if kw in running and self.table.get(kw) is entry:
-                    peer.inflight[kw] = entry
-                else:
-                    self._lose(old, entry, "agent re-registered", charged=False)
-            old.inflight = {}
-        if old is not None:
-            peer.interests = old.interests
-        self.peers[ident] = peer
-        if peer.role == "worker" and type(meta.get("running")) is list:
-            adopt_running(self, peer, meta["running"], meta.get("epoch"))
-        log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
-        self._free_credit(peer)
-        self.send(ident, P.WELCOME, {"epoch": self.epoch, "heartbeat": peer.interval,
-                                     "slots": self.slots(), **self.limits})
-        self.dispatch()
-
     def _submit(self, peer: Peer, msg: P.Message) -> None:
         """A batch of tasks: register each key and queue it; blobs come first."""
         frames = msg.payload

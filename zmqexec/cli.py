@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of queued task payloads the broker accepts (default 4 GiB)")
     p.add_argument("--max-held-bytes", type=int, default=1 << 30, metavar="N",
                    help="bytes of results held for clients (default 1 GiB; oldest dropped)")
+    p.add_argument("--client-timeout", type=float, metavar="S",
+                   help="drop a client silent this long (default: what the client asks, "
+                        "at least 60 s)")
     p.add_argument("--parent-fd", help=argparse.SUPPRESS)
 
     p = sub.add_parser("worker", parents=[common], help="run a worker agent",
@@ -141,7 +144,8 @@ def run_broker(args: argparse.Namespace) -> int:
     elif args.parent_fd is None and any(b.startswith("tcp") for b in binds):
         log.warning("no keys: every local user can submit tasks to this broker")
     state = BrokerState(max_held_bytes=args.max_held_bytes,
-                        max_queued_bytes=args.max_queued_bytes)
+                        max_queued_bytes=args.max_queued_bytes,
+                        client_timeout=args.client_timeout)
     try:
         broker = Broker(binds, state=state, parent_fd=parent_watch_fd(args.parent_fd))
     except Exception as exc:

@@ -1,5 +1,6 @@
-"""Agents that come back (after a broker restart, or after a silence long enough for the
-broker to have given their tasks to others: SIGSTOP, a network cut), and agents that drain.
+"""Peers joining (HELLO), agents that come back (after a broker restart, or after a silence
+long enough for the broker to have given their tasks to others: SIGSTOP, a network cut),
+and agents that drain.
 
 A draining agent (SIGTERM) says so in its heartbeats: it gets no more tasks and counts for
 no slots, while its running tasks finish; it gives back the rest (DROPPED) and says BYE.
@@ -23,12 +24,47 @@ import logging
 from typing import TYPE_CHECKING, List
 
 from . import protocol as P
+from ._version import __version__
 from .broker_table import DONE, Entry, Frames, Peer, frames_size
 
 if TYPE_CHECKING:
     from .broker_state import BrokerState
 
 log = logging.getLogger(__name__)
+
+
+def hello(state: "BrokerState", ident: bytes, msg: "P.Message", now: float) -> None:
+    """A HELLO: refuse another protocol, else (re)register the peer and WELCOME it; a
+    worker's running keys are kept if the broker gave them, else adopted or stopped."""
+    meta = msg.meta
+    if meta["proto"] != P.PROTOCOL_VERSION or meta["role"] not in P.ROLES:
+        reason = (f"refused: peer speaks protocol {meta['proto']} as {meta['role']!r}; "
+                  f"this broker (zmqexec {__version__}) speaks protocol "
+                  f"{P.PROTOCOL_VERSION}: install the same zmqexec version everywhere")
+        state.send(ident, P.REFUSE, {"reason": reason})
+        return
+    old = state.peers.get(ident)
+    peer = Peer(ident, meta, now)
+    if peer.role == "client" and state.client_timeout:
+        peer.ttl = max(3 * peer.interval, state.client_timeout)
+    if old is not None and old.role == peer.role == "worker":
+        running = set(meta.get("running") or ())
+        for kw, entry in old.inflight.items():
+            if kw in running and state.table.get(kw) is entry:
+                peer.inflight[kw] = entry
+            else:
+                state._lose(old, entry, "agent re-registered", charged=False)
+        old.inflight = {}
+    if old is not None:
+        peer.interests = old.interests
+    state.peers[ident] = peer
+    if peer.role == "worker" and type(meta.get("running")) is list:
+        adopt_running(state, peer, meta["running"], meta.get("epoch"))
+    log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
+    state._free_credit(peer)
+    state.send(ident, P.WELCOME, {"epoch": state.epoch, "heartbeat": peer.interval,
+                                  "slots": state.slots(), **state.limits})
+    state.dispatch()
 
 
 def adopt_running(state: "BrokerState", agent: Peer, running: List[str],
