@@ -90,3 +90,43 @@ def test_soak_under_random_task_process_kills(tmp_path):
 def test_long_soak(tmp_path):
     seconds = float(os.environ["ZMQEXEC_LONG_SOAK"])
     soak(tmp_path, tasks=int(seconds * 2_000), batch=5_000)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_million_tasks_keep_memory_bounded_and_a_second_client_is_served():
+    """1,000,000 tasks from one client through map(buffersize=): client and broker memory
+    stay flat (credit window, buffersize), a second client is served meanwhile (clients
+    take turns), and the broker drops no message."""
+    n = 1_000_000
+    with ZMQExecutor(2) as ex:
+        broker = ex._cluster.broker.pid
+        ex.wait_for_workers(2, timeout=30)
+        samples = []
+        it = ex.map(abs, range(n), buffersize=20_000)
+        total = 0
+        base = (rss_mib(os.getpid()), rss_mib(broker))
+        with ZMQExecutor(address=ex.address) as second:
+            for i, value in enumerate(it):
+                total += value
+                if i == n // 2:  # halfway: another client's tasks get their turn at once
+                    t0 = time.monotonic()
+                    assert second.submit(pow, 2, 10).result(timeout=30) == 1024
+                    waited = time.monotonic() - t0
+                if i % 100_000 == 0:
+                    samples.append((rss_mib(os.getpid()), rss_mib(broker)))
+            status = second.status()
+        assert total == n * (n - 1) // 2
+    client_growth = max(s[0] for s in samples) - base[0]
+    broker_growth = max(s[1] for s in samples) - base[1]
+    assert client_growth < 64 and broker_growth < 64, samples
+    assert not status["dropped"], status["dropped"]
+    assert waited < 5
+    print(f"1,000,000 tasks: client RSS +{client_growth:.1f} MiB, broker RSS "
+          f"+{broker_growth:.1f} MiB; a second client's task waited {waited * 1000:.0f} ms")
