@@ -297,3 +297,48 @@ def test_a_killed_client_is_dropped_by_heartbeat_and_others_carry_on(tmp_path):
         cluster.close()
     assert detected < 5, detected
     print(f"killed client dropped {detected:.2f} s after its death")
+
+
+EXIT_WAITS = """
+import sys, time
+from zmqexec import ZMQExecutor
+ex = ZMQExecutor(address=sys.argv[1], broker_timeout=2.0, heartbeat_interval=0.2)
+fut = ex.submit(time.sleep, 60)
+while not fut.running():
+    time.sleep(0.01)
+print("running", flush=True)
+sys.stdin.readline()  # the broker is gone now; the interpreter exits with a task pending
+"""
+
+
+def test_a_lost_remote_broker_ends_pending_futures_and_exit_waits_only_broker_timeout():
+    import signal
+    import subprocess
+
+    from zmqexec import BrokerLostError
+
+    cluster = Cluster(agents=1, nprocs=2)
+    try:
+        with ZMQExecutor(address=cluster.address, broker_timeout=1.5,
+                         heartbeat_interval=0.2) as ex:
+            fut = ex.submit(time.sleep, 60)
+            assert wait_until(fut.running, timeout=TIMEOUT)
+            proc = subprocess.Popen([sys.executable, "-c", EXIT_WAITS, cluster.address],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert proc.stdout.readline().strip() == "running"
+            cluster.broker.send_signal(signal.SIGKILL)
+            t0 = time.monotonic()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            with pytest.raises(BrokerLostError, match="broker_timeout=1.5"):
+                fut.result(timeout=TIMEOUT)
+            lost_after = time.monotonic() - t0
+            assert fut.status == "lost"
+            assert proc.wait(TIMEOUT) == 0
+            exited_after = time.monotonic() - t0
+            ex.shutdown(wait=False)
+    finally:
+        cluster.close()
+    assert 1.4 < lost_after < 5, lost_after
+    assert exited_after < 2.0 + 3, exited_after  # broker_timeout=2 plus interpreter teardown
+    print(f"BrokerLostError after {lost_after:.2f} s; exit after {exited_after:.2f} s")
