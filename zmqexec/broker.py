@@ -32,7 +32,8 @@ class Broker:
     """A ROUTER socket bound to one or more addresses, driving a BrokerState."""
 
     def __init__(self, binds: Sequence[str], *, state: Optional[BrokerState] = None,
-                 parent_fd: Optional[int] = None, tick: float = 0.05) -> None:
+                 parent_fd: Optional[int] = None, tick: float = 0.05,
+                 keys: Optional[Any] = None) -> None:
         self.state = state or BrokerState()
         self.parent_fd = parent_fd
         self.tick_interval = tick
@@ -46,6 +47,9 @@ class Broker:
         self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by credit windows, never by drops
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        self.keys = keys  # keys.BrokerKeys: CurveZMQ, and the role of each peer's key
+        if keys is not None:
+            keys.apply(self.ctx, self.sock)
         self.addresses: List[str] = []
         for addr in binds:
             self.sock.bind(addr)
@@ -77,7 +81,8 @@ class Broker:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        state.handle(frames[0].bytes, frames[1:], now)
+                        state.handle(frames[0].bytes, frames[1:], now,
+                                     str(frames[0].get("User-Id")) if self.keys else None)
                 if self.parent_fd is not None and self.parent_fd in events:
                     log.info("parent process is gone: stopping")
                     break
@@ -89,6 +94,8 @@ class Broker:
             self._flush()
         finally:
             self.sock.close()
+            if self.keys is not None:
+                self.keys.stop()
             self.ctx.term()
             log.info("broker stopped")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter, OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import protocol as P
 from .broker_outbox import Outbox
@@ -42,6 +42,7 @@ class BrokerState:
                  client_timeout: Optional[float] = None) -> None:
         self.epoch = uuid.uuid4().hex
         self.client_timeout = client_timeout  # overrides the ttl clients ask for
+        self.key_roles: Optional[Callable[[Optional[str]], Optional[str]]] = None
         self.limits = {"max_frame": max_frame, "max_message": max_message,
                        "window": window, "window_bytes": window_bytes}
         self.max_held_bytes = max_held_bytes
@@ -65,8 +66,13 @@ class BrokerState:
         self.now = 0.0
 
     # ---- entry points -------------------------------------------------------------
-    def handle(self, ident: bytes, frames: Frames, now: float) -> None:
-        """Apply one received message; problems are counted and logged, never raised."""
+    def handle(self, ident: bytes, frames: Frames, now: float,
+               user: Optional[str] = None) -> None:
+        """Apply one received message; problems are counted and logged, never raised.
+
+        With keys, ``user`` is the sender's public key (CurveZMQ authenticated it): its
+        folder decides the roles it may HELLO as, and every later message of that peer
+        must come from the same key (a routing id alone proves nothing)."""
         self.now = now
         if self.started is None:
             self.started = now
@@ -76,8 +82,22 @@ class BrokerState:
             self.drop(str(exc).split(":")[0], ident, exc)
             return
         peer = self.peers.get(ident)
+        if self.key_roles is not None:
+            role = self.key_roles(user)
+            if msg.cmd == P.HELLO and msg.meta["role"] != role and not (
+                    role == "client" and msg.meta["role"] == "status"):
+                self.drop("key not allowed for that role", ident)
+                self.send(ident, P.REFUSE, {"reason": (
+                    f"refused: this key may act as {role or 'nothing'}, not as "
+                    f"{msg.meta['role']}; a worker needs a key from the workers/ folder")})
+                return
+            if peer is not None and msg.cmd != P.HELLO and peer.key != user:
+                self.drop("message from another key", ident)
+                return
         if msg.cmd == P.HELLO:
             hello(self, ident, msg, now)
+            if ident in self.peers:
+                self.peers[ident].key = user
             return
         if peer is None:
             self.drop("message before HELLO", ident)

@@ -28,6 +28,7 @@ class Peer:
     def __init__(self, ident: bytes, meta: Dict[str, Any], now: float) -> None:
         self.ident = ident
         self.hex = ident.hex()
+        self.key: Optional[str] = None  # its CurveZMQ public key, when the broker has keys
         self.role: str = meta["role"]
         self.name = str(meta.get("name") or meta["id"][:8])
         self.host = str(meta.get("host", "?"))

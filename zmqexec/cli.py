@@ -118,36 +118,53 @@ def _setup_logging(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
 
 
-def _no_keys_yet(what: str) -> int:
-    sys.stderr.write(f"zmqexec {what}: --keys (CurveZMQ) is not supported in zmqexec "
-                     f"{__version__} yet; use a loopback address or an ssh tunnel\n")
-    return 2
+def _peer_keys(role: str, directory: Optional[str], name: Optional[str] = None) -> Any:
+    """The key triple for ``--keys DIR`` (None without), or exit code 2 with a message."""
+    if not directory:
+        return None
+    from .keys import KeysError, peer_keys
+
+    try:
+        return peer_keys(directory, role, name)
+    except KeysError as exc:
+        sys.stderr.write(f"zmqexec: {exc}\n")
+        return 2
 
 
 def run_broker(args: argparse.Namespace) -> int:
     from .broker import Broker, parent_watch_fd
     from .broker_state import BrokerState
 
-    if args.keys:
-        return _no_keys_yet("broker")
     binds = args.bind or ["tcp://127.0.0.1:5555"]
     exposed = [b for b in binds if not is_loopback(b)]
-    if exposed and not args.insecure:
+    keys = None
+    if args.keys:
+        from .keys import BrokerKeys, KeysError
+
+        try:
+            keys = BrokerKeys(args.keys)
+        except KeysError as exc:
+            sys.stderr.write(f"zmqexec broker: {exc}\n")
+            return 2
+    elif exposed and not args.insecure:
         sys.stderr.write(
             f"zmqexec broker: refusing to listen on {', '.join(exposed)} without keys: "
             "anyone who can reach it could run code on every worker. Bind a loopback "
             "address (tcp://127.0.0.1:PORT), or pass --insecure on a network you trust.\n")
         return 2
-    if exposed:
+    if exposed and keys is None:
         log.warning("INSECURE: listening on %s without keys: anyone who can reach it can "
                     "run code on every worker", ", ".join(exposed))
-    elif args.parent_fd is None and any(b.startswith("tcp") for b in binds):
+    elif keys is None and args.parent_fd is None and any(b.startswith("tcp") for b in binds):
         log.warning("no keys: every local user can submit tasks to this broker")
     state = BrokerState(max_held_bytes=args.max_held_bytes,
                         max_queued_bytes=args.max_queued_bytes,
                         client_timeout=args.client_timeout)
+    if keys is not None:
+        state.key_roles = keys.role_of
     try:
-        broker = Broker(binds, state=state, parent_fd=parent_watch_fd(args.parent_fd))
+        broker = Broker(binds, state=state, parent_fd=parent_watch_fd(args.parent_fd),
+                        keys=keys)
     except Exception as exc:
         sys.stderr.write(f"zmqexec broker: cannot bind {', '.join(binds)}: {exc}\n")
         return 1
@@ -164,8 +181,9 @@ def run_worker(args: argparse.Namespace) -> int:
     from .broker import parent_watch_fd
     from .worker import Agent
 
-    if args.keys:
-        return _no_keys_yet("worker")
+    keys = _peer_keys("worker", args.keys, args.name)
+    if isinstance(keys, int):
+        return keys
     extra = os.environ.pop("ZMQEXEC_SYS_PATH", None)
     if extra:  # the embedding client's sys.path, so its local modules import here too
         sys.path[:0] = [p for p in json.loads(extra) if p not in sys.path]
@@ -176,23 +194,26 @@ def run_worker(args: argparse.Namespace) -> int:
                   heartbeat_interval=args.heartbeat_interval,
                   heartbeat_timeout=args.heartbeat_timeout,
                   parent_fd=parent_watch_fd(args.parent_fd), start_method=args.start_method,
-                  cleanup=args.cleanup, drain_timeout=args.drain_timeout)
+                  cleanup=args.cleanup, drain_timeout=args.drain_timeout, keys=keys)
     signal.signal(signal.SIGTERM, agent.drain)
     signal.signal(signal.SIGINT, signal.SIG_IGN if args.parent_fd is not None else agent.stop)
     agent.run()
     return 1 if agent.refused else 0
 
 
-def fetch_status(address: str, timeout: float) -> Optional[Dict[str, Any]]:
+def fetch_status(address: str, timeout: float, keys: Any = None) -> Optional[Dict[str, Any]]:
     """Ask a broker for its status document; None if it does not answer in time."""
     import zmq
 
     from . import protocol as P
+    from .keys import apply_client
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)
+    if keys is not None:
+        apply_client(sock, keys)
     try:
         sock.connect(address)
         hello = {"role": "status", "id": uuid.uuid4().hex, "proto": P.PROTOCOL_VERSION,
@@ -233,11 +254,12 @@ def format_status(doc: Dict[str, Any]) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    if args.keys:
-        return _no_keys_yet("status")
+    keys = _peer_keys("client", args.keys)
+    if isinstance(keys, int):
+        return keys
     while True:
         try:
-            doc = fetch_status(args.address, args.timeout)
+            doc = fetch_status(args.address, args.timeout, keys)
         except RuntimeError as exc:
             sys.stderr.write(f"zmqexec status: {exc}\n")
             return 1
@@ -255,14 +277,27 @@ def run_status(args: argparse.Namespace) -> int:
         time.sleep(1.0)
 
 
+def run_keygen(args: argparse.Namespace) -> int:
+    from .keys import KeysError, keygen
+
+    try:
+        written, kept = keygen(args.dir, args.client or (), args.worker or ())
+    except (KeysError, OSError) as exc:
+        sys.stderr.write(f"zmqexec keygen: {exc}\n")
+        return 2
+    for path in written:
+        sys.stdout.write(f"wrote {path} and {path[:-len('_secret')]}\n")
+    for path in kept:
+        sys.stdout.write(f"kept  {path} (never overwritten)\n")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
-    commands = {"broker": run_broker, "worker": run_worker, "status": run_status}
-    if args.command == "keygen":
-        sys.stderr.write("zmqexec keygen: CurveZMQ keys arrive in a later zmqexec release\n")
-        return 2
+    commands = {"broker": run_broker, "worker": run_worker, "status": run_status,
+                "keygen": run_keygen}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

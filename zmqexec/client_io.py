@@ -35,6 +35,7 @@ from . import protocol as P
 from . import serialization as S
 from ._version import __version__
 from .client_state import ClientState, Pending
+from .keys import apply_client
 from .errors import (
     BrokenZMQExecutor,
     BrokerLostError,
@@ -54,6 +55,7 @@ class ClientIO(ClientState):
     def __init__(self, address: str, blobs: Dict[str, bytes], *,
                  heartbeat_interval: float, broker_timeout: float,
                  attach_timeout: float, no_workers_timeout: Optional[float] = None,
+                 keys: Optional[Tuple[bytes, bytes, bytes]] = None,
                  check: Optional[Callable[[], Optional[str]]] = None,
                  on_close: Optional[Callable[[], None]] = None) -> None:
         self.address = address
@@ -61,6 +63,7 @@ class ClientIO(ClientState):
         self.interval = heartbeat_interval
         self.broker_timeout = broker_timeout
         self.no_workers_timeout = no_workers_timeout
+        self.keys = keys  # CurveZMQ: (broker public, our public, our secret)
         self.attach_timeout = attach_timeout
         self.check = check
         self.on_close = on_close
@@ -126,8 +129,15 @@ class ClientIO(ClientState):
 
     # ---- the I/O thread -----------------------------------------------------------------------
     def _send(self, cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> None:
+        """Send without ever blocking: with no usable connection (a broker that refuses
+        our handshake, say) the message is dropped and the timers still run, so pending
+        futures end with BrokerLostError after ``broker_timeout`` instead of hanging."""
         for message in P.encode_split(cmd, meta, payload):  # batches: under the header cap
-            self._sock.send_multipart(message, copy=False)
+            try:
+                self._sock.send_multipart(message, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.debug("no connection to the broker: %s not sent", P.NAMES.get(cmd))
+                return
         self._last_sent = time.monotonic()
 
     def _hello(self) -> None:
@@ -149,6 +159,8 @@ class ClientIO(ClientState):
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 1000)
+        if self.keys is not None:
+            apply_client(sock, self.keys)
         self._backlog: Deque[Pending] = deque()
         self._sent: Dict[str, int] = {}  # key -> bytes, submitted and not yet answered
         self._sent_bytes = 0
@@ -186,7 +198,10 @@ class ClientIO(ClientState):
                     self._pump()  # answers freed window space
                 now = time.monotonic()
                 if now - self._last_sent >= self.interval:
-                    self._send(P.HEARTBEAT, {})
+                    if self._window:
+                        self._send(P.HEARTBEAT, {})
+                    else:  # not welcomed yet: our HELLO may have found no connection
+                        self._hello()
                 if now >= next_check:
                     next_check = now + 0.2
                     self._timers(now)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 from . import serialization as S
 from .client_io import ClientIO
 from .future import Future, register_executor, unregister_executor
+from .keys import peer_keys
 from .local import LocalCluster
 from .protocol import key_to_wire
 from .task import run_chunk
@@ -200,8 +201,11 @@ class ZMQExecutor(_Submitter):
                                                not isinstance(no_workers_timeout, (int, float))
                                                or not no_workers_timeout > 0):
             raise ValueError("no_workers_timeout must be None or a number of seconds > 0")
-        if keys is not None or os.environ.get("ZMQEXEC_KEYS"):
-            raise NotImplementedError("CurveZMQ keys are not supported yet")
+        if keys is not None and self._embedded:
+            raise ValueError("keys= is for joining a cluster by address; the embedded "
+                             "cluster is reachable only by your OS user already")
+        keys = keys or (None if self._embedded else os.environ.get("ZMQEXEC_KEYS") or None)
+        curve = peer_keys(keys, "client") if keys else None  # KeysError says what to fix
         if retries < 0:
             raise ValueError("retries must be >= 0")
         self._executor = self
@@ -234,7 +238,7 @@ class ZMQExecutor(_Submitter):
         self.address = address
         self._io = ClientIO(address, self._blobs, heartbeat_interval=heartbeat_interval,
                             broker_timeout=broker_timeout, attach_timeout=attach_timeout,
-                            no_workers_timeout=no_workers_timeout,
+                            no_workers_timeout=no_workers_timeout, keys=curve,
                             check=self._cluster.check if self._cluster else None,
                             on_close=self._cluster.close if self._cluster else None)
         _live.add(self)

@@ -37,6 +37,7 @@ from . import protocol as P
 from . import serialization as S
 from ._version import __version__
 from .child import Child, Task
+from .keys import apply_client
 from .worker_stops import Stopping
 from .task import pack, unpack_result
 
@@ -77,7 +78,8 @@ class Agent(Stopping):
                  prefetch: Optional[int] = None, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 10.0, parent_fd: Optional[int] = None,
                  start_method: Optional[str] = None, cleanup: Sequence[str] = (),
-                 drain_timeout: float = 60.0) -> None:
+                 drain_timeout: float = 60.0, keys: Optional[Tuple[bytes, bytes, bytes]] = None
+                 ) -> None:
         if nprocs < 1:
             raise ValueError("nprocs must be at least 1")
         self.address = address
@@ -93,6 +95,7 @@ class Agent(Stopping):
         self.parent_fd = parent_fd
         self.cleanup = list(cleanup)  # an embedding client's directories, if it dies first
         self.drain_timeout = drain_timeout
+        self.keys = keys  # CurveZMQ: (broker public, our public, our secret)
         self.drain_until: Optional[float] = None  # set by SIGTERM
         self.draining = False
         self.mp = multiprocessing.get_context(start_method or default_start_method())
@@ -148,7 +151,11 @@ class Agent(Stopping):
 
     def _send(self, cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> None:
         for message in P.encode_split(cmd, meta, payload):  # batches: under the header cap
-            self.sock.send_multipart(message, copy=False)
+            try:  # never block: results not sent stay unacknowledged and go again later
+                self.sock.send_multipart(message, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.debug("no connection to the broker: %s not sent", P.NAMES.get(cmd))
+                return
         self.last_sent = time.monotonic()
 
     def _flush(self) -> None:
@@ -391,6 +398,8 @@ class Agent(Stopping):
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 2000)
+        if self.keys is not None:
+            apply_client(self.sock, self.keys)
         self.poller.register(self.sock, zmq.POLLIN)
         self.sock.connect(self.address)
         self._hello()
