@@ -1,5 +1,6 @@
 """Multi-host faults over real TCP (issue 4): a broker, two agent hosts and a client, each
-in its own network namespace on one virtual switch (``netns.Network``, needs root).
+in its own network namespace on one virtual switch (``netns.Network``, needs root), with
+CurveZMQ keys on every link (a client without them is refused).
 
 An agent host's link is cut mid-task: its tasks are requeued after the heartbeat timeout
 and complete on the other host; the link comes back and the agent rejoins and serves
@@ -52,7 +53,8 @@ CLIENT = textwrap.dedent("""
     def wait_word():
         return sys.stdin.readline().strip()
 
-    ex = ZMQExecutor(address=sys.argv[1], heartbeat_interval=0.2, broker_timeout=60)
+    ex = ZMQExecutor(address=sys.argv[1], heartbeat_interval=0.2, broker_timeout=60,
+                     keys=sys.argv[2])
     ex.wait_for_workers(2, timeout=60)
     agents = {a["pid"]: a["name"] for a in ex.status()["agents"]}
     futures = [ex.submit(hold, i, 1.0) for i in range(8)]
@@ -112,19 +114,23 @@ def network() -> Iterator[netns.Network]:
         net.close()
 
 
-def test_agent_host_link_cut_and_restored_then_slow_and_lossy_client_link(network):
+def test_agent_host_link_cut_and_restored_then_slow_and_lossy_client_link(network, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     address = f"tcp://{network.addr['broker']}:{PORT}"
+    keys = str(tmp_path / "keys")  # CurveZMQ on every link: a non-loopback broker
+    subprocess.run(zmqexec_cmd("keygen", keys, "--worker", "a1", "--worker", "a2"),
+                   check=True, capture_output=True)  # each agent host its own pair
     procs = network.procs
-    broker = network.run("broker", zmqexec_cmd("broker", "--bind", address, "--insecure"),
+    broker = network.run("broker", zmqexec_cmd("broker", "--bind", address, "--keys", keys),
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     procs.append(broker)
     assert broker.stdout.readline().decode().startswith("zmqexec broker listening on")
     for host in ("a1", "a2"):
         procs.append(network.run(host, zmqexec_cmd("worker", address, "--nprocs", "1",
-                                                   "--name", host, *HEARTBEAT), env=env,
+                                                   "--name", host, "--keys", keys,
+                                                   *HEARTBEAT), env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    proc = network.run("client", [sys.executable, "-c", CLIENT, address], env=env,
+    proc = network.run("client", [sys.executable, "-c", CLIENT, address, keys], env=env,
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     procs.append(proc)
     client = Client(proc)
@@ -162,6 +168,14 @@ def test_agent_host_link_cut_and_restored_then_slow_and_lossy_client_link(networ
     client.say("done")
     assert client.read()["phase"] == "done"
     assert proc.wait(30) == 0
+    network.shape("client", "pfifo")  # no more shaping
+    for given, code in ((("--keys", keys), 0), ((), 1)):  # refused without keys
+        shown = network.run("client", zmqexec_cmd("status", address, "--timeout", "3",
+                                                  *given), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+        assert shown.wait(30) == code, shown.stderr.read()
+        shown.stdout.close()
+        shown.stderr.close()
     print(f"link cut: 8 tasks done in {cut_seconds:.1f} s; a1 rejoined in "
           f"{rejoin_seconds:.2f} s after the link came back")
     for name, why in skipped.items():
