@@ -1,0 +1,159 @@
+"""Hostile input (issue 5): the wire decoder under hypothesis, a live broker under 10,000+
+random, truncated and out-of-order messages over a real socket, and another OS user at
+an embedded executor's door."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import zmqexec_cmd
+from zmqexec import ZMQExecutor
+from zmqexec import protocol as P
+from zmqexec.errors import ProtocolError
+
+TIMEOUT = 30
+COMMANDS = sorted(P.NAMES)
+
+
+def header(cmd: int, meta: object, version: int = P.PROTOCOL_VERSION) -> bytes:
+    return P.MAGIC + bytes((version, cmd)) + json.dumps(meta).encode()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner,
+                                                                  max_size=4),
+    max_leaves=12)
+metas = st.dictionaries(st.sampled_from(["t", "r", "f", "ks", "k", "z", "role", "id", "proto",
+                                         "reason", "epoch", "p"]), json_values, max_size=5)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=6))
+def test_random_frames_decode_or_raise_protocol_error(frames):
+    try:
+        P.decode(frames)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(COMMANDS), metas, st.lists(st.binary(max_size=16), max_size=5))
+def test_wellformed_headers_with_random_fields_decode_or_raise_protocol_error(cmd, meta,
+                                                                             payload):
+    try:
+        msg = P.decode([header(cmd, meta), *payload])
+    except ProtocolError:
+        return
+    assert msg.cmd == cmd and isinstance(msg.meta, dict)
+
+
+def bad_messages(rng: random.Random, n: int):
+    """Random, truncated and out-of-order messages, with the reason each is bad."""
+    valid = [
+        P.encode(P.SUBMIT, {"f": ["f"], "t": [['"k"', 0, 0, 0, "f", "", 1]]}, [b"b", b"a"]),
+        P.encode(P.RESULT, {"r": [['"k"', "finished", 1]]}, [b"x"]),
+        P.encode(P.STARTED, {"ks": ['"k"']}),
+        P.encode(P.RELEASE, {"ks": ['"k"']}),
+    ]
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:
+            yield [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.randint(1, 4))]
+        elif kind == 1:  # a valid message cut short
+            frames = list(rng.choice(valid))
+            cut = rng.randint(0, len(frames[0]) - 1)
+            yield [frames[0][:cut], *frames[1:]]
+        elif kind == 2:  # frames missing or extra
+            frames = list(rng.choice(valid))
+            yield frames[:1] if rng.random() < 0.5 else frames + [b"extra"]
+        elif kind == 3:  # unknown command or version
+            yield [P.MAGIC + bytes((rng.choice([0, 2, 9]), rng.randint(0, 255))) + b"{}"]
+        elif kind == 4:  # wrong field types
+            yield [header(P.SUBMIT, {"f": "x", "t": [[1, 2, 3]]})]
+        else:  # fine on the wire but a role this peer does not have, or before HELLO
+            yield list(rng.choice(valid))
+
+
+def test_a_live_broker_survives_a_flood_of_bad_messages(tmp_path):
+    n = 12_000
+    log_path = tmp_path / "broker.log"
+    with open(log_path, "w") as log:
+        broker = subprocess.Popen(zmqexec_cmd("broker", "--bind", "tcp://127.0.0.1:0"),
+                                  stdout=subprocess.PIPE, stderr=log)
+    try:
+        address = broker.stdout.readline().decode().split()[-1]
+        agent = subprocess.Popen(zmqexec_cmd("worker", address, "--nprocs", "1"),
+                                 stderr=subprocess.DEVNULL)
+        ctx = zmq.Context()
+        with ZMQExecutor(address=address) as ex:
+            ex.wait_for_workers(1, timeout=TIMEOUT)
+            rng = random.Random(5)
+            hostile = ctx.socket(zmq.DEALER)
+            hostile.setsockopt(zmq.LINGER, 0)
+            hostile.connect(address)
+            registered = ctx.socket(zmq.DEALER)  # a client that then talks nonsense
+            registered.setsockopt(zmq.LINGER, 0)
+            registered.connect(address)
+            registered.send_multipart(P.encode(P.HELLO, {"role": "client", "id": "bad",
+                                                         "proto": P.PROTOCOL_VERSION}))
+            for i, frames in enumerate(bad_messages(rng, n)):
+                (registered if i % 2 else hostile).send_multipart(frames)
+                if i % 1000 == 0:  # it keeps serving while the flood goes on
+                    assert ex.submit(pow, 2, 5).result(timeout=TIMEOUT) == 32
+            assert ex.submit(pow, 3, 3).result(timeout=TIMEOUT) == 27
+            dropped = ex.status()["dropped"]
+            for sock in (hostile, registered):
+                sock.close()
+        ctx.term()
+        shown = subprocess.run(zmqexec_cmd("status", address), capture_output=True,
+                               text=True, timeout=TIMEOUT)
+        assert broker.poll() is None  # never crashed
+        agent.terminate()
+        agent.wait(TIMEOUT)
+    finally:
+        broker.terminate()
+        broker.wait(TIMEOUT)
+    assert sum(dropped.values()) >= n * 0.9, dropped  # each bad message counted
+    assert len(dropped) >= 5, dropped  # by reason
+    assert "dropped" in shown.stdout
+    warnings = [line for line in log_path.read_text().splitlines() if "dropped" in line]
+    assert len(warnings) < 100, len(warnings)  # logging is rate-limited
+    print(f"{n} bad messages: {sum(dropped.values())} dropped, by reason {dropped}; "
+          f"{len(warnings)} log lines")
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON) or
+                    shutil.which("runuser") is None,
+                    reason="needs root, runuser and a system python3 to act as nobody")
+def test_another_os_user_cannot_reach_an_embedded_executor():
+    probe = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n"
+             "    s.connect(sys.argv[1])\n"
+             "except OSError as exc:\n"
+             "    print(type(exc).__name__)\n"
+             "else:\n"
+             "    print('connected')\n")
+    with ZMQExecutor(1) as ex:
+        path = ex.address[len("ipc://"):]
+        assert ex.submit(pow, 2, 2).result(timeout=TIMEOUT) == 4
+        as_root = subprocess.run([sys.executable, "-c", probe, path], capture_output=True,
+                                 text=True, timeout=TIMEOUT)
+        as_nobody = subprocess.run(["runuser", "-u", "nobody", "--", SYSTEM_PYTHON, "-c",
+                                    probe, path], capture_output=True, text=True,
+                                   timeout=TIMEOUT)
+    assert as_root.stdout.strip() == "connected"  # the same user gets in
+    assert as_nobody.stdout.strip() == "PermissionError", as_nobody
