@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import cloudpickle
 import pytest
 import zmq
 from hypothesis import given, settings
@@ -21,6 +22,8 @@ from zmqexec import protocol as P
 from zmqexec.errors import ProtocolError
 
 TIMEOUT = 30
+# Agents started from the command line do not have tests/ on sys.path: ship our tasks by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 COMMANDS = sorted(P.NAMES)
 
 
@@ -157,3 +160,37 @@ def test_another_os_user_cannot_reach_an_embedded_executor():
                                    timeout=TIMEOUT)
     assert as_root.stdout.strip() == "connected"  # the same user gets in
     assert as_nobody.stdout.strip() == "PermissionError", as_nobody
+
+
+def big_result(n: int) -> bytes:
+    return b"r" * n
+
+
+def test_size_caps_are_announced_and_checked_by_senders_first():
+    from conftest import Cluster
+
+    from zmqexec import MessageTooLargeError
+
+    cap = 1 << 20
+    cluster = Cluster(agents=1, nprocs=1, broker_args=("--max-frame", str(cap)))
+    ctx = zmq.Context()
+    try:
+        with ZMQExecutor(address=cluster.address) as ex:
+            ex.wait_for_workers(1, timeout=TIMEOUT)
+            with pytest.raises(MessageTooLargeError, match="over the broker's cap of 1048576"):
+                ex.submit(len, b"a" * (2 * cap)).result(timeout=TIMEOUT)
+            with pytest.raises(MessageTooLargeError, match="result of task"):
+                ex.submit(big_result, 2 * cap).result(timeout=TIMEOUT)
+            assert ex.submit(len, b"a" * (cap // 2)).result(timeout=TIMEOUT) == cap // 2
+            # a peer that ignores the caps is cut off by libzmq (MAXMSGSIZE); others carry on
+            rogue = ctx.socket(zmq.DEALER)
+            rogue.setsockopt(zmq.LINGER, 0)
+            rogue.connect(cluster.address)
+            rogue.send_multipart(P.encode(P.HELLO, {"role": "client", "id": "rogue",
+                                                    "proto": P.PROTOCOL_VERSION}))
+            rogue.send_multipart([header(P.RELEASE, {"ks": []}), b"z" * (40 << 20)])
+            assert ex.submit(pow, 2, 7).result(timeout=TIMEOUT) == 128
+            rogue.close()
+    finally:
+        ctx.term()
+        cluster.close()

@@ -26,6 +26,7 @@ from .broker_state import BrokerState
 
 log = logging.getLogger(__name__)
 BATCH = 1000  # messages handled per wake-up before timers and sends get a turn
+PACK_SLACK = 32 << 20  # a frame of small parts packed together may pass max_frame by this
 
 
 class Broker:
@@ -46,6 +47,9 @@ class Broker:
             self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by credit windows, never by drops
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        # the last line of defence: senders check the announced caps first, so only a
+        # peer that ignores them is disconnected (with room for a frame of packed parts)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.state.limits["max_frame"] + PACK_SLACK)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.keys = keys  # keys.BrokerKeys: CurveZMQ, and the role of each peer's key
         if keys is not None:

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of queued task payloads the broker accepts (default 4 GiB)")
     p.add_argument("--max-held-bytes", type=int, default=1 << 30, metavar="N",
                    help="bytes of results held for clients (default 1 GiB; oldest dropped)")
+    p.add_argument("--max-frame", type=int, default=256 << 20, metavar="N",
+                   help="largest payload frame in bytes (default 256 MiB); announced to "
+                        "peers, which refuse larger arguments and results up front")
+    p.add_argument("--max-message", type=int, default=4 << 30, metavar="N",
+                   help="largest task or result in bytes (default 4 GiB)")
     p.add_argument("--client-timeout", type=float, metavar="S",
                    help="drop a client silent this long (default: what the client asks, "
                         "at least 60 s)")
@@ -159,7 +164,8 @@ def run_broker(args: argparse.Namespace) -> int:
         log.warning("no keys: every local user can submit tasks to this broker")
     state = BrokerState(max_held_bytes=args.max_held_bytes,
                         max_queued_bytes=args.max_queued_bytes,
-                        client_timeout=args.client_timeout)
+                        client_timeout=args.client_timeout, max_frame=args.max_frame,
+                        max_message=args.max_message)
     if keys is not None:
         state.key_roles = keys.role_of
     try:

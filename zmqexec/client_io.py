@@ -39,6 +39,7 @@ from .keys import apply_client
 from .errors import (
     BrokenZMQExecutor,
     BrokerLostError,
+    MessageTooLargeError,
     UnknownKeyError,
     ZMQExecError,
 )
@@ -171,6 +172,7 @@ class ClientIO(ClientState):
         self._kills: List[str] = []
         self._status_waiters: Deque[concurrent.futures.Future] = deque()
         self._window, self._window_bytes = 0, 0  # no sends before WELCOME
+        self._max_frame, self._max_message = 256 << 20, 4 << 30  # caps WELCOME announces
         now = self._last_heard = self._last_sent = time.monotonic()
         next_check = now
         try:
@@ -305,6 +307,8 @@ class ClientIO(ClientState):
                 rec = self._backlog.popleft()
                 if self.records.get(rec.kw) is not rec or rec.row is None:
                     continue  # cancelled before it left this client
+                if rec.nbytes > self._max_frame and self._too_large(rec):
+                    continue
                 self._sent[rec.kw] = rec.nbytes
                 self._sent_bytes += rec.nbytes
                 size += rec.nbytes
@@ -321,6 +325,19 @@ class ClientIO(ClientState):
             if rows:
                 blobs = [self.blobs[fid] for fid in fids]
                 self._send(P.SUBMIT, {"f": fids, "t": rows}, blobs + frames)
+
+    def _too_large(self, rec: Pending) -> bool:
+        """Fail a task the broker would refuse for its size, before sending it."""
+        largest = max(map(len, rec.frames))
+        if largest <= self._max_frame and rec.nbytes <= self._max_message:
+            return False
+        what = (f"an argument of {largest} bytes, over the broker's cap of "
+                f"{self._max_frame} bytes per frame" if largest > self._max_frame else
+                f"{rec.nbytes} bytes, over the broker's cap of {self._max_message} per task")
+        self._completions.put(("outcome", rec.kw, (False, MessageTooLargeError(
+            f"task {P.key_from_wire(rec.kw)!r} has {what}: pass a path or a smaller "
+            "argument, or start the broker with a larger --max-frame/--max-message"))))
+        return True
 
     def _on_message(self, frames: List[Any]) -> None:
         try:
@@ -352,6 +369,8 @@ class ClientIO(ClientState):
             if cmd == P.WELCOME:
                 self._window = int(meta.get("window", 1024))
                 self._window_bytes = int(meta.get("window_bytes", 1 << 28))
+                self._max_frame = int(meta.get("max_frame", self._max_frame))
+                self._max_message = int(meta.get("max_message", self._max_message))
                 self._pump()
         elif cmd == P.STATUS:
             if self._status_waiters:

@@ -37,6 +37,7 @@ from . import protocol as P
 from . import serialization as S
 from ._version import __version__
 from .child import Child, Task
+from .errors import MessageTooLargeError
 from .keys import apply_client
 from .worker_stops import Stopping
 from .task import pack, unpack_result
@@ -96,6 +97,7 @@ class Agent(Stopping):
         self.cleanup = list(cleanup)  # an embedding client's directories, if it dies first
         self.drain_timeout = drain_timeout
         self.keys = keys  # CurveZMQ: (broker public, our public, our secret)
+        self.max_frame = 256 << 20  # the broker's cap per frame, from its WELCOME
         self.drain_until: Optional[float] = None  # set by SIGTERM
         self.draining = False
         self.mp = multiprocessing.get_context(start_method or default_start_method())
@@ -284,6 +286,7 @@ class Agent(Stopping):
             epoch = msg.meta.get("epoch")
             if msg.cmd == P.WELCOME:
                 self.epoch = epoch
+                self.max_frame = int(msg.meta.get("max_frame", self.max_frame))
                 log.info("agent %s registered with %d slots", self.name, self.nprocs)
             elif epoch != self.epoch:
                 log.warning("broker epoch changed: registering again")
@@ -331,6 +334,11 @@ class Agent(Stopping):
             self.timeouts.pop(kw, None)
         if self.rejoined:
             self.rejoined.discard(kw)
+        if len(result) > self.max_frame:  # the broker would cut us off: say why instead
+            status, result = "error", S.dumps_error(MessageTooLargeError(
+                f"the result of task {P.key_from_wire(kw)!r} is {len(result)} bytes, over "
+                f"the broker's cap of {self.max_frame} bytes: return something smaller "
+                "(write big data to shared storage and return its path)"))
         rows, out = self.results
         rows.append([kw, status, 1])
         out.append(result)
