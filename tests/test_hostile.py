@@ -166,6 +166,11 @@ def big_result(n: int) -> bytes:
     return b"r" * n
 
 
+def describe(array) -> tuple:
+    array[0] = 7  # joined into writable memory
+    return int(array.sum()), array.flags.writeable
+
+
 def test_size_caps_are_announced_and_checked_by_senders_first():
     from conftest import Cluster
 
@@ -177,8 +182,15 @@ def test_size_caps_are_announced_and_checked_by_senders_first():
     try:
         with ZMQExecutor(address=cluster.address) as ex:
             ex.wait_for_workers(1, timeout=TIMEOUT)
+            # a buffer over the cap travels as several frames under it
+            assert ex.submit(len, b"a" * (2 * cap + 5)).result(timeout=TIMEOUT) == 2 * cap + 5
+            import numpy
+
+            array = numpy.ones(3 * cap + 3, dtype=numpy.uint8)
+            assert ex.submit(describe, array).result(timeout=TIMEOUT) == (3 * cap + 9, True)
+            # an in-band pickle over the cap cannot be cut: refused before sending
             with pytest.raises(MessageTooLargeError, match="over the broker's cap of 1048576"):
-                ex.submit(len, b"a" * (2 * cap)).result(timeout=TIMEOUT)
+                ex.submit(len, list(range(cap))).result(timeout=TIMEOUT)
             with pytest.raises(MessageTooLargeError, match="result of task"):
                 ex.submit(big_result, 2 * cap).result(timeout=TIMEOUT)
             assert ex.submit(len, b"a" * (cap // 2)).result(timeout=TIMEOUT) == cap // 2

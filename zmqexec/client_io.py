@@ -327,13 +327,19 @@ class ClientIO(ClientState):
                 self._send(P.SUBMIT, {"f": fids, "t": rows}, blobs + frames)
 
     def _too_large(self, rec: Pending) -> bool:
-        """Fail a task the broker would refuse for its size, before sending it."""
+        """Fail a task the broker would refuse for its size, before sending it; cut an
+        out-of-band buffer over the frame cap into frames under it."""
         largest = max(map(len, rec.frames))
         if largest <= self._max_frame and rec.nbytes <= self._max_message:
             return False
-        what = (f"an argument of {largest} bytes, over the broker's cap of "
-                f"{self._max_frame} bytes per frame" if largest > self._max_frame else
-                f"{rec.nbytes} bytes, over the broker's cap of {self._max_message} per task")
+        if rec.nbytes <= self._max_message and len(rec.frames[0]) <= self._max_frame:
+            assert rec.row is not None
+            rec.frames = S.split_frames(rec.frames, self._max_frame)
+            rec.row[6] = len(rec.frames)
+            return False
+        what = (f"{rec.nbytes} bytes, over the broker's cap of {self._max_message} per "
+                "task" if rec.nbytes > self._max_message else f"a pickle of {largest} "
+                f"bytes, over the broker's cap of {self._max_frame} bytes per frame")
         self._completions.put(("outcome", rec.kw, (False, MessageTooLargeError(
             f"task {P.key_from_wire(rec.kw)!r} has {what}: pass a path or a smaller "
             "argument, or start the broker with a larger --max-frame/--max-message"))))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import pickle
 import sys
 import traceback
@@ -149,10 +150,51 @@ def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any],
                                  f"{exc}") from exc
 
 
+SPLIT = 0x4A  # b"J": some buffers travel as several frames (``split_frames``)
+
+
+def split_frames(frames: List[Any], max_frame: int) -> List[Any]:
+    """``[pickle, *buffers]`` with each buffer over ``max_frame`` cut into frames under it.
+
+    The first frame then starts with ``b"J"``, a JSON list of ``[buffer index, parts]`` and
+    a newline; ``loads_args`` joins the parts again (into writable memory)."""
+    out, plan = [frames[0]], []
+    for index, buffer in enumerate(frames[1:], start=1):
+        view = memoryview(buffer).cast("B")
+        if view.nbytes <= max_frame:
+            out.append(buffer)
+            continue
+        parts = [view[at:at + max_frame] for at in range(0, view.nbytes, max_frame)]
+        plan.append([index, len(parts)])
+        out.extend(parts)
+    if plan:
+        out[0] = b"J" + json.dumps(plan).encode() + b"\n" + bytes(frames[0])
+    return out
+
+
+def _join_frames(data: Any, frames: Sequence[Any]) -> Tuple[Any, List[Any]]:
+    view = memoryview(data)
+    end = bytes(view[:16 + 16 * len(frames)]).index(b"\n")
+    plan = dict(map(tuple, json.loads(bytes(view[1:end]))))
+    buffers: List[Any] = []
+    at, index = 0, 1
+    while at < len(frames):
+        count = plan.get(index, 1)
+        if count == 1:
+            buffers.append(frames[at])
+        else:
+            buffers.append(bytearray().join(frames[at:at + count]))
+        at += count
+        index += 1
+    return view[end + 1:], buffers
+
+
 def loads_args(data: Any, buffers: Sequence[Any] = ()) -> Tuple[Tuple[Any, ...],
                                                                 Dict[str, Any]]:
     if data[0] == MARK:  # large buffers in shared memory (embedded mode)
         data, buffers = unspill(data, buffers)
+    elif data[0] == SPLIT:  # buffers larger than the broker's frame cap, in parts
+        data, buffers = _join_frames(data, buffers)
     args, kwargs = pickle.loads(data, buffers=buffers)
     return args, kwargs
 
