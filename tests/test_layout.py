@@ -20,7 +20,8 @@ EXPECTED = {
     "UnknownKeyError", "KeyExistsError", "TaskTimeoutError", "TaskKilledError",
     "NoWorkersError", "SerializationError", "MessageTooLargeError", "ProtocolError",
     "RemoteTraceback", "wait", "as_completed", "FIRST_COMPLETED", "FIRST_EXCEPTION",
-    "ALL_COMPLETED", "CancelledError", "TimeoutError", "BrokenExecutor", "__version__",
+    "ALL_COMPLETED", "CancelledError", "TimeoutError", "BrokenExecutor", "progress",
+    "__version__",
 }
 
 

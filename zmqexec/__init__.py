@@ -17,6 +17,7 @@ from concurrent.futures import (
 from typing import TYPE_CHECKING, Any, List
 
 from ._version import __version__
+from .progress import progress
 from .errors import (
     BrokenZMQExecutor,
     BrokerLostError,
@@ -88,5 +89,7 @@ __all__ = [
     "CancelledError",
     "TimeoutError",
     "BrokenExecutor",
+    # around the core
+    "progress",
     "__version__",
 ]

@@ -112,7 +112,7 @@ class _Submitter(concurrent.futures.Executor):
             if fut is None:
                 break
             fs.append(fut)
-        return _MapResults(fs, submit_next if buffersize else None, end, chunksize > 1)
+        return _MapResults(fs, submit_next if buffersize else None, end, chunksize)
 
     def gather(self, futures: Iterable[concurrent.futures.Future], *,
                timeout: Optional[float] = None) -> List[Any]:
@@ -132,8 +132,9 @@ class _MapResults(Iterator[Any]):
     """
 
     def __init__(self, fs: Deque[Future], more: Optional[Callable[[], Optional[Future]]],
-                 end: Optional[float], chunked: bool) -> None:
-        self._fs, self._more, self._end, self._chunked = fs, more, end, chunked
+                 end: Optional[float], chunksize: int) -> None:
+        self._fs, self._more, self._end = fs, more, end
+        self._chunked, self._chunksize = chunksize > 1, chunksize
         self._chunk: Iterator[Any] = iter(())
 
     def __next__(self) -> Any:
@@ -162,6 +163,12 @@ class _MapResults(Iterator[Any]):
             del value
             for item in self._chunk:
                 return item
+
+    def __length_hint__(self) -> int:
+        """Results still to come, as far as known (``progress`` shows it as the total)."""
+        if self._more is not None:
+            return 0  # buffersize: the input may be endless
+        return len(self._fs) * self._chunksize
 
     def close(self) -> None:
         """Cancel every result not taken yet."""
