@@ -89,6 +89,17 @@ def test_as_completed_stream_yields_finished_results_then_times_out_on_the_strag
     assert result.stderr == ""
 
 
+def test_asyncio_many_awaits_thousands_of_tasks_with_a_free_event_loop() -> None:
+    result = run_example("asyncio_many.py")
+    assert result.returncode == 0, result.stderr
+    first, ticks, helpers = result.stdout.splitlines()
+    assert re.fullmatch(r"5000 tasks awaited in [0-9.]+ s; longest chain: 3711 \(237 steps\)",
+                        first), first
+    assert re.fullmatch(r"the event loop ticked [1-9][0-9]* times meanwhile", ticks), ticks
+    assert helpers == "wrap_future: 27 takes 111 steps; run_in_executor: 97 takes 118 steps"
+    assert result.stderr == ""
+
+
 def test_cluster_example_runs_tasks_on_two_cli_agents_and_stops_them() -> None:
     result = run_example(os.path.join("cluster", "run_cluster.py"), timeout=90)
     assert result.returncode == 0, result.stderr
