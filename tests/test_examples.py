@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import List
 
+import pytest
 from conftest import ROOT, wait_until
 
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -98,6 +99,15 @@ def test_asyncio_many_awaits_thousands_of_tasks_with_a_free_event_loop() -> None
     assert re.fullmatch(r"the event loop ticked [1-9][0-9]* times meanwhile", ticks), ticks
     assert helpers == "wrap_future: 27 takes 111 steps; run_in_executor: 97 takes 118 steps"
     assert result.stderr == ""
+
+
+def test_dask_collections_example_runs_an_array_and_a_bag_on_zmqexec() -> None:
+    pytest.importorskip("dask.array", reason="dask is not installed")
+    result = run_example("dask_collections.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "array: sum 499999500000, largest remainder 976",
+        "bag: [('agent', 5), ('broker', 6), ('future', 6), ('key', 3), ('task', 4)]"]
 
 
 def test_cluster_example_runs_tasks_on_two_cli_agents_and_stops_them() -> None:
