@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import socket
@@ -282,6 +283,37 @@ def test_status_json_prints_the_status_document(cluster: Cluster) -> None:
     assert set(STATUS_WORDS) <= set(doc["tasks"])
     assert doc["tasks"]["finished"] == 6
     assert sum(a["finished"] for a in doc["agents"]) == 6
+
+
+def test_status_watch_redraws_screens_with_throughput_until_interrupted(cluster: Cluster,
+                                                                       tmp_path) -> None:
+    """The captured screens: each starts with the terminal's clear sequence and shows the
+    agents, the counts and a tasks/s rate computed between two views."""
+    proc = subprocess.Popen(zmqexec_cmd("status", cluster.address, "--watch", "--timeout",
+                                        "10"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    screens = []
+    try:
+        run_six_tasks(cluster)
+        buffer = b""
+        end = time.monotonic() + 30
+        while len(screens) < 4 and time.monotonic() < end:  # the first views, one a second
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                buffer += os.read(proc.stdout.fileno(), 65536)
+                screens = [s.decode() for s in buffer.split(b"\x1b[H\x1b[2J") if s]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(10)
+        err = proc.stderr.read().decode()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert code == 0 and "Traceback" not in err, err
+    assert len(screens) >= 3, screens
+    last = screens[-2]  # a whole screen (the last one may be cut)
+    (tmp_path / "screen.txt").write_text(last)
+    assert "agents 2" in last and "tasks/s" in last and "finished 6" in last, last
+    assert all(f"pid {agent.pid}" in last for agent in cluster.agents), last
+    assert "heartbeat" in last and "held" in last
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])

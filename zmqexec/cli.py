@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ._version import __version__
 
@@ -240,15 +240,21 @@ def fetch_status(address: str, timeout: float, keys: Any = None) -> Optional[Dic
         ctx.term()
 
 
-def format_status(doc: Dict[str, Any]) -> str:
-    """The plain-text view of a status document."""
+def format_status(doc: Dict[str, Any], rate: Optional[float] = None) -> str:
+    """The plain-text view of a status document; ``rate``: tasks/s done since the last
+    view (``--watch``), else the average since the broker started."""
     t = doc["tasks"]
-    lines = [f"broker zmqexec {doc['broker']['version']}  up {doc['broker']['uptime']:.0f} s  "
-             f"clients {doc['clients']}  slots {doc['slots']}",
+    done = t["finished"] + t["error"] + t["lost"]
+    uptime = doc["broker"]["uptime"]
+    if rate is None:
+        rate = done / uptime if uptime > 0 else 0.0
+    lines = [f"broker zmqexec {doc['broker']['version']}  up {uptime:.0f} s  "
+             f"clients {doc['clients']}  slots {doc['slots']}  {rate:,.0f} tasks/s",
              "tasks  " + "  ".join(f"{k} {t[k]}" for k in
                                    ("queued", "running", "finished", "error", "cancelled",
                                     "lost")),
-             f"held   {doc['held_keys']} results, {doc['held_bytes']} bytes",
+             f"held   {doc['held_keys']} results, {doc['held_bytes']:,} bytes; queued "
+             f"{doc['queued_bytes']:,} bytes",
              f"agents {len(doc['agents'])}"]
     for a in doc["agents"]:
         lines.append(f"  {a['name']:<24} {a['host']:<16} pid {a['pid']!s:<7} slots "
@@ -263,6 +269,7 @@ def run_status(args: argparse.Namespace) -> int:
     keys = _peer_keys("client", args.keys)
     if isinstance(keys, int):
         return keys
+    last: Optional[Tuple[float, int]] = None  # (when, tasks done) of the previous view
     while True:
         try:
             doc = fetch_status(args.address, args.timeout, keys)
@@ -273,7 +280,11 @@ def run_status(args: argparse.Namespace) -> int:
             sys.stderr.write(f"zmqexec status: no answer from {args.address} within "
                              f"{args.timeout:g} s\n")
             return 1
-        text = json.dumps(doc, indent=2) if args.json else format_status(doc)
+        now, t = time.monotonic(), doc["tasks"]
+        done = t["finished"] + t["error"] + t["lost"]
+        rate = (done - last[1]) / max(now - last[0], 1e-9) if last else None
+        last = (now, done)
+        text = json.dumps(doc, indent=2) if args.json else format_status(doc, rate)
         if args.watch:
             sys.stdout.write("\x1b[H\x1b[2J")
         sys.stdout.write(text + "\n")
