@@ -53,8 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     common = _logging_options()
     parser = argparse.ArgumentParser(
         prog="zmqexec", parents=[common],
-        description="Run a zmqexec cluster: a broker, worker agents on any number of "
-                    "machines, and clients that connect with ZMQExecutor(address=...).")
+        description="Run a zmqexec cluster: a broker, worker agents on any number of\n"
+                    "machines, and clients that connect with ZMQExecutor(address=...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example, one machine:\n"
+               "  zmqexec keygen ~/zx\n"
+               "  zmqexec broker --bind tcp://127.0.0.1:5555 --keys ~/zx &\n"
+               "  zmqexec worker tcp://127.0.0.1:5555 --keys ~/zx &\n"
+               "  zmqexec status tcp://127.0.0.1:5555 --keys ~/zx --watch\n"
+               "then, in Python: ZMQExecutor(address='tcp://127.0.0.1:5555', keys='~/zx')\n\n"
+               "exit codes: 0 ok (also after SIGTERM/SIGINT), 1 runtime error or no\n"
+               "answer, 2 usage or refused configuration")
     parser.add_argument("--version", action="version", version=f"zmqexec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
