@@ -575,3 +575,35 @@ def test_a_key_whose_futures_are_gone_can_be_submitted_again_at_once(executor):
         future = executor.options(key="reused").submit(add, i, 0)
         assert future.result(timeout=30) == i  # never the previous run's result
         future = None  # the last future of the key: released before the next submit
+
+
+FORKED_SPILL = textwrap.dedent("""
+    import gc, os, sys, time, numpy
+    sys.path.insert(0, {tests!r})
+    from zmqexec import ZMQExecutor
+    from test_executor import gated_sum
+    gate = {gate!r}
+    ex = ZMQExecutor(1)
+    futs = [ex.submit(gated_sum, gate, numpy.ones(2 << 20, dtype=numpy.uint8))
+            for _ in range(3)]
+    while not futs[0].running():  # all sent: only the records hold the files now
+        time.sleep(0.01)
+    pid = os.fork()
+    if pid == 0:  # the child's copies of the client's records are collected as it ends
+        ex._io.records.clear()
+        del futs, ex
+        gc.collect()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    open(gate, "w").close()
+    print(sum(f.result(timeout=30) for f in futs))
+    ex.shutdown()
+""")
+
+
+def test_a_forked_child_leaves_the_parents_shared_memory_arguments_alone(tmp_path):
+    code = FORKED_SPILL.format(tests=os.path.dirname(__file__), gate=str(tmp_path / "gate"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(3 * (2 << 20))

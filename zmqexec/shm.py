@@ -36,14 +36,19 @@ class SpillRef(bytes):
     """A frame holding a spilled buffer's path; deleting the last reference frees the file.
 
     The frame is the UTF-8 path, so it travels like any small frame; ``__del__`` ties the
-    file's life to the client's record of the task without any bookkeeping by key.
+    file's life to the client's record of the task without any bookkeeping by key.  Only
+    the process that wrote the file deletes it: a forked child that inherits the record
+    and exits must not take a pending task's argument away.
     """
 
+    owner = 0
+
     def __del__(self) -> None:
-        try:
-            os.unlink(self)
-        except OSError:
-            pass
+        if self.owner == os.getpid():
+            try:
+                os.unlink(self)
+            except OSError:
+                pass
 
 
 class Spill:
@@ -86,6 +91,7 @@ class Spill:
             self.broken = True
             return None
         ref = SpillRef(path.encode())  # from here on, dropping ``ref`` deletes the file
+        ref.owner = os.getpid()
         try:
             view = view.cast("B")
             written = 0
