@@ -21,7 +21,9 @@ several messages (``encode_split``), since receivers drop larger headers.
 command    direction       header fields                                  payload
 =========  ==============  =============================================  ==============
 HELLO      peer -> broker  role, id, proto, versions, host, pid,          -
-                           slots, prefetch (agents), name, hb, ttl
+                           name, hb, ttl; agents: slots, prefetch,
+                           running (keys held), epoch (last one seen);
+                           clients: nw (no_workers_timeout)
 WELCOME    broker -> peer  epoch, heartbeat, window, window_bytes,        -
                            max_frame, max_message, slots
 REFUSE     broker -> peer  reason                                         -
@@ -44,7 +46,9 @@ CANCEL     client/b. ->    ks: [k]                                        -
 KILL       client/b. ->    ks: [k] (stop these if running)                -
 INFORM     client -> b.    k                                              -
 RELEASE    client -> b.    ks: [k]                                        -
-HEARTBEAT  both ways       epoch (from the broker), slots                 -
+HEARTBEAT  both ways       epoch, slots and n (RESULT rows received, to   -
+                           an agent) from the broker; slots and drain
+                           from an agent
 STATUS     both ways       request: {}; reply: the status document        -
 BYE        both ways       reason                                         -
 =========  ==============  =============================================  ==============
