@@ -12,15 +12,14 @@ small binary record (``pack_result``), as there is one per task::
 
     status (finished|error|dropped) | key | result pickle
 
-While a batch runs, the agent may send ``{"cancel": [k...]}``: a reader thread
-(``Inbox``) answers "dropped" at once for each of those that has not started, and the
-main thread skips them; the lock makes "started" and "dropped" exclusive.
+While a batch runs, the agent may send ``{"cancel": [k...]}``: between two tasks the
+process reads it (``Inbox.check``) and answers "dropped" for each of those it reaches
+without having started it.
 """
 from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import struct
 import sys
@@ -40,6 +39,7 @@ def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]
     return [fn(*args) for args in chunk]
 
 
+CANCEL_CHECK = 0.001  # seconds between looks for cancels while a batch runs
 _HEAD = struct.Struct("!II")  # JSON length, frame count
 _RESULT = struct.Struct("!BH")  # status code, key length
 STATUSES = ("finished", "error", "dropped")
@@ -163,50 +163,61 @@ class TaskRunner:
 
 
 class Inbox:
-    """Reads the agent's messages on a thread, so a cancel lands while a task runs."""
+    """The task process's end of its pipe, read by the one thread that also runs tasks.
+
+    No reader thread: handing each batch from a reader to the running thread cost a
+    thread wake-up per task (about a tenth of a lone task's round trip).  The agent gives
+    a batch only to an idle process, so while one runs the only messages that can arrive
+    are cancels; between two tasks the process looks for them (``check``, one poll at
+    most every ``CANCEL_CHECK`` seconds) and answers "dropped" for each task not started.
+    A cancel read while idle names tasks of a finished batch: it is stale and ignored.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.batches: "queue.SimpleQueue[Optional[Tuple[Dict[str, Any], List[Any]]]]" = \
-            queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._pending: Set[str] = set()  # given to this process, not started, not dropped
-        threading.Thread(target=self._read, name="zmqexec-inbox", daemon=True).start()
+        self.cancelled: Set[str] = set()  # of the current batch, not started yet
+        self._next_check = 0.0
+        self._next: Optional[Tuple[Dict[str, Any], List[Any]]] = None  # read early
+
+    def receive(self) -> Optional[Tuple[Dict[str, Any], List[Any]]]:
+        """The next batch (blocking); None when the agent is gone."""
+        self.cancelled.clear()
+        while True:
+            message, self._next = self._next or self._read(), None
+            if message is None:
+                return None
+            if "cancel" not in message[0]:
+                self._next_check = time.monotonic() + CANCEL_CHECK
+                return message
+
+    def check(self) -> None:
+        """Take the cancels that arrived while a task ran (cheap when it is not time)."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + CANCEL_CHECK
+        while self._next is None and self.conn.poll(0):
+            message = self._read()
+            if message is None:
+                return  # EOF: the next receive() ends the process
+            if "cancel" in message[0]:
+                self.cancelled.update(message[0]["cancel"])
+            else:  # the next batch (we had sent our last result): keep it for receive()
+                self._next = message
 
     def send(self, kw: str, status: str, result: bytes = b"") -> None:
-        with self._send_lock:
-            self.conn.send_bytes(pack_result(kw, status, result))
+        self.conn.send_bytes(pack_result(kw, status, result))
 
-    def claim(self, kw: str) -> bool:
-        """True if the task may start (it was not cancelled first)."""
-        with self._lock:
-            if kw in self._pending:
-                self._pending.discard(kw)
-                return True
-            return False
-
-    def _read(self) -> None:
-        while True:
-            try:
-                meta, frames, large = unpack(self.conn.recv_bytes())
-                for index, size in large:  # straight into writable memory: numpy arrays
-                    buffer = bytearray(size)  # made from it are writable, as with pickle
-                    self.conn.recv_bytes_into(buffer)
-                    frames[index] = memoryview(buffer)
-            except (EOFError, OSError):
-                self.batches.put(None)
-                return
-            if "cancel" in meta:
-                with self._lock:
-                    dropped = [kw for kw in meta["cancel"] if kw in self._pending]
-                    self._pending.difference_update(dropped)
-                for kw in dropped:
-                    self.send(kw, "dropped")
-            else:
-                with self._lock:
-                    self._pending.update(row[0] for row in meta["t"])
-                self.batches.put((meta, frames))
+    def _read(self) -> Optional[Tuple[Dict[str, Any], List[Any]]]:
+        try:
+            meta, frames, large = unpack(self.conn.recv_bytes())
+            for index, size in large:  # straight into writable memory: numpy arrays
+                buffer = bytearray(size)  # made from it are writable, as with pickle
+                self.conn.recv_bytes_into(buffer)
+                frames[index] = memoryview(buffer)
+        except (EOFError, OSError):
+            return None
+        return meta, frames
 
 
 def task_main(conn: Connection, parent: int) -> None:
@@ -217,7 +228,7 @@ def task_main(conn: Connection, parent: int) -> None:
     runner = TaskRunner()
     inbox = Inbox(conn)
     while True:
-        batch = inbox.batches.get()
+        batch = inbox.receive()
         if batch is None:
             return
         meta, frames = batch
@@ -225,10 +236,16 @@ def task_main(conn: Connection, parent: int) -> None:
         for fid, blob in zip(fids, frames):
             runner.blobs[fid] = bytes(blob)
         at = len(fids)
-        for kw, client, fid, iid, nframes in meta["t"]:
+        cancelled, task_frames = inbox.cancelled, []
+        last = len(meta["t"]) - 1
+        for index, (kw, client, fid, iid, nframes) in enumerate(meta["t"]):
             task_frames = frames[at:at + nframes]
             at += nframes
-            if inbox.claim(kw):
-                status, result = runner.run(client, fid, iid, task_frames)
-                inbox.send(kw, status, result)
-        del batch, frames
+            if cancelled and kw in cancelled:
+                inbox.send(kw, "dropped")
+                continue
+            status, result = runner.run(client, fid, iid, task_frames)
+            inbox.send(kw, status, result)
+            if index < last:  # after the last result, what comes is the next batch
+                inbox.check()
+        del batch, frames, task_frames

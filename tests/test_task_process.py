@@ -1,0 +1,107 @@
+"""The task process on its own: batches in, one result per task out, cancels between tasks.
+
+Driven through the agent's own handle (``child.Child``) on a real forked process and a
+real pipe, so what is checked is exactly what the agent sees.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from gates import wait_for_file
+from zmqexec import serialization as S
+from zmqexec.child import Child
+from zmqexec.task import pack, unpack_result
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method")
+
+
+def held(started: str, gate: str, value: Any) -> Any:
+    open(started, "w").close()
+    return wait_for_file(gate, value)
+
+
+def pause(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+class Driver:
+    """Plays the agent: gives batches of calls and reads the results back."""
+
+    def __init__(self) -> None:
+        self.child = Child(multiprocessing.get_context("fork"))
+        self.blobs: Dict[str, bytes] = {}
+        self.count = 0
+
+    def task(self, fn: Any, *args: Any) -> Tuple[str, List[Any], List[Any]]:
+        blob = S.dumps_function(fn)
+        fid = S.blob_id(blob)
+        self.blobs[fid] = blob
+        frames = S.dumps_args(args, {})
+        self.count += 1
+        kw = f'"t-{self.count}"'
+        return kw, [kw, 1, "client", fid, "", len(frames)], frames
+
+    def give(self, tasks: List[Tuple[str, List[Any], List[Any]]]) -> List[str]:
+        self.child.give(tasks, self.blobs)
+        return [kw for kw, _, _ in tasks]
+
+    def results(self, count: int, timeout: float = 10) -> List[Tuple[str, str, Any]]:
+        out: List[Tuple[str, str, Any]] = []
+        end = time.monotonic() + timeout
+        while len(out) < count:
+            assert self.child.conn.poll(max(0.0, end - time.monotonic())), \
+                f"only {len(out)} of {count} results within {timeout} s: {out}"
+            for message in self.child.read() or []:
+                kw, status, data = unpack_result(message)
+                value = S.loads_result(status, bytes(data))[1] if status != "dropped" else None
+                out.append((kw, status, value))
+        return out
+
+    def close(self) -> None:  # as the agent stops its task processes
+        self.child.proc.kill()
+        self.child.proc.join(5)
+        self.child.conn.close()
+
+
+@pytest.fixture
+def driver():
+    d = Driver()
+    yield d
+    d.close()
+
+
+def test_a_cancel_sent_while_a_task_runs_drops_the_next_ones_not_the_running_one(driver, tmp_path):
+    started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
+    keys = driver.give([driver.task(held, started, gate, "first"),
+                        driver.task(pause, 0, "second"), driver.task(pause, 0, "third")])
+    wait_for_file(started, timeout=10)
+    driver.child.conn.send_bytes(pack({"cancel": [keys[0], keys[1]]}, [])[0])
+    open(gate, "w").close()
+    assert driver.results(3) == [(keys[0], "finished", "first"), (keys[1], "dropped", None),
+                                 (keys[2], "finished", "third")]
+
+
+def test_a_batch_that_arrives_while_another_runs_is_run_after_it(driver):
+    """The agent gives a batch only to an idle process; if one came early anyway (read
+    while looking for cancels), it must be run, never taken for a cancel and lost."""
+    first = driver.give([driver.task(pause, 0.05, 1), driver.task(pause, 0, 2)])
+    second = driver.give([driver.task(pause, 0, 3)])
+    got = driver.results(3)
+    assert [(kw, status, value) for kw, status, value in got] == [
+        (first[0], "finished", 1), (first[1], "finished", 2), (second[0], "finished", 3)]
+
+
+def test_batches_given_the_moment_the_last_result_arrives_all_run(driver):
+    """What the agent does under load: the next batch follows the last result at once."""
+    for round in range(200):
+        batch = [driver.task(pause, 0.0002, (round, i)) for i in range(8)]
+        keys = driver.give(batch)
+        got = driver.results(len(keys))
+        assert [kw for kw, _, _ in got] == keys
+        assert all(status == "finished" for _, status, _ in got)
