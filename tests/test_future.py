@@ -265,3 +265,52 @@ def test_kill_of_a_finished_future_returns_false(executor):
     fut = executor.submit(add, 1, 1)
     fut.result(timeout=30)
     assert executor.kill(fut) is False
+
+
+def test_a_waiter_that_times_out_leaves_the_result_to_later_waiters(executor, tmp_path):
+    """result() completes the future in the waiting thread when it can; a waiter that gave
+    up (timeout) must not take the result with it, nor strand callbacks and other waiters."""
+    gate = str(tmp_path / "gate")
+    fut = executor.submit(wait_for_file, gate, "done")
+    with pytest.raises(cf.TimeoutError):
+        fut.result(timeout=0.2)
+    with pytest.raises(cf.TimeoutError):
+        fut.exception(timeout=0.05)
+    called = []
+    fut.add_done_callback(lambda f: called.append(f.result()))
+    waiting = [fut]
+    done_iter = cf.as_completed(waiting, timeout=10)
+    open(gate, "w").close()
+    assert next(done_iter) is fut
+    assert fut.result(timeout=10) == "done"
+    assert fut.exception(timeout=0) is None
+    assert called == ["done"]
+
+
+def test_threads_waiting_on_one_key_all_get_its_result(executor, tmp_path):
+    gate = str(tmp_path / "gate")
+    fut = executor.options(key="shared-wait").submit(wait_for_file, gate, 42)
+    same = Future("shared-wait", executor, inform=False)
+    with cf.ThreadPoolExecutor(4) as pool:
+        waits = [pool.submit(f.result, 10) for f in (fut, same, fut, same)]
+        time.sleep(0.2)  # let the four threads block in result(); the gate lets go after
+        open(gate, "w").close()
+        assert [w.result(timeout=20) for w in waits] == [42, 42, 42, 42]
+
+
+def test_a_result_waiter_sees_errors_and_cancels(executor, tmp_path):
+    fut = executor.submit(raise_value_error, "bad")
+    with pytest.raises(ValueError, match="bad"):
+        fut.result(timeout=10)
+    assert isinstance(fut.exception(timeout=0), ValueError)
+    gate = str(tmp_path / "gate")
+    blocker = [executor.submit(wait_for_file, gate) for _ in range(executor._max_workers)]
+    queued = executor.submit(add, 1, 2)
+    with cf.ThreadPoolExecutor(1) as pool:
+        waiter = pool.submit(queued.result, 10)
+        time.sleep(0.1)
+        assert queued.cancel()
+        with pytest.raises(cf.CancelledError):
+            waiter.result(timeout=10)
+    open(gate, "w").close()
+    assert [f.result(timeout=10) for f in blocker] == [None] * len(blocker)

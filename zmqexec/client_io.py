@@ -10,6 +10,9 @@ completion thread that unpickles results and completes futures.
                                                    unpickle -> set_result / set_exception
                                                    -> callbacks (may block: the socket
                                                       keeps going)
+                             I/O thread --(divert: Pending.arrived)--> a user thread blocked
+                                                   in Future.result() for that key, which
+                                                   unpickles and completes it itself
 
 The tables both threads share (pending records, held outcomes, reference counts) and how
 futures complete live in ``client_state.ClientState``, which ``ClientIO`` extends.  Under
@@ -48,6 +51,10 @@ log = logging.getLogger(__name__)
 BATCH = 1000  # tasks per SUBMIT message at most
 BATCH_BYTES = 8 << 20  # payload bytes per SUBMIT message, beyond one task
 Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
+# Commands that do not wake the I/O thread: they leave with the next command that does,
+# or within a poll timeout (0.1 s).  A dropped future's release is never urgent, and
+# waking for it cost a loop turn in the client and one in the broker per task.
+LAZY = frozenset(("release", "unref"))
 
 
 class ClientIO(ClientState):
@@ -87,7 +94,7 @@ class ClientIO(ClientState):
     def post(self, *command: Any) -> None:
         """Queue a command for the I/O thread and wake it (thread- and reentrant-safe)."""
         self._commands.put(command)
-        if self._asleep:  # one wake-up per batch of commands, not one per submit
+        if self._asleep and command[0] not in LAZY:  # one wake-up per batch of commands
             self._asleep = False
             try:
                 os.write(self._wake_w, b"x")
@@ -361,7 +368,11 @@ class ClientIO(ClientState):
                     self._sent_bytes -= sent.pop(kw)
                 if attaching:
                     attaching.pop(kw, None)
-            self._completions.put(("results", meta["r"], msg.payload))
+            rows, payload = meta["r"], msg.payload
+            if self.awaited:  # a thread waits in result(): its result goes straight there
+                rows, payload = self.divert(rows, payload)
+            if rows:
+                self._completions.put(("results", rows, payload))
         elif cmd == P.STATE:
             running = []
             for kw, state in meta["r"]:

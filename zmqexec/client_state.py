@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
+from concurrent.futures._base import PENDING, RUNNING
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import protocol as P
@@ -26,12 +28,13 @@ from .future import Future, mark_running
 
 log = logging.getLogger(__name__)
 Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
+_WAITING = (PENDING, RUNNING)
 
 
 class Pending:
     """The client's pending record: one key this client waits for, and its futures."""
 
-    __slots__ = ("kw", "futures", "frames", "row", "nbytes")
+    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived")
 
     def __init__(self, kw: str, futures: List[Future], row: Optional[List[Any]] = None,
                  frames: Optional[List[Any]] = None) -> None:
@@ -40,6 +43,8 @@ class Pending:
         self.row = row  # SUBMIT row [k, priority, retries, pure, fid, iid, n]; None: attach
         self.frames = frames or []
         self.nbytes = sum(map(len, self.frames))
+        self.arrived: Optional[Tuple[List[Any], List[Any]]] = None  # (row, frames) for
+        # a thread waiting in result() (``ClientState.await_outcome``)
 
 
 def broker_error(kw: str, e: Dict[str, Any]) -> BaseException:
@@ -50,6 +55,14 @@ def broker_error(kw: str, e: Dict[str, Any]) -> BaseException:
                                str(e.get("worker", "?")), e.get("exit"))
     cls = BROKER_ERRORS.get(name, ZMQExecError)
     return cls(str(e.get("msg", "the broker reported an error")))
+
+
+def _outcome(row: List[Any], payload: List[Any]) -> Outcome:
+    """The outcome a RESULT row ``[k, status, nframes, error]`` and its frames carry."""
+    kw, status, _, error = row[:4]
+    if error or not payload:
+        return False, broker_error(kw, error)
+    return S.loads_result(status, payload[0])
 
 
 def _settle(fut: concurrent.futures.Future, outcome: Outcome) -> None:
@@ -73,6 +86,7 @@ class ClientState:
         self.refs: Dict[str, int] = {}
         self.broken: Optional[BaseException] = None
         self.slots = 0
+        self.awaited: Dict[str, Future] = {}  # keys a thread waits for in result()
 
     def post(self, *command: Any) -> None:
         """Hand a command to the I/O side (``ClientIO`` provides it)."""
@@ -150,16 +164,72 @@ class ClientState:
             self._break(item[1])
         elif kind == "results":
             frames, at = item[2], 0
-            for kw, status, nframes, error in (row[:4] for row in item[1]):
-                payload = frames[at:at + nframes]
-                at += nframes
-                if kw not in self.records:
-                    continue  # cancelled or already completed: dropped quietly
-                outcome = (False, broker_error(kw, error)) if error or not payload else \
-                    S.loads_result(status, payload[0])
-                self._settle_key(kw, outcome)
+            for row in item[1]:
+                payload = frames[at:at + row[2]]
+                at += row[2]
+                if row[0] in self.records:  # else cancelled or completed: dropped quietly
+                    self._settle_key(row[0], _outcome(row, payload))
         else:
             self._settle_key(item[1], item[2])
+
+    # ---- a thread waiting in Future.result() -------------------------------------------
+    def await_outcome(self, fut: Future, end: Optional[float]) -> None:
+        """Wait for ``fut``'s result in the calling thread, and complete it here.
+
+        The I/O thread hands a result some thread waits for in ``result()`` straight to
+        that thread (``divert``) instead of to the completion thread: one thread wake-up
+        less on every round trip, about a tenth of a lone task's latency.  The waiting
+        thread unpickles and completes the key's futures (callbacks run in it, as they
+        would in whichever thread completes a stdlib future); the socket is never held up.
+        Returns when the future is done, or at ``end`` (the caller raises TimeoutError).
+        """
+        kw = fut._kw
+        with self.lock:
+            rec = self.records.get(kw)
+            if rec is None or kw in self.awaited or fut not in rec.futures:
+                return  # another thread waits for this key: it completes ours too
+            self.awaited[kw] = fut
+        try:
+            with fut._condition:
+                while rec.arrived is None and fut._state in _WAITING:
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    fut._condition.wait(left)
+        finally:
+            with self.lock:
+                if self.awaited.get(kw) is fut:
+                    del self.awaited[kw]
+                arrived, rec.arrived = rec.arrived, None
+                if self.records.get(kw) is not rec:
+                    arrived = None  # cancelled or failed meanwhile
+        if arrived is not None:
+            self._settle_key(kw, _outcome(*arrived))
+
+    def divert(self, rows: List[List[Any]], frames: List[Any]
+               ) -> Tuple[List[List[Any]], List[Any]]:
+        """Give results that threads wait for in ``result()`` to those threads; return
+        the rows (and their frames) left for the completion thread."""
+        woken: List[Future] = []
+        rest: List[List[Any]] = []
+        rest_frames: List[Any] = []
+        at = 0
+        with self.lock:
+            for row in rows:
+                payload = frames[at:at + row[2]]
+                at += row[2]
+                fut = self.awaited.pop(row[0], None)
+                rec = self.records.get(row[0]) if fut is not None else None
+                if rec is not None:
+                    rec.arrived = (row, payload)
+                    woken.append(fut)  # type: ignore[arg-type]
+                else:
+                    rest.append(row)
+                    rest_frames.extend(payload)
+        for fut in woken:
+            with fut._condition:
+                fut._condition.notify_all()
+        return rest, rest_frames
 
     def _settle_key(self, kw: str, outcome: Outcome) -> None:
         """Complete every local future of a key with one outcome."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 import weakref
 from concurrent.futures._base import (
     CANCELLED,
@@ -57,6 +58,7 @@ def mark_running(fut: concurrent.futures.Future) -> None:
             fut.set_running_or_notify_cancel()
 
 
+_WAITING = (PENDING, RUNNING)
 _STATUS = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
            CANCELLED_AND_NOTIFIED: "cancelled"}
 
@@ -109,6 +111,36 @@ class Future(concurrent.futures.Future):
         if exc is None:
             return "finished"
         return "lost" if isinstance(exc, (TaskLostError, BrokerLostError)) else "error"
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """The stdlib's ``result``; while it waits, this thread completes the future
+        itself when its result arrives (``ClientState.await_outcome``: no hop through
+        the completion thread)."""
+        if self._state in _WAITING:
+            timeout = self._await(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """The stdlib's ``exception``, waiting as ``result`` does."""
+        if self._state in _WAITING:
+            timeout = self._await(timeout)
+        return super().exception(timeout)
+
+    def _await(self, timeout: Optional[float]) -> float:
+        """Wait until done or past ``timeout``; then the stdlib's checks run with 0.
+
+        One waiting thread per key takes the result from the I/O thread; the others wait
+        here, in a loop: the I/O thread's wake-up of that one thread also wakes them, and
+        the stdlib's single ``wait`` would take it for a timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+        self.executor._io.await_outcome(self, end)
+        with self._condition:
+            while self._state in _WAITING:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._condition.wait(left)
+        return 0.0
 
     def cancel(self) -> bool:
         """Cancel while pending here; waiters are notified at once (not at a later pickup).
