@@ -308,3 +308,32 @@ def test_a_pure_resubmission_of_a_lost_key_runs_again(h):
     h.take()
     h.submit(C1, "p", retries=0, pure=True)
     assert [row[0] for _, row in h.tasks()] == [kw("p")]
+
+
+def test_started_keys_riding_in_a_result_count_as_started_and_reach_clients_first(h):
+    """One message per agent turn: the started keys travel in its RESULT, and the
+    broker's running notice travels in the client's RESULT, applied before the rows."""
+    h.hello(C1, "client", ttl=1000)
+    h.hello(A1, "worker", slots=2, prefetch=0, hb=1.0, ttl=3.0)
+    h.submit(C1, "done", retries=0)
+    h.submit(C1, "long", retries=0)
+    h.take()
+    h.send(A1, P.RESULT, {"r": [[kw("done"), "finished", 1]], "s": [kw("long")]}, [b"v"])
+    messages = h.take()
+    assert [m.cmd for _, m in messages] == [P.RESULT]
+    ident, msg = messages[0]
+    assert ident == C1 and msg.meta["st"] == [[kw("long"), "running"]]
+    assert [row[0] for row in msg.meta["r"]] == [kw("done")]
+    h.now += 10
+    h.state.tick(h.now)  # the agent went silent: a started task is charged
+    results = {row[0]: row for _, row, _ in h.results()}
+    assert results[kw("long")][3]["type"] == "WorkerLostError"
+
+
+def test_a_state_notice_with_no_result_to_ride_leaves_on_its_own(h):
+    h.hello(C1, "client", ttl=1000)
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    h.submit(C1, "long")
+    h.take()
+    h.send(A1, P.STARTED, {"ks": [kw("long")]})
+    assert h.states() == [(C1, [kw("long"), "running"])]

@@ -86,3 +86,19 @@ def test_a_batch_too_large_for_one_header_is_split_with_its_frames(cmd, meta, pa
     assert [bytes(f) for m in decoded for f in m.payload] == payload
     if cmd == P.TASK:  # blobs go with the first part only
         assert [m.meta["f"] for m in decoded] == [["fid"]] + [[]] * (len(parts) - 1)
+
+
+@pytest.mark.parametrize("riders", [
+    {"s": "not-a-list"}, {"s": [1]}, {"s": ["k"] * (P.RIDER_MAX + 1)},
+    {"st": [["k"]]}, {"st": [["k", 1]]}, {"st": "x"}, {"s": ["x" * (P.MAX_KEY_LENGTH + 1)]},
+])
+def test_malformed_notices_riding_in_a_result_are_refused(riders):
+    frames = P.encode(P.RESULT, {"r": [['"k"', "finished", 1]], **riders}, [b"v"])
+    with pytest.raises(P.ProtocolError):
+        P.decode(frames)
+
+
+def test_notices_riding_in_a_result_decode():
+    meta = {"r": [['"k"', "finished", 1]], "s": ['"a"'], "st": [['"b"', "running"]]}
+    msg = P.decode(P.encode(P.RESULT, meta, [b"v"]))
+    assert msg.meta["s"] == ['"a"'] and msg.meta["st"] == [['"b"', "running"]]

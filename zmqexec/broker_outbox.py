@@ -76,10 +76,16 @@ class Outbox:
         """Everything to send now, states before results so a key never goes backwards."""
         out = self.out
         split = P.encode_split
+        results = self._results
         for ident, rows in self._states.items():
-            out.extend((ident, m) for m in split(P.STATE, {"r": rows}))
-        for ident, (rows, frames) in self._results.items():
-            out.extend((ident, m) for m in split(P.RESULT, {"r": rows}, frames))
+            if ident not in results or len(rows) > P.RIDER_MAX:
+                out.extend((ident, m) for m in split(P.STATE, {"r": rows}))
+        for ident, (rows, frames) in results.items():
+            meta: Dict[str, Any] = {"r": rows}
+            states = self._states.get(ident)
+            if states and len(states) <= P.RIDER_MAX:  # rides along, applied first
+                meta["st"] = states
+            out.extend((ident, m) for m in split(P.RESULT, meta, frames))
         for ident, kws in self._cancels.items():
             out.extend((ident, m) for m in split(P.CANCEL, {"ks": kws}))
         for ident, kws in self._kills.items():

@@ -404,7 +404,10 @@ class BrokerState:
                     self._cancel(entry)
 
     def _started(self, agent: Peer, msg: P.Message) -> None:
-        for kw in msg.meta["ks"]:
+        self._mark_started(agent, msg.meta["ks"])
+
+    def _mark_started(self, agent: Peer, kws: List[str]) -> None:
+        for kw in kws:
             entry = agent.inflight.get(kw)
             if entry is not None and entry.state == "dispatched":
                 entry.state = "running"
@@ -412,6 +415,8 @@ class BrokerState:
                     self.outbox.state(ident, kw, "running")
 
     def _result(self, agent: Peer, msg: P.Message) -> None:
+        if "s" in msg.meta:  # a STARTED notice riding along: it comes first
+            self._mark_started(agent, msg.meta["s"])
         prefetch = msg.meta.get("p")  # the agent resizes its window as task times change
         if type(prefetch) is int and 0 <= prefetch <= MAX_PREFETCH and agent.slots:
             agent.capacity = agent.slots + prefetch

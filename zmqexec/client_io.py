@@ -361,6 +361,8 @@ class ClientIO(ClientState):
         self._last_heard = time.monotonic()
         cmd, meta = msg.cmd, msg.meta
         if cmd == P.RESULT:
+            if "st" in meta:  # a STATE notice riding along: it comes first
+                self._on_states(meta["st"])
             sent, attaching = self._sent, self._attaching
             for row in meta["r"]:
                 kw = row[0]
@@ -374,13 +376,7 @@ class ClientIO(ClientState):
             if rows:
                 self._completions.put(("results", rows, payload))
         elif cmd == P.STATE:
-            running = []
-            for kw, state in meta["r"]:
-                self._attaching.pop(kw, None)
-                if state == "running":
-                    running.append(kw)
-            if running:
-                self._completions.put(("running", running))
+            self._on_states(meta["r"])
         elif cmd in (P.WELCOME, P.HEARTBEAT):
             self.slots = int(meta.get("slots", self.slots))
             if cmd == P.WELCOME:
@@ -398,6 +394,16 @@ class ClientIO(ClientState):
             self._completions.put(("broken", BrokenZMQExecutor(meta["reason"])))
         elif cmd == P.BYE:
             log.info("the broker said goodbye: %s", meta.get("reason", ""))
+
+    def _on_states(self, rows: List[List[str]]) -> None:
+        """``[key, queued|running]`` rows: the key is known; running ones are marked so."""
+        running = []
+        for kw, state in rows:
+            self._attaching.pop(kw, None)
+            if state == "running":
+                running.append(kw)
+        if running:
+            self._completions.put(("running", running))
 
     def _reregister(self) -> None:
         """The broker forgot this client: HELLO again, resubmit, re-inform.

@@ -35,10 +35,14 @@ TASK       b. -> agent     f: [fid], t: [[k, attempt, client, fid, iid,   blobs,
 STARTED    agent -> b.     ks: [k]                                        -
 STATE      b. -> client    r: [[k, queued|running]]                       -
 RESULT     agent -> b.     r: [[k, finished|error, nframes]], p: new      result frames
-                           prefetch (optional, when the agent resizes it)
+                           prefetch (optional, when the agent resizes it),
+                           s: [k] started (optional: a STARTED notice
+                           riding along, applied before the rows)
 RESULT     b. -> client    r: [[k, finished|error|lost, nframes, error    result frames
                            fields or null]] (null unless the broker
-                           made the error)
+                           made the error), st: [[k, queued|running]]
+                           (optional: a STATE notice riding along,
+                           applied before the rows)
 DEATH      agent -> b.     k, exit (exit code or signal name), why        -
                            ("timeout" or "killed" if the agent did it)
 DROPPED    agent -> b.     ks: [k] (given back unstarted, free)           -
@@ -111,6 +115,10 @@ _ROWS: Dict[Tuple[int, str], Tuple[type, ...]] = {
     (RESULT, "r"): (str, str, int),
     (STATE, "r"): (str, str),
 }
+# Optional notices a RESULT may carry instead of a message of their own (one message per
+# loop turn instead of two): the agent's started keys, the broker's state rows.
+_RIDERS = {"s": STARTED, "st": STATE}
+RIDER_MAX = 64  # rows a rider may have; more leave as a message of their own
 # Rows whose last named field counts payload frames, after the blobs named in "f".
 _FRAMED = {SUBMIT: "t", TASK: "t", RESULT: "r"}
 
@@ -298,6 +306,8 @@ def decode(frames: Sequence[Any]) -> Message:
     for name in _LISTS.get(cmd, ()):
         if not all(type(v) is str and len(v) <= MAX_KEY_LENGTH for v in meta[name]):
             raise ProtocolError(f"{NAMES[cmd]}: {name!r} must be a list of short strings")
+    if cmd == RESULT and ("s" in meta or "st" in meta):
+        _check_riders(meta)
     payload = list(frames[1:])
     if "z" in meta and cmd in _FRAMED:
         payload = _unpack_parts(meta, payload)
@@ -318,6 +328,20 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError(f"{NAMES[cmd]}: {len(payload)} payload frames, "
                             f"header names {expected}")
     return Message(cmd, meta, payload)
+
+
+def _check_riders(meta: Dict[str, Any]) -> None:
+    """Validate the STARTED keys (``s``) or STATE rows (``st``) a RESULT carries."""
+    started, states = meta.get("s"), meta.get("st")
+    if started is not None and not (
+            type(started) is list and len(started) <= RIDER_MAX and
+            all(type(k) is str and len(k) <= MAX_KEY_LENGTH for k in started)):
+        raise ProtocolError("RESULT: 's' must be a short list of keys")
+    if states is not None:
+        valid = _ROW_FIELDS[STATE][1]
+        if type(states) is not list or len(states) > RIDER_MAX or \
+                not all(valid(row) and len(row[0]) <= MAX_KEY_LENGTH for row in states):
+            raise ProtocolError("RESULT: 'st' must be a short list of [key, state] rows")
 
 
 def key_to_wire(key: Any) -> str:

@@ -106,7 +106,7 @@ class Agent(Stopping):
         self.blobs: Dict[str, Any] = {}
         self.timeouts: Dict[str, float] = {}  # key -> seconds it may run (options(timeout=))
         self.killing: Set[str] = set()  # keys executor.kill() asked to stop
-        self.started: List[str] = []  # batched STARTED notice
+        self.started: List[str] = []  # batched STARTED notice (rides in a RESULT)
         self.dropped: List[str] = []  # batched DROPPED notice
         self.results: Tuple[List[list], List[Any]] = ([], [])  # batched RESULT
         self.unacked: Deque[Tuple[int, list, Any]] = deque()  # (row number, row, frame)
@@ -161,9 +161,10 @@ class Agent(Stopping):
         self.last_sent = time.monotonic()
 
     def _flush(self) -> None:
-        """Send this loop turn's STARTED, RESULT and DROPPED notices, one message each.
-
-        STARTED goes before RESULT, so a key never goes backwards on the broker."""
+        """Send this loop turn's DROPPED and RESULT notices, one message each; the
+        started keys ride in the RESULT (the broker applies them first, so a key never
+        goes backwards there), or leave as a STARTED of their own in a turn without
+        results."""
         if self.dropped:
             for kw in self.dropped:
                 self.timeouts.pop(kw, None)
@@ -173,11 +174,13 @@ class Agent(Stopping):
         if self.started and rows:  # a task that started and finished since the last turn
             finished = {row[0] for row in rows}  # needs no "running" notice: its result
             self.started = [kw for kw in self.started if kw not in finished]  # says more
-        if self.started:
+        if self.started and (not rows or len(self.started) > P.RIDER_MAX):
             self._send(P.STARTED, {"ks": self.started})
             self.started = []
         if rows:
             meta: Dict[str, Any] = {"r": rows}
+            if self.started:
+                meta["s"], self.started = self.started, []
             prefetch = self._window()
             if prefetch != self.prefetch:
                 meta["p"] = self.prefetch = prefetch
