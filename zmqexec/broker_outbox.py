@@ -41,6 +41,13 @@ class Outbox:
         batch[2].append(row)
         batch[3].extend(frames)
 
+    def tasks_for(self, agent: bytes) -> Tuple[List[list], Frames]:
+        """The TASK rows and frames batched for ``agent``, to append to in place."""
+        batch = self._tasks.get(agent)
+        if batch is None:
+            batch = self._tasks[agent] = ([], [], [], [])
+        return batch[2], batch[3]
+
     def result(self, client: bytes, row: list, frames: Frames) -> None:
         batch = self._results.get(client)
         if batch is None:

@@ -41,6 +41,30 @@ class RunQueue(Generic[T]):
             line.append(item)
         self._len += 1
 
+    def pop_many(self, count: int, valid: Callable[[T], bool]) -> List[T]:
+        """Up to ``count`` valid items, in the order ``pop`` would give them.
+
+        With one client in the top level (the common case) they come off its line in one
+        run, without a turn of the round-robin per item."""
+        out: List[T] = []
+        while len(out) < count and self._order:
+            level = self._levels[self._order[-1]]
+            if len(level) > 1:
+                item = self.pop(valid)
+                if item is not None:
+                    out.append(item)
+                continue
+            client, line = next(iter(level.items()))
+            while line and len(out) < count:
+                item = line.popleft()
+                self._len -= 1
+                if valid(item):
+                    out.append(item)
+            if not line:
+                del level[client]
+                del self._levels[self._order.pop()]
+        return out
+
     def pop(self, valid: Callable[[T], bool]) -> Optional[T]:
         """The next valid item, or None; invalid items met on the way are discarded."""
         while self._order:

@@ -25,7 +25,8 @@ from . import protocol as P
 from .broker_outbox import Outbox
 from .broker_queue import RunQueue
 from .broker_status import status_document
-from .broker_join import adopt_orphan, agent_heartbeat, hello, late_result
+from .broker_join import agent_heartbeat, hello, late_result
+from .broker_submit import submit
 from .broker_waits import NoWorkerWatch
 from .broker_table import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
 from .errors import ProtocolError
@@ -236,21 +237,25 @@ class BrokerState:
                 del ready[ident]
             else:
                 ready.move_to_end(ident)
-            for _ in range(take):
-                entry = queue.pop(still_queued)
-                if entry is None:  # only stale items were left
-                    self._free_credit(agent)
-                    return
+            entries = queue.pop_many(take, still_queued)
+            if len(entries) < take:  # only stale items were left
+                self._free_credit(agent)
+            inflight, fids, versions = agent.inflight, agent.fids, agent.versions
+            rows, frames = self.outbox.tasks_for(ident)
+            for entry in entries:
                 self.queued_bytes -= entry.nbytes
                 entry.state = "dispatched"
-                if entry.versions is agent.versions or entry.versions == agent.versions:
-                    if (not entry.fid or entry.fid in agent.fids) and \
-                            (not entry.iid or entry.iid in agent.fids):
-                        entry.agent = ident
-                        agent.inflight[entry.kw] = entry
-                        self.outbox.task(ident, entry.task_row(), entry.frames)
-                        continue
-                self._give_first(agent, entry)
+                if (entry.versions is versions or entry.versions == versions) and \
+                        (not entry.fid or entry.fid in fids) and \
+                        (not entry.iid or entry.iid in fids):
+                    entry.agent = ident
+                    inflight[entry.kw] = entry
+                    rows.append(entry.task_row())
+                    frames.extend(entry.frames)
+                else:
+                    self._give_first(agent, entry)
+            if len(entries) < take:
+                return
 
     def _give_first(self, agent: Peer, entry: Entry) -> None:
         """The slow path of ``dispatch``: send blobs the agent lacks, or fail the task."""
@@ -320,63 +325,6 @@ class BrokerState:
                     self._cancel(wanted)
 
     # ---- handlers -------------------------------------------------------------------------
-    def _submit(self, peer: Peer, msg: P.Message) -> None:
-        """A batch of tasks: register each key and queue it; blobs come first."""
-        frames = msg.payload
-        fids = msg.meta["f"]
-        for fid, blob in zip(fids, frames):
-            self.blobs[fid] = blob
-            peer.fids.add(fid)
-        at = len(fids)
-        for row in msg.meta["t"]:
-            kw, priority, retries, pure, fid, iid, nframes = row[:7]
-            limit = row[7] if len(row) > 7 else 0  # options(timeout=)
-            timeout = float(limit) if type(limit) in (int, float) and limit > 0 else 0.0
-            entry = self.table.get(kw)
-            if entry is not None and not entry.owner and entry.state != "wanted":
-                adopt_orphan(self, peer, entry, row, frames[at:at + nframes], timeout)
-            else:
-                self._submit_one(peer, kw, priority, retries, bool(pure), fid, iid,
-                                 frames[at:at + nframes], timeout)
-            at += nframes
-
-    def _submit_one(self, peer: Peer, kw: str, priority: int, retries: int, pure: bool,
-                    fid: str, iid: str, payload: Frames, timeout: float) -> None:
-        entry = self.table.get(kw)
-        if entry is not None and entry.state != "wanted":
-            if not pure and peer.ident not in entry.interests:
-                self.outbox.error(peer.ident, kw, "KeyExistsError", f"key {kw} is already "
-                                  "live on the broker; choose another key= or use pure=True")
-                return
-            if entry.state not in ("error", "lost") or not pure:
-                self._interest(peer, entry)  # pure, or this client waits for it already
-                self.outbox.tell(peer.ident, entry)
-                return
-            if entry.kw in self.held:  # errors are not cached: run a pure key again
-                self.held_bytes -= self.held.pop(entry.kw)
-            entry.result, entry.attempts = None, 0
-        nbytes = frames_size(payload)
-        if self.queued_bytes + nbytes > self.max_queued_bytes:
-            self.outbox.error(peer.ident, kw, "ZMQExecError", "the broker queue is full "
-                              f"(--max-queued-bytes {self.max_queued_bytes}); submit later")
-            self.dropped["queue full"] += 1
-            return
-        if entry is None:
-            entry = self.table[kw] = Entry(kw)
-        else:
-            self.table[kw] = entry
-        entry.owner, entry.client = peer.ident, peer.hex
-        entry.versions, entry.pure = peer.versions, pure
-        entry.fid, entry.iid, entry.timeout = fid, iid, timeout
-        entry.priority, entry.retries = priority, max(0, retries)
-        entry.frames, entry.nbytes = payload, nbytes
-        self._interest(peer, entry)
-        self.counts["submitted"] += 1
-        self._enqueue(entry)
-        for ident in entry.interests:
-            if ident != peer.ident:
-                self.outbox.state(ident, kw, "queued")
-
     def _inform(self, peer: Peer, msg: P.Message) -> None:
         kw = msg.meta["k"]
         entry = self.table.get(kw)
@@ -421,18 +369,22 @@ class BrokerState:
         if type(prefetch) is int and 0 <= prefetch <= MAX_PREFETCH and agent.slots:
             agent.capacity = agent.slots + prefetch
         frames, at = msg.payload, 0
-        for kw, status, nframes in (row[:3] for row in msg.meta["r"]):
+        rows = msg.meta["r"]
+        agent.results_in += len(rows)  # acknowledged in heartbeats: the agent may forget
+        inflight, table, finished = agent.inflight, self.table, 0
+        for kw, status, nframes in (row[:3] for row in rows):
             payload = frames[at:at + nframes]
             at += nframes
-            agent.results_in += 1  # acknowledged in heartbeats: the agent may forget it
-            entry = agent.inflight.pop(kw, None)
+            entry = inflight.pop(kw, None)
             if entry is None:
                 late_result(self, agent, kw, status, payload)
                 continue
-            self._free_credit(agent)
-            agent.finished += 1
-            if self.table.get(kw) is entry and entry.state not in DONE:
+            finished += 1
+            if table.get(kw) is entry and entry.state not in DONE:
                 self._complete(entry, status, payload)
+        if finished:
+            agent.finished += finished
+            self._free_credit(agent)
 
     def _death(self, agent: Peer, msg: P.Message) -> None:
         entry = agent.inflight.pop(msg.meta["k"], None)
@@ -479,7 +431,7 @@ class BrokerState:
 
 
 _HANDLERS = {
-    ("client", P.SUBMIT): BrokerState._submit,
+    ("client", P.SUBMIT): submit,
     ("client", P.INFORM): BrokerState._inform,
     ("client", P.RELEASE): BrokerState._release,
     ("client", P.CANCEL): BrokerState._cancel_msg,

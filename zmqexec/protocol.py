@@ -197,19 +197,18 @@ _BATCH = {SUBMIT: "t", TASK: "t", RESULT: "r", STATE: "r", STARTED: "ks", DROPPE
 
 def encode_split(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()
                  ) -> List[List[Any]]:
-    """``encode``, as several messages if a batch's header could pass ``HEADER_BUDGET``.
+    """``encode``, as several messages if a batch's header passes ``HEADER_BUDGET``.
 
     Receivers drop a header over ``MAX_HEADER_BYTES``, so every sender of a batch splits
     it here, each part with its rows' frames (the blobs named in ``f`` go with the first
-    part, which arrives first)."""
+    part, which arrives first).  Parts are cut by an estimate of each row's size (its key
+    plus ``_ROW_COST``), which keeps each part well under the cap."""
+    whole = encode(cmd, meta, payload)  # the usual case: measured once it is made
     name = _BATCH.get(cmd, "")
     rows = meta.get(name)
-    if not rows:
-        return [encode(cmd, meta, payload)]
+    if not rows or len(whole[0]) <= HEADER_BUDGET:
+        return [whole]
     keyed = name != "ks"
-    keys = sum(len(row[0]) for row in rows) if keyed else sum(map(len, rows))
-    if keys <= HEADER_BUDGET - _ROW_COST * len(rows):
-        return [encode(cmd, meta, payload)]
     framed = _FRAMED.get(cmd) == name
     count_at = _ROW_FIELDS[cmd][2] - 1 if framed else 0
     nblobs = len(meta.get("f") or ())
