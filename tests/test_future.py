@@ -314,3 +314,32 @@ def test_a_result_waiter_sees_errors_and_cancels(executor, tmp_path):
             waiter.result(timeout=10)
     open(gate, "w").close()
     assert [f.result(timeout=10) for f in blocker] == [None] * len(blocker)
+
+
+def test_the_futures_lighter_condition_behaves_as_the_stdlib_one():
+    from zmqexec.future import _Condition
+
+    cond = _Condition()
+    with pytest.raises(RuntimeError):
+        cond.notify()  # not owned, as with threading.Condition
+    with cond:
+        assert cond.wait(0.01) is False  # a timeout, the first wait makes the deque
+        with cond:  # reentrant, as the RLock of Future._condition is
+            cond.notify_all()
+    woken = []
+
+    def waiter():
+        with cond:
+            woken.append(cond.wait_for(lambda: bool(woken) or False, timeout=10) or "late")
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        waits = [pool.submit(waiter) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while len(cond._waiters) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with cond:
+            woken.append("go")
+            cond.notify_all()
+        for w in waits:
+            w.result(timeout=10)
+    assert woken[0] == "go" and woken[1:] == [True, True]

@@ -55,6 +55,12 @@ Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
 # or within a poll timeout (0.1 s).  A dropped future's release is never urgent, and
 # waking for it cost a loop turn in the client and one in the broker per task.
 LAZY = frozenset(("release", "unref"))
+# Commands a user thread queues, after waking the I/O thread, before it hands over the GIL.
+# A thread submitting in a loop holds the GIL; the woken I/O thread would wait for
+# Python's switch interval (5 ms) between turns, the broker's credit window fills, and
+# the workers idle while results wait unread.  One voluntary hand-over per HANDOFF
+# submits keeps the pipeline flowing during a burst, at one sleep(0) per batch.
+HANDOFF = 256
 
 
 class ClientIO(ClientState):
@@ -84,6 +90,7 @@ class ClientIO(ClientState):
         os.set_blocking(self._wake_w, False)
         self._closing = False
         self._asleep = True  # the I/O thread may be in poll(): post() must wake it
+        self._unserved = 0  # commands queued since the last wake-up (see HANDOFF)
         self.io_thread = threading.Thread(target=self._io_main, name="zmqexec-io", daemon=True)
         self.completion_thread = threading.Thread(target=self._completion_main,
                                                   name="zmqexec-completion", daemon=True)
@@ -94,12 +101,20 @@ class ClientIO(ClientState):
     def post(self, *command: Any) -> None:
         """Queue a command for the I/O thread and wake it (thread- and reentrant-safe)."""
         self._commands.put(command)
-        if self._asleep and command[0] not in LAZY:  # one wake-up per batch of commands
+        if command[0] in LAZY:
+            return
+        if self._asleep:  # one wake-up per batch of commands, not one per submit
             self._asleep = False
+            self._unserved = 0
             try:
                 os.write(self._wake_w, b"x")
             except (BlockingIOError, OSError):
                 pass  # a wake-up is pending already, or we are closed
+        else:
+            self._unserved += 1
+            if self._unserved >= HANDOFF:
+                self._unserved = 0
+                time.sleep(0)  # lets the woken I/O thread take the GIL now (see HANDOFF)
 
     def unref(self, kw: str) -> None:
         """A future of ``kw`` is gone (``__del__``, ``release()``).
@@ -303,32 +318,38 @@ class ClientIO(ClientState):
 
     def _pump(self) -> None:
         """Send backlogged submits as batches while the broker's credit window allows."""
-        while self._backlog and len(self._sent) < self._window and (
-                self._sent_bytes < self._window_bytes or not self._sent):
+        backlog, sent, records, sent_fids = self._backlog, self._sent, self.records, \
+            self._sent_fids
+        window, window_bytes, max_frame = self._window, self._window_bytes, self._max_frame
+        while backlog and len(sent) < window and (
+                self._sent_bytes < window_bytes or not sent):
             fids: List[str] = []
             rows: List[List[Any]] = []
             frames: List[Any] = []
-            size = 0
-            while self._backlog and len(self._sent) < self._window and len(rows) < BATCH and (
-                    size < BATCH_BYTES) and (self._sent_bytes < self._window_bytes or not rows):
-                rec = self._backlog.popleft()
-                if self.records.get(rec.kw) is not rec or rec.row is None:
+            size, sent_bytes = 0, self._sent_bytes
+            room = min(BATCH, window - len(sent))  # tasks this message may take
+            while backlog and room and size < BATCH_BYTES and (
+                    sent_bytes < window_bytes or not rows):
+                rec = backlog.popleft()
+                if records.get(rec.kw) is not rec or rec.row is None:
                     continue  # cancelled before it left this client
-                if rec.nbytes > self._max_frame and self._too_large(rec):
+                if rec.nbytes > max_frame and self._too_large(rec):
                     continue
-                self._sent[rec.kw] = rec.nbytes
-                self._sent_bytes += rec.nbytes
+                room -= 1
+                sent[rec.kw] = rec.nbytes
+                sent_bytes += rec.nbytes
                 size += rec.nbytes
                 if self._attaching:
                     self._attaching.pop(rec.kw, None)  # our own submit makes the key known
                 row = rec.row
-                if row[4] not in self._sent_fids or row[5] and row[5] not in self._sent_fids:
+                if row[4] not in sent_fids or row[5] and row[5] not in sent_fids:
                     for fid in (row[4], row[5]):
-                        if fid and fid not in self._sent_fids:
-                            self._sent_fids.add(fid)
+                        if fid and fid not in sent_fids:
+                            sent_fids.add(fid)
                             fids.append(fid)
                 rows.append(row)
-                frames.extend(rec.frames)
+                frames += rec.frames
+            self._sent_bytes = sent_bytes
             if rows:
                 blobs = [self.blobs[fid] for fid in fids]
                 self._send(P.SUBMIT, {"f": fids, "t": rows}, blobs + frames)

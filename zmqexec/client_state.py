@@ -94,29 +94,42 @@ class ClientState:
 
     def submit(self, fut: Future, row: List[Any], frames: List[Any]) -> Future:
         """Register a submitted future; share a live key when pure, else refuse a live one."""
-        kw, pure = fut._kw, bool(row[3])
+        kw = fut._kw
         with self.lock:
             rec, outcome = self.records.get(kw), self.done.get(kw)
-            attaching = rec is not None and rec.row is None  # Future(key) waits for it
-            live = (rec is not None and not attaching) or outcome is not None
-            if live and not pure:
-                raise KeyExistsError(f"key {fut.key!r} is live in this client already; "
-                                     "choose another key= or submit with pure=True")
-            self._ref(fut)
-            if rec is not None and attaching:
-                rec.futures.append(fut)
-                rec.row, rec.frames = row, frames
-                rec.nbytes = sum(len(f) for f in frames)
-            elif rec is not None:
-                rec.futures.append(fut)
-                return fut
-            elif outcome is not None and outcome[0]:
-                _settle(fut, outcome)
-                return fut
-            else:
+            if rec is None and outcome is None:  # a new key: the usual case, inline
+                self.refs[kw] = self.refs.get(kw, 0) + 1
+                fut._registered = True
                 rec = self.records[kw] = Pending(kw, [fut], row, frames)
+            else:
+                rec = self._join(fut, rec, outcome, row, frames)
+                if rec is None:
+                    return fut
         self.post("submit", rec)
         return fut
+
+    def _join(self, fut: Future, rec: Optional[Pending], outcome: Optional[Outcome],
+              row: List[Any], frames: List[Any]) -> Optional[Pending]:
+        """A submit of a key this client knows (lock held): the record to send, if any."""
+        attaching = rec is not None and rec.row is None  # Future(key) waits for it
+        live = (rec is not None and not attaching) or outcome is not None
+        if live and not row[3]:
+            raise KeyExistsError(f"key {fut.key!r} is live in this client already; "
+                                 "choose another key= or submit with pure=True")
+        self._ref(fut)
+        if rec is not None and attaching:
+            rec.futures.append(fut)
+            rec.row, rec.frames = row, frames
+            rec.nbytes = sum(len(f) for f in frames)
+            return rec
+        if rec is not None:
+            rec.futures.append(fut)
+            return None
+        if outcome is not None and outcome[0]:
+            _settle(fut, outcome)
+            return None
+        rec = self.records[fut._kw] = Pending(fut._kw, [fut], row, frames)  # after an error
+        return rec
 
     def attach(self, fut: Future, inform: bool) -> None:
         """Register a user-made ``Future(key)``: join a local record, or inform the broker."""
@@ -163,12 +176,14 @@ class ClientState:
         elif kind == "broken":
             self._break(item[1])
         elif kind == "results":
-            frames, at = item[2], 0
+            frames, at, records = item[2], 0, self.records
+            settled = []
             for row in item[1]:
                 payload = frames[at:at + row[2]]
                 at += row[2]
-                if row[0] in self.records:  # else cancelled or completed: dropped quietly
-                    self._settle_key(row[0], _outcome(row, payload))
+                if row[0] in records:  # else cancelled or completed: dropped quietly
+                    settled.append((row[0], _outcome(row, payload)))
+            self._settle_keys(settled)
         else:
             self._settle_key(item[1], item[2])
 
@@ -233,16 +248,26 @@ class ClientState:
 
     def _settle_key(self, kw: str, outcome: Outcome) -> None:
         """Complete every local future of a key with one outcome."""
+        self._settle_keys([(kw, outcome)])
+
+    def _settle_keys(self, outcomes: List[Tuple[str, Outcome]]) -> None:
+        """Complete the local futures of many keys: the tables change under one lock
+        round, then the futures complete outside it (their callbacks may take it)."""
+        settled = []
         with self.lock:
-            rec = self.records.pop(kw, None)
-            if rec is None:
-                return
-            if self.refs.get(kw) and not isinstance(outcome[1], KeyExistsError):
-                self.done[kw] = outcome  # (a refused submit says nothing about the key)
-        for fut in rec.futures:
-            _settle(fut, outcome)
-        if not outcome[0] and isinstance(outcome[1], InitializerError):
-            self._break(outcome[1])
+            records, refs, done = self.records, self.refs, self.done
+            for kw, outcome in outcomes:
+                rec = records.pop(kw, None)
+                if rec is None:
+                    continue
+                if refs.get(kw) and (outcome[0] or not isinstance(outcome[1], KeyExistsError)):
+                    done[kw] = outcome  # (a refused submit says nothing about the key)
+                settled.append((rec.futures, outcome))
+        for futures, outcome in settled:
+            for fut in futures:
+                _settle(fut, outcome)
+            if not outcome[0] and isinstance(outcome[1], InitializerError):
+                self._break(outcome[1])
 
     def _break(self, error: BaseException) -> None:
         """Fail every pending record with ``error``; later submits raise it too."""

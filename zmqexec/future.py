@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures._base import (
     CANCELLED,
     CANCELLED_AND_NOTIFIED,
@@ -46,6 +48,45 @@ def default_executor() -> "ZMQExecutor":
     raise ValueError("no running ZMQExecutor: pass client=executor, or create one first")
 
 
+class _Condition(threading.Condition):
+    """A ``threading.Condition`` that is cheaper to make: one per task.
+
+    The stdlib's binds five methods of its lock at creation and makes its waiter deque at
+    once: eight objects for the garbage collector per Future, most of which no thread ever
+    waits on.  Here the lock's methods are reached through ``_lock`` and the deque is made
+    by the first ``wait``; everything else is the stdlib's own code."""
+
+    def __init__(self) -> None:  # no super().__init__(): it would bind what we leave out
+        self._lock = threading.RLock()
+        self._waiters: Any = ()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *args: Any) -> None:
+        self._lock.__exit__(*args)
+
+    def acquire(self, *args: Any) -> bool:
+        return self._lock.acquire(*args)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()  # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if not self._waiters:
+            self._waiters = deque()
+        return super().wait(timeout)
+
+
 def mark_running(fut: concurrent.futures.Future) -> None:
     """``set_running_or_notify_cancel`` only where it applies (it logs CRITICAL elsewhere).
 
@@ -73,6 +114,7 @@ class Future(concurrent.futures.Future):
     def __init__(self, key: Any, client: Optional["ZMQExecutor"] = None,
                  inform: bool = True) -> None:
         super().__init__()
+        self._condition = _Condition()
         self._registered = False
         self._kw = key_to_wire(key)
         self.executor = client if client is not None else default_executor()
@@ -84,7 +126,10 @@ class Future(concurrent.futures.Future):
     def _new(cls, kw: str, executor: "ZMQExecutor") -> "Future":
         """A Future made by ``submit``; the caller registers it (no inform message)."""
         self = cls.__new__(cls)
-        concurrent.futures.Future.__init__(self)
+        # concurrent.futures.Future.__init__, with the cheaper condition
+        self._condition = _Condition()
+        self._state, self._result, self._exception = PENDING, None, None
+        self._waiters, self._done_callbacks = [], []  # type: ignore[attr-defined]
         self._registered = False
         self._kw, self.executor, self.inform = kw, executor, False
         return self
