@@ -123,7 +123,8 @@ def test_an_unauthenticated_peer_gets_nothing_unpickled(keys, tmp_path):
             layouts = [
                 [bomb],
                 [b"ZX" + bytes((P.PROTOCOL_VERSION, P.SUBMIT)) + b"{}", bomb],
-                P.encode(P.HELLO, {"role": "client", "id": "x", "proto": 1}) + [bomb],
+                P.encode(P.HELLO, {"role": "client", "id": "x",
+                                   "proto": P.PROTOCOL_VERSION}) + [bomb],
                 P.encode(P.SUBMIT, {"f": ["f"], "t": [['"k"', 0, 0, 0, "f", "", 1]]},
                          [bomb, bomb]),
                 P.encode(P.RESULT, {"r": [['"k"', "finished", 1]]}, [bomb]),

@@ -68,7 +68,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: STARTED and STATE notices may ride in a RESULT
 PACK_LIMIT = 1 << 16  # payload parts smaller than this share one frame in a batch
 MAGIC = b"ZX"
 MAX_KEY_LENGTH = 4096
