@@ -80,7 +80,8 @@ def bad_messages(rng: random.Random, n: int):
             frames = list(rng.choice(valid))
             yield frames[:1] if rng.random() < 0.5 else frames + [b"extra"]
         elif kind == 3:  # unknown command or version
-            yield [P.MAGIC + bytes((rng.choice([0, 2, 9]), rng.randint(0, 255))) + b"{}"]
+            version = rng.choice([0, P.PROTOCOL_VERSION, P.PROTOCOL_VERSION + 7])
+            yield [P.MAGIC + bytes((version, rng.randint(0, 255))) + b"{}"]
         elif kind == 4:  # wrong field types
             yield [header(P.SUBMIT, {"f": "x", "t": [[1, 2, 3]]})]
         else:  # fine on the wire but a role this peer does not have, or before HELLO

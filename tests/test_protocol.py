@@ -8,6 +8,8 @@ import pytest
 from zmqexec import ProtocolError
 from zmqexec import protocol as P
 
+ZXV = b"ZX" + bytes((P.PROTOCOL_VERSION,))  # magic and this version
+
 
 def test_small_parts_share_one_frame_and_large_ones_keep_their_own():
     big = memoryview(b"x" * P.PACK_LIMIT)
@@ -26,7 +28,7 @@ def test_small_parts_share_one_frame_and_large_ones_keep_their_own():
     ([5], [b"1234"]), ([2, -1], [b"12"]), ("bad", [b"12"]), ([-2], [b""]),
 ])
 def test_packed_parts_that_do_not_add_up_are_rejected(sizes, frames):
-    head = b"ZX\x01\x0e" + json.dumps({"r": [["k", "finished", 1]] * len(sizes),
+    head = ZXV + b"\x0e" + json.dumps({"r": [["k", "finished", 1]] * len(sizes),
                                        "z": sizes}).encode()
     with pytest.raises(ProtocolError):
         P.decode([head, *frames])
@@ -35,17 +37,17 @@ def test_packed_parts_that_do_not_add_up_are_rejected(sizes, frames):
 @pytest.mark.parametrize("frames, reason", [
     ([], "empty"),
     ([b"XX\x01\x01{}"], "magic"),
-    ([b"ZX\x09\x0a{}"], "protocol version 9"),
-    ([b"ZX\x01\xff{}"], "unknown command"),
-    ([b"ZX\x01\x0a{nope"], "not JSON"),
-    ([b"ZX\x01\x0a[]"], "not a JSON object"),
-    ([b'ZX\x01\x0a{"t": [], "f": 1}'], "field 'f'"),
-    ([b'ZX\x01\x0a{"t": [["a", true, 0, 0, "f", "", 1]], "f": []}', b"t"], "malformed"),
-    ([b'ZX\x01\x0a{"t": [["a", 0, 0, 0, "f", "", 1]], "f": []}'], "0 payload frames"),
-    ([b'ZX\x01\x0a{"t": [["a", 0, 0, 0, "f", "", -1]], "f": []}'], "negative"),
-    ([b'ZX\x01\x12{"k": "a"}', b"extra"], "1 payload frames"),
-    ([b'ZX\x01\x13{"ks": [1]}'], "list of short strings"),
-    ([b'ZX\x01\x12{"k": "' + b"a" * 5000 + b'"}'], "key longer"),
+    ([b"ZX\x09\x0a{}"], "protocol version: 9"),
+    ([ZXV + b"\xff{}"], "unknown command"),
+    ([ZXV + b"\x0a{nope"], "not JSON"),
+    ([ZXV + b"\x0a[]"], "not a JSON object"),
+    ([ZXV + b'\x0a{"t": [], "f": 1}'], "field 'f'"),
+    ([ZXV + b'\x0a{"t": [["a", true, 0, 0, "f", "", 1]], "f": []}', b"t"], "malformed"),
+    ([ZXV + b'\x0a{"t": [["a", 0, 0, 0, "f", "", 1]], "f": []}'], "0 payload frames"),
+    ([ZXV + b'\x0a{"t": [["a", 0, 0, 0, "f", "", -1]], "f": []}'], "negative"),
+    ([ZXV + b'\x12{"k": "a"}', b"extra"], "1 payload frames"),
+    ([ZXV + b'\x13{"ks": [1]}'], "list of short strings"),
+    ([ZXV + b'\x12{"k": "' + b"a" * 5000 + b'"}'], "key longer"),
     ([object()], "not bytes"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(frames, reason):

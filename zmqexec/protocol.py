@@ -283,10 +283,11 @@ def decode(frames: Sequence[Any]) -> Message:
     cmd = raw[3]
     if raw[2] != PROTOCOL_VERSION and cmd not in (HELLO, REFUSE):
         # HELLO and REFUSE keep their shape across versions, so a mismatch gets a reason
-        raise ProtocolError(f"protocol version {raw[2]} (this side speaks {PROTOCOL_VERSION})")
+        raise ProtocolError(f"wrong protocol version: {raw[2]} (this side speaks "
+                            f"{PROTOCOL_VERSION})")
     schema = _SCHEMA.get(cmd)
     if schema is None:
-        raise ProtocolError(f"unknown command {cmd}")
+        raise ProtocolError(f"unknown command: {cmd}")  # (before the colon: the reason)
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("header too large")
     try:
