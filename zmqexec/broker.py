@@ -87,6 +87,8 @@ class Broker:
                             break
                         state.handle(frames[0].bytes, frames[1:], now,
                                      str(frames[0].get("User-Id")) if self.keys else None)
+                        if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                            break  # cheaper than a recv that raises zmq.Again
                 if self.parent_fd is not None and self.parent_fd in events:
                     log.info("parent process is gone: stopping")
                     break

@@ -219,6 +219,8 @@ class ClientIO(ClientState):
                         except zmq.Again:
                             break
                         self._on_message(frames)
+                        if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                            break  # cheaper than a recv that raises zmq.Again
                     self._pump()  # answers freed window space
                 now = time.monotonic()
                 if now - self._last_sent >= self.interval:

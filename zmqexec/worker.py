@@ -443,6 +443,8 @@ class Agent(Stopping):
                         except zmq.Again:
                             break
                         self._on_broker(frames)
+                        if not int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                            break  # cheaper than a recv that raises zmq.Again
                 elif what == self.parent_fd:
                     log.info("parent process is gone: stopping")
                     self._stop = self._orphaned = True
