@@ -105,3 +105,12 @@ def test_batches_given_the_moment_the_last_result_arrives_all_run(driver):
         got = driver.results(len(keys))
         assert [kw for kw, _, _ in got] == keys
         assert all(status == "finished" for _, status, _ in got)
+
+
+@pytest.mark.parametrize("size", [0, 100, 16_380, 16_390, 3_000_000])
+def test_results_of_any_size_reach_the_agent_whole(driver, size):
+    """Small records go in one write, large ones as length then body; the agent's reader
+    (``Child.read``) must see each exactly as ``Connection.send_bytes`` would frame it."""
+    keys = driver.give([driver.task(pause, 0, b"r" * size), driver.task(pause, 0, "next")])
+    assert driver.results(2) == [(keys[0], "finished", b"r" * size),
+                                 (keys[1], "finished", "next")]
