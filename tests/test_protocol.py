@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zmqexec import ProtocolError
 from zmqexec import protocol as P
@@ -104,3 +106,31 @@ def test_notices_riding_in_a_result_decode():
     meta = {"r": [['"k"', "finished", 1]], "s": ['"a"'], "st": [['"b"', "running"]]}
     msg = P.decode(P.encode(P.RESULT, meta, [b"v"]))
     assert msg.meta["s"] == ['"a"'] and msg.meta["st"] == [['"b"', "running"]]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json_values)
+def test_header_json_is_the_stdlib_json(value):
+    """Headers are written and read with the C encoder and scanner directly; the text and
+    the values must be exactly what the json module would give."""
+    text = P._dumps(value)
+    assert text == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    assert P._loads(text) == json.loads(text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet='{}[]",:0123456789.eE+-truefalsnul \\\n\tü', max_size=30))
+def test_header_json_accepts_and_refuses_what_the_stdlib_does(text):
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            P._loads(text)
+    else:
+        assert P._loads(text) == expected

@@ -63,6 +63,8 @@ BYE        both ways       reason                                         -
 from __future__ import annotations
 
 import json
+import json.encoder
+import json.scanner
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -138,8 +140,36 @@ class Message:
         return NAMES.get(self.cmd, str(self.cmd))
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_loads = json.JSONDecoder().decode
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_decoder = json.JSONDecoder()
+_make_encoder = getattr(json.encoder, "c_make_encoder", None)  # the C accelerators
+_make_scanner = getattr(json.scanner, "c_make_scanner", None)
+_c_encode = _make_encoder and _make_encoder(
+    None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False,
+    True)
+_c_scan = _make_scanner and _make_scanner(_decoder)
+
+
+def _dumps(obj: Any) -> str:
+    """Compact JSON text; the C encoder made once (``JSONEncoder.encode`` makes one per
+    call, which cost half of a small header's encoding).  No cycle check: headers and
+    keys are plain trees of lists, dicts, strings and numbers."""
+    if _c_encode is None:  # pragma: no cover - CPython has the C accelerator
+        return _encoder.encode(obj)
+    return "".join(_c_encode(obj, 0))
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` for headers: the C scanner directly in the usual case (a header as
+    ``_dumps`` writes it), the stdlib's full decoder for anything else and its errors."""
+    if _c_scan is not None:
+        try:
+            value, end = _c_scan(text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, ValueError):
+            pass
+    return _decoder.decode(text)
 
 
 def _row_check(shape: Tuple[type, ...]) -> Any:
