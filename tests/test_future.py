@@ -293,7 +293,8 @@ def test_threads_waiting_on_one_key_all_get_its_result(executor, tmp_path):
     same = Future("shared-wait", executor, inform=False)
     with cf.ThreadPoolExecutor(4) as pool:
         waits = [pool.submit(f.result, 10) for f in (fut, same, fut, same)]
-        time.sleep(0.2)  # let the four threads block in result(); the gate lets go after
+        # one of them takes the result from the I/O thread, the others wait on the future
+        assert wait_until(lambda: fut._kw in executor._io.awaited)
         open(gate, "w").close()
         assert [w.result(timeout=20) for w in waits] == [42, 42, 42, 42]
 
@@ -308,7 +309,7 @@ def test_a_result_waiter_sees_errors_and_cancels(executor, tmp_path):
     queued = executor.submit(add, 1, 2)
     with cf.ThreadPoolExecutor(1) as pool:
         waiter = pool.submit(queued.result, 10)
-        time.sleep(0.1)
+        assert wait_until(lambda: queued._kw in executor._io.awaited)
         assert queued.cancel()
         with pytest.raises(cf.CancelledError):
             waiter.result(timeout=10)
@@ -334,9 +335,7 @@ def test_the_futures_lighter_condition_behaves_as_the_stdlib_one():
 
     with cf.ThreadPoolExecutor(2) as pool:
         waits = [pool.submit(waiter) for _ in range(2)]
-        deadline = time.monotonic() + 10
-        while len(cond._waiters) < 2 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        assert wait_until(lambda: len(cond._waiters) == 2)
         with cond:
             woken.append("go")
             cond.notify_all()
