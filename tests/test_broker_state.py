@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 from zmqexec import protocol as P
+from zmqexec import broker_state
 from zmqexec.broker_state import BrokerState
 
 VERSIONS = {"python": "3.11", "cloudpickle": "3.1.2"}
@@ -337,3 +338,28 @@ def test_a_state_notice_with_no_result_to_ride_leaves_on_its_own(h):
     h.take()
     h.send(A1, P.STARTED, {"ks": [kw("long")]})
     assert h.states() == [(C1, [kw("long"), "running"])]
+
+
+def test_no_task_message_when_only_cancelled_entries_were_queued(h):
+    h.hello(C1, "client")
+    h.submit(C1, "gone")
+    h.send(C1, P.CANCEL, {"ks": [kw("gone")]})
+    h.take()
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    assert h.take_cmd(P.TASK) == []
+
+
+def test_a_handler_that_fails_costs_one_message_not_the_broker(h, monkeypatch):
+    """The last defence behind decode(): an unexpected error in a handler is counted as a
+    dropped message, and the next message is handled as usual."""
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0)
+
+    def broken(self, peer, msg):
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(broker_state._HANDLERS, ("client", P.RELEASE), broken)
+    h.send(C1, P.RELEASE, {"ks": [kw("x")]})
+    assert h.state.dropped["RELEASE could not be handled"] == 1
+    h.submit(C1, "next")
+    assert [row[0] for _, row in h.tasks()] == [kw("next")]

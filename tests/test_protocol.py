@@ -95,6 +95,7 @@ def test_a_batch_too_large_for_one_header_is_split_with_its_frames(cmd, meta, pa
 @pytest.mark.parametrize("riders", [
     {"s": "not-a-list"}, {"s": [1]}, {"s": ["k"] * (P.RIDER_MAX + 1)},
     {"st": [["k"]]}, {"st": [["k", 1]]}, {"st": "x"}, {"s": ["x" * (P.MAX_KEY_LENGTH + 1)]},
+    {"s": None}, {"st": None},
 ])
 def test_malformed_notices_riding_in_a_result_are_refused(riders):
     frames = P.encode(P.RESULT, {"r": [['"k"', "finished", 1]], **riders}, [b"v"])
@@ -134,3 +135,11 @@ def test_header_json_accepts_and_refuses_what_the_stdlib_does(text):
             P._loads(text)
     else:
         assert P._loads(text) == expected
+
+
+def test_a_header_nested_too_deep_is_refused_not_raised():
+    """json gives up on deep nesting with RecursionError: that must be a ProtocolError
+    (counted and dropped), never an exception out of the broker's loop."""
+    head = ZXV + bytes((P.SUBMIT,)) + b'{"t": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(P.ProtocolError, match="not JSON"):
+        P.decode([head])

@@ -84,14 +84,16 @@ class Outbox:
         out = self.out
         split = P.encode_split
         results = self._results
+        riding: Dict[bytes, List[list]] = {}
         for ident, rows in self._states.items():
-            if ident not in results or len(rows) > P.RIDER_MAX:
+            if ident in results and P.may_ride([row[0] for row in rows]):
+                riding[ident] = rows  # in the RESULT below, applied before its rows
+            else:
                 out.extend((ident, m) for m in split(P.STATE, {"r": rows}))
         for ident, (rows, frames) in results.items():
             meta: Dict[str, Any] = {"r": rows}
-            states = self._states.get(ident)
-            if states and len(states) <= P.RIDER_MAX:  # rides along, applied first
-                meta["st"] = states
+            if ident in riding:
+                meta["st"] = riding[ident]
             out.extend((ident, m) for m in split(P.RESULT, meta, frames))
         for ident, kws in self._cancels.items():
             out.extend((ident, m) for m in split(P.CANCEL, {"ks": kws}))

@@ -109,8 +109,12 @@ class BrokerState:
         if handler is None:
             self.drop(f"{msg.name} from a {peer.role}", ident)
             return
-        handler(self, peer, msg)
-        self.dispatch()
+        try:
+            handler(self, peer, msg)
+            self.dispatch()
+        except Exception as exc:  # the last defence: decode() should have refused it
+            log.exception("error handling %s from %s", msg.name, ident.hex()[:8])
+            self.drop(f"{msg.name} could not be handled", ident, exc)
 
     def tick(self, now: float) -> None:
         """Heartbeat every peer that is due and expire the ones gone silent."""
@@ -240,6 +244,8 @@ class BrokerState:
             entries = queue.pop_many(take, still_queued)
             if len(entries) < take:  # only stale items were left
                 self._free_credit(agent)
+            if not entries:
+                return
             inflight, fids, versions = agent.inflight, agent.fids, agent.versions
             rows, frames = self.outbox.tasks_for(ident)
             for entry in entries:

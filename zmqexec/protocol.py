@@ -121,6 +121,7 @@ _ROWS: Dict[Tuple[int, str], Tuple[type, ...]] = {
 # loop turn instead of two): the agent's started keys, the broker's state rows.
 _RIDERS = {"s": STARTED, "st": STATE}
 RIDER_MAX = 64  # rows a rider may have; more leave as a message of their own
+RIDER_BYTES = 16 << 10  # key characters a rider may carry, likewise
 # Rows whose last named field counts payload frames, after the blobs named in "f".
 _FRAMED = {SUBMIT: "t", TASK: "t", RESULT: "r"}
 
@@ -265,8 +266,11 @@ def _part(meta: Dict[str, Any], name: str, rows: List[Any], parts: List[Any]
     """The header of one part of a split batch: its rows, and no blobs after the first."""
     out = dict(meta)
     out[name] = rows
-    if parts and "f" in meta:
-        out["f"] = []
+    if parts:  # blobs and riding notices go with the first part only
+        if "f" in meta:
+            out["f"] = []
+        for rider in _RIDERS:
+            out.pop(rider, None)
     return out
 
 
@@ -322,7 +326,7 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError("header too large")
     try:
         meta = _loads(raw[4:].decode()) if len(raw) > 4 else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (nested too deep)
         raise ProtocolError(f"header is not JSON: {exc}") from None
     if not isinstance(meta, dict):
         raise ProtocolError("header is not a JSON object")
@@ -360,14 +364,21 @@ def decode(frames: Sequence[Any]) -> Message:
     return Message(cmd, meta, payload)
 
 
+def may_ride(keys: Sequence[str]) -> bool:
+    """Whether a notice naming ``keys`` may ride in a RESULT (it is small enough)."""
+    return len(keys) <= RIDER_MAX and sum(map(len, keys)) <= RIDER_BYTES
+
+
 def _check_riders(meta: Dict[str, Any]) -> None:
-    """Validate the STARTED keys (``s``) or STATE rows (``st``) a RESULT carries."""
-    started, states = meta.get("s"), meta.get("st")
-    if started is not None and not (
-            type(started) is list and len(started) <= RIDER_MAX and
-            all(type(k) is str and len(k) <= MAX_KEY_LENGTH for k in started)):
-        raise ProtocolError("RESULT: 's' must be a short list of keys")
-    if states is not None:
+    """Validate the STARTED keys (``s``) or STATE rows (``st``) a RESULT carries
+    (by presence: a JSON null is refused too)."""
+    if "s" in meta:
+        started = meta["s"]
+        if not (type(started) is list and len(started) <= RIDER_MAX and
+                all(type(k) is str and len(k) <= MAX_KEY_LENGTH for k in started)):
+            raise ProtocolError("RESULT: 's' must be a short list of keys")
+    if "st" in meta:
+        states = meta["st"]
         valid = _ROW_FIELDS[STATE][1]
         if type(states) is not list or len(states) > RIDER_MAX or \
                 not all(valid(row) and len(row[0]) <= MAX_KEY_LENGTH for row in states):

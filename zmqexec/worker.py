@@ -40,7 +40,7 @@ from .child import Child, Task
 from .errors import MessageTooLargeError
 from .keys import apply_client
 from .worker_stops import Stopping
-from .task import pack, unpack_result
+from .task import unpack_result
 
 log = logging.getLogger(__name__)
 # The credit window adapts to how long tasks take: enough queued work per slot to cover
@@ -174,7 +174,7 @@ class Agent(Stopping):
         if self.started and rows:  # a task that started and finished since the last turn
             finished = {row[0] for row in rows}  # needs no "running" notice: its result
             self.started = [kw for kw in self.started if kw not in finished]  # says more
-        if self.started and (not rows or len(self.started) > P.RIDER_MAX):
+        if self.started and (not rows or not P.may_ride(self.started)):
             self._send(P.STARTED, {"ks": self.started})
             self.started = []
         if rows:
@@ -278,7 +278,7 @@ class Agent(Stopping):
                 mine = [kw for kw in rest if kw in child.keys]
                 if mine:
                     try:
-                        child.conn.send_bytes(pack({"cancel": mine}, [])[0])
+                        child.cancel(mine)
                     except OSError:
                         pass
         elif msg.cmd == P.KILL:
@@ -335,6 +335,8 @@ class Agent(Stopping):
         child.keys.popleft()
         if self.timeouts:
             self.timeouts.pop(kw, None)
+        if self.killing:  # a kill that reached its batch too late: it ran
+            self.killing.discard(kw)
         if self.rejoined:
             self.rejoined.discard(kw)
         if len(result) > self.max_frame:  # the broker would cut us off: say why instead
