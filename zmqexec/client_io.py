@@ -418,6 +418,9 @@ class ClientIO(ClientState):
         elif cmd == P.BYE:
             log.info("the broker said goodbye: %s", meta.get("reason", ""))
 
+    def _hand_back(self, row: List[Any], payload: List[Any]) -> None:
+        self._completions.put(("results", [row], payload))
+
     def _on_states(self, rows: List[List[str]]) -> None:
         """``[key, queued|running]`` rows: the key is known; running ones are marked so."""
         running = []

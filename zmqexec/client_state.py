@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from concurrent.futures._base import PENDING, RUNNING
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 from . import protocol as P
 from . import serialization as S
@@ -57,12 +57,28 @@ def broker_error(kw: str, e: Dict[str, Any]) -> BaseException:
     return cls(str(e.get("msg", "the broker reported an error")))
 
 
-def _outcome(row: List[Any], payload: List[Any]) -> Outcome:
-    """The outcome a RESULT row ``[k, status, nframes, error]`` and its frames carry."""
+def _outcome(row: List[Any], payload: List[Any],
+             passthrough: Tuple[Type[BaseException], ...] = ()
+             ) -> Outcome:
+    """The outcome a RESULT row ``[k, status, nframes, error]`` and its frames carry
+    (``passthrough``: exceptions unpickling lets through instead of failing the future)."""
     kw, status, _, error = row[:4]
     if error or not payload:
         return False, broker_error(kw, error)
-    return S.loads_result(status, payload[0])
+    return S.loads_result(status, payload[0], passthrough)
+
+
+def _settle_all(futures: List[Future], outcome: Outcome) -> None:
+    """Complete each future; an interrupt raised in a callback (in a user thread that
+    completes its own result) does not leave the others pending."""
+    interrupted: Optional[BaseException] = None
+    for fut in futures:
+        try:
+            _settle(fut, outcome)
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _settle(fut: concurrent.futures.Future, outcome: Outcome) -> None:
@@ -86,7 +102,8 @@ class ClientState:
         self.refs: Dict[str, int] = {}
         self.broken: Optional[BaseException] = None
         self.slots = 0
-        self.awaited: Dict[str, Future] = {}  # keys a thread waits for in result()
+        # keys a thread waits for in result(): that thread's future and the record waited for
+        self.awaited: Dict[str, Tuple[Future, Pending]] = {}
 
     def post(self, *command: Any) -> None:
         """Hand a command to the I/O side (``ClientIO`` provides it)."""
@@ -193,17 +210,26 @@ class ClientState:
 
         The I/O thread hands a result some thread waits for in ``result()`` straight to
         that thread (``divert``) instead of to the completion thread: one thread wake-up
-        less on every round trip, about a tenth of a lone task's latency.  The waiting
-        thread unpickles and completes the key's futures (callbacks run in it, as they
-        would in whichever thread completes a stdlib future); the socket is never held up.
-        Returns when the future is done, or at ``end`` (the caller raises TimeoutError).
+        less on every round trip.  The waiting thread unpickles and completes the key's
+        futures (callbacks run in it, as they would in whichever thread completes a
+        stdlib future).  Whatever interrupts it (Ctrl-C while it waits or unpickles)
+        hands the result back to the completion thread (``_hand_back``), so the future
+        still completes and the interrupt still reaches the caller.  Returns when the
+        future is done, or at ``end`` (the caller raises TimeoutError).
         """
         kw = fut._kw
-        with self.lock:
+        if not self.lock.acquire(timeout=0.01):  # held by this very thread (a finalizer
+            return  # run by the garbage collector inside it): the completion thread does it
+        try:
             rec = self.records.get(kw)
-            if rec is None or kw in self.awaited or fut not in rec.futures:
+            if rec is None or fut not in rec.futures:
+                return
+            waiting = self.awaited.get(kw)
+            if waiting is not None and waiting[1] is rec:
                 return  # another thread waits for this key: it completes ours too
-            self.awaited[kw] = fut
+            self.awaited[kw] = (fut, rec)
+        finally:
+            self.lock.release()
         try:
             with fut._condition:
                 while rec.arrived is None and fut._state in _WAITING:
@@ -211,15 +237,38 @@ class ClientState:
                     if left is not None and left <= 0:
                         break
                     fut._condition.wait(left)
-        finally:
-            with self.lock:
-                if self.awaited.get(kw) is fut:
-                    del self.awaited[kw]
-                arrived, rec.arrived = rec.arrived, None
-                if self.records.get(kw) is not rec:
-                    arrived = None  # cancelled or failed meanwhile
-        if arrived is not None:
-            self._settle_key(kw, _outcome(*arrived))
+        except BaseException:
+            self._stop_awaiting(kw, fut, rec, hand_back=True)
+            raise
+        arrived = self._stop_awaiting(kw, fut, rec, hand_back=False)
+        if arrived is None:
+            return
+        try:
+            outcome = _outcome(*arrived, passthrough=(KeyboardInterrupt,))
+        except BaseException:
+            self._hand_back(*arrived)
+            raise
+        self._settle_key(kw, outcome)
+
+    def _stop_awaiting(self, kw: str, fut: Future, rec: Pending, hand_back: bool
+                       ) -> Optional[Tuple[List[Any], List[Any]]]:
+        """Stop waiting for ``rec``: the result handed over meanwhile, if any (given back
+        to the completion thread instead when ``hand_back``)."""
+        with self.lock:
+            waiting = self.awaited.get(kw)
+            if waiting is not None and waiting[0] is fut:
+                del self.awaited[kw]
+            arrived, rec.arrived = rec.arrived, None
+            if self.records.get(kw) is not rec:
+                arrived = None  # cancelled or failed meanwhile
+        if arrived is not None and hand_back:
+            self._hand_back(*arrived)
+            return None
+        return arrived
+
+    def _hand_back(self, row: List[Any], payload: List[Any]) -> None:
+        """Let the completion thread complete this result (``ClientIO`` provides it)."""
+        raise NotImplementedError
 
     def divert(self, rows: List[List[Any]], frames: List[Any]
                ) -> Tuple[List[List[Any]], List[Any]]:
@@ -230,15 +279,15 @@ class ClientState:
         rest_frames: List[Any] = []
         at = 0
         with self.lock:
+            awaited, records = self.awaited, self.records
             for row in rows:
                 payload = frames[at:at + row[2]]
                 at += row[2]
-                fut = self.awaited.pop(row[0], None)
-                rec = self.records.get(row[0]) if fut is not None else None
-                if rec is not None:
-                    rec.arrived = (row, payload)
-                    woken.append(fut)  # type: ignore[arg-type]
-                else:
+                waiting = awaited.pop(row[0], None)
+                if waiting is not None and records.get(row[0]) is waiting[1]:
+                    waiting[1].arrived = (row, payload)
+                    woken.append(waiting[0])
+                else:  # nobody waits, or a waiter for a record gone since (stale)
                     rest.append(row)
                     rest_frames.extend(payload)
         for fut in woken:
@@ -264,8 +313,7 @@ class ClientState:
                     done[kw] = outcome  # (a refused submit says nothing about the key)
                 settled.append((rec.futures, outcome))
         for futures, outcome in settled:
-            for fut in futures:
-                _settle(fut, outcome)
+            _settle_all(futures, outcome)
             if not outcome[0] and isinstance(outcome[1], InitializerError):
                 self._break(outcome[1])
 

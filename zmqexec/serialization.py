@@ -14,7 +14,7 @@ import json
 import pickle
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import cloudpickle
 
@@ -233,10 +233,17 @@ def dumps_error(exc: BaseException) -> bytes:
         return _dumps((error, tb))
 
 
-def loads_result(status: str, data: Any) -> Tuple[bool, Any]:
-    """Unpickle a result frame: (True, value) or (False, exception with remote cause)."""
+def loads_result(status: str, data: Any,
+                 passthrough: Tuple[Type[BaseException], ...] = ()
+                 ) -> Tuple[bool, Any]:
+    """Unpickle a result frame: (True, value) or (False, exception with remote cause).
+
+    ``passthrough`` names exceptions to let through (a user thread unpickling its own
+    result lets Ctrl-C through; it is not the pickle's fault)."""
     try:
         obj = pickle.loads(data)
+    except passthrough:
+        raise
     except BaseException as exc:  # a raise or sys.exit inside __reduce__ fails one future
         what = "result" if status == "finished" else "error"
         error = SerializationError(
