@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from typing import Any, Dict, List, Tuple
 
@@ -114,3 +115,29 @@ def test_results_of_any_size_reach_the_agent_whole(driver, size):
     keys = driver.give([driver.task(pause, 0, b"r" * size), driver.task(pause, 0, "next")])
     assert driver.results(2) == [(keys[0], "finished", b"r" * size),
                                  (keys[1], "finished", "next")]
+
+
+def test_cancels_for_a_busy_process_never_block_the_agent(driver, tmp_path):
+    """The process reads cancels only between tasks: while one runs, what the agent
+    sends waits in the pipe. Cancels that would not fit are not sent (those tasks run),
+    so the agent never stalls behind a long task, and every task still answers."""
+    started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
+    first = driver.task(held, started, gate, "first")
+    rest = []
+    for i in range(60):  # keys long enough that their cancels overflow the pipe
+        kw, row, frames = driver.task(pause, 0, i)
+        long_kw = '"' + f"{i}-" + "k" * 4000 + '"'
+        rest.append((long_kw, [long_kw] + row[1:], frames))
+    keys = driver.give([first, *rest])
+    wait_for_file(started, timeout=10)
+    sender = threading.Thread(target=driver.child.cancel, args=(keys[1:],), daemon=True)
+    sender.start()
+    sender.join(10)
+    assert not sender.is_alive(), "the agent blocked writing cancels"
+    told = len(driver.child.told)
+    assert 0 < told < 60
+    open(gate, "w").close()
+    got = driver.results(61)
+    assert [kw for kw, _, _ in got] == keys
+    assert got[0][1:] == ("finished", "first")
+    assert sum(status == "dropped" for _, status, _ in got) == told

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import struct
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from .task import pack, task_main
 
@@ -31,6 +32,7 @@ class Child:
         self.since = 0.0  # when keys[0] started
         self.stopping: Optional[Tuple[str, str]] = None  # (key, "timeout"|"killed")
         self.fids: Set[str] = set()
+        self.told: Set[str] = set()  # keys of this batch the process was asked to drop
         self.fd = self.conn.fileno()
         self._buf = bytearray()
 
@@ -62,7 +64,37 @@ class Child:
         del buf[:at]
         return out
 
+    def cancel(self, kws: Sequence[str]) -> None:
+        """Ask the process to drop these keys of its batch if it has not started them.
+
+        Never blocks the agent: the process reads cancels only between tasks, so while a
+        long one runs they wait in the pipe, and a full pipe would stall the agent (and
+        its heartbeats) until that task ends.  Each key is told once, in messages of at
+        most PIPE_BUF bytes written only when the pipe has room (such a write is whole
+        and never blocks); a cancel that finds no room is not sent, and that task runs,
+        its result dropped where nobody wants it any more."""
+        fresh = [kw for kw in kws if kw in self.keys and kw not in self.told]
+        while fresh:
+            chunk: List[str] = []
+            size = 64  # the message's framing and JSON around the keys
+            while fresh and size + len(fresh[0]) + 3 <= select.PIPE_BUF:
+                size += len(fresh[0]) + 3
+                chunk.append(fresh.pop(0))
+            if not chunk:  # a key too long for one atomic write: not worth a stall
+                fresh.pop(0)
+                continue
+            if not self._room():
+                return
+            self.told.update(chunk)
+            self.conn.send_bytes(pack({"cancel": chunk}, [])[0])
+
+    def _room(self) -> bool:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        return bool(poller.poll(0))
+
     def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
+        self.told.clear()  # (the keys of an earlier batch are all done)
         fids, rows, frames = [], [], []
         for kw, row, task_frames in tasks:
             for fid in (row[3], row[4]):

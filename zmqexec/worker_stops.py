@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional, Set
 
 from . import protocol as P
 from .child import Child, Task
-from .task import pack
 
 log = logging.getLogger("zmqexec.worker")
 
@@ -59,7 +58,7 @@ class Stopping:
             for child in self.children:  # given but not started: the child answers dropped
                 if len(child.keys) > 1:
                     try:
-                        child.conn.send_bytes(pack({"cancel": list(child.keys)[1:]}, [])[0])
+                        child.cancel(list(child.keys)[1:])
                     except OSError:
                         pass
         busy = sum(bool(c.keys) for c in self.children)
@@ -83,7 +82,7 @@ class Stopping:
                 elif kw in child.keys:  # in its batch: it answers "dropped", then we report
                     self.killing.add(kw)
                     try:
-                        child.conn.send_bytes(pack({"cancel": [kw]}, [])[0])
+                        child.cancel([kw])
                     except OSError:
                         pass
 
