@@ -363,3 +363,12 @@ def test_a_handler_that_fails_costs_one_message_not_the_broker(h, monkeypatch):
     assert h.state.dropped["RELEASE could not be handled"] == 1
     h.submit(C1, "next")
     assert [row[0] for _, row in h.tasks()] == [kw("next")]
+
+
+@pytest.mark.parametrize("fields", [{"hb": "abc"}, {"slots": 1e400}, {"ttl": [1]},
+                                    {"prefetch": "many"}])
+def test_a_hello_with_fields_of_the_wrong_kind_is_dropped(h, fields):
+    h.hello(A1, "worker", **fields)
+    assert h.state.dropped["HELLO could not be handled"] == 1
+    h.hello(C1, "client")  # and the broker goes on
+    assert [i for i, _ in h.take_cmd(P.WELCOME)] == [C1]

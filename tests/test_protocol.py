@@ -143,3 +143,11 @@ def test_a_header_nested_too_deep_is_refused_not_raised():
     head = ZXV + bytes((P.SUBMIT,)) + b'{"t": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(P.ProtocolError, match="not JSON"):
         P.decode([head])
+
+
+def test_a_key_longer_than_the_limit_is_refused_in_any_row():
+    long_key = '"' + "k" * P.MAX_KEY_LENGTH + '"'
+    submit = P.encode(P.SUBMIT, {"f": [], "t": [[long_key, 0, 0, 0, "f", "", 1]]}, [b"a"])
+    with pytest.raises(P.ProtocolError, match="malformed"):
+        P.decode(submit)
+    assert not P.may_ride([long_key])

@@ -82,6 +82,15 @@ class BrokerState:
         except ProtocolError as exc:
             self.drop(str(exc).split(":")[0], ident, exc)
             return
+        try:
+            self._apply(ident, msg, now, user)
+        except Exception as exc:  # the last defence: decode() should have refused it
+            reason = f"{msg.name} could not be handled"
+            if not self.dropped[reason]:  # a traceback once per reason; then counts
+                log.exception("error handling %s from %s", msg.name, ident.hex()[:8])
+            self.drop(reason, ident, exc)
+
+    def _apply(self, ident: bytes, msg: P.Message, now: float, user: Optional[str]) -> None:
         peer = self.peers.get(ident)
         if self.key_roles is not None:
             role = self.key_roles(user)
@@ -109,12 +118,8 @@ class BrokerState:
         if handler is None:
             self.drop(f"{msg.name} from a {peer.role}", ident)
             return
-        try:
-            handler(self, peer, msg)
-            self.dispatch()
-        except Exception as exc:  # the last defence: decode() should have refused it
-            log.exception("error handling %s from %s", msg.name, ident.hex()[:8])
-            self.drop(f"{msg.name} could not be handled", ident, exc)
+        handler(self, peer, msg)
+        self.dispatch()
 
     def tick(self, now: float) -> None:
         """Heartbeat every peer that is due and expire the ones gone silent."""

@@ -178,9 +178,9 @@ def _row_check(shape: Tuple[type, ...]) -> Any:
     compares the field types in one C-level step (a bool is not accepted as an int)."""
     width = len(shape)
 
-    def valid(row: Any) -> bool:
+    def valid(row: Any) -> bool:  # (every row shape starts with a key: a short one)
         return type(row) is list and len(row) >= width and \
-            tuple(map(type, row[:width])) == shape
+            tuple(map(type, row[:width])) == shape and len(row[0]) <= MAX_KEY_LENGTH
 
     return valid
 
@@ -366,7 +366,8 @@ def decode(frames: Sequence[Any]) -> Message:
 
 def may_ride(keys: Sequence[str]) -> bool:
     """Whether a notice naming ``keys`` may ride in a RESULT (it is small enough)."""
-    return len(keys) <= RIDER_MAX and sum(map(len, keys)) <= RIDER_BYTES
+    return len(keys) <= RIDER_MAX and sum(map(len, keys)) <= RIDER_BYTES and \
+        all(len(kw) <= MAX_KEY_LENGTH for kw in keys)
 
 
 def _check_riders(meta: Dict[str, Any]) -> None:
