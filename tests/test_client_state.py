@@ -201,3 +201,41 @@ def test_ctrl_c_while_result_unpickles_reaches_the_caller_and_the_future_complet
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["interrupted", "then 42 finished"], out.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "kill"), reason="needs signals")
+def test_ctrl_c_while_the_waiter_takes_the_result_hands_it_back(tmp_path):
+    """The waiter is held at the state lock while it takes the handed-over result, and
+    Ctrl-C arrives then: the interrupt must reach the caller and the result must go back
+    to the completion thread, not stay unread. Run in a subprocess: the signal goes to
+    the main thread, which here is the waiter."""
+    script = tmp_path / "held.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, threading, time
+        sys.path.insert(0, sys.argv[1])
+        from test_client_state import State, submit, result_row, wait_until
+
+        state = State()
+        a = submit(state, "k")
+
+        def interrupter():
+            assert wait_until(lambda: "k" in state.awaited)
+            state.lock.hold(threading.main_thread())
+            state.divert(*result_row("k", 42))  # wakes the waiter, held at the door
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            state.lock.open()
+
+        threading.Thread(target=interrupter).start()
+        try:
+            print("returned", a.result(timeout=10))
+        except KeyboardInterrupt:
+            print("interrupted")
+        state.completion_thread_turn()  # (no second result() call: it would find the
+        print("then", a.done() and a.result())  # result left behind and hide the loss)
+    """))
+    out = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["interrupted", "then 42"], out.stdout

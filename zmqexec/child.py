@@ -68,19 +68,20 @@ class Child:
         """Ask the process to drop these keys of its batch if it has not started them.
 
         Never blocks the agent: the process reads cancels only between tasks, so while a
-        long one runs they wait in the pipe, and a full pipe would stall the agent (and
-        its heartbeats) until that task ends.  Each key is told once, in messages of at
-        most PIPE_BUF bytes written only when the pipe has room (such a write is whole
-        and never blocks); a cancel that finds no room is not sent, and that task runs,
-        its result dropped where nobody wants it any more."""
+        long one runs they wait in the connection, and a full one would stall the agent
+        (and its heartbeats) until that task ends.  Each key is told once, in small
+        messages (about 4 KiB) written only when the connection polls writable (a Unix
+        socket pair: its send buffer is then at most a quarter full, so a small write
+        never blocks); a cancel that finds no room is not sent, and that task runs, its
+        result dropped where nobody wants it any more."""
         fresh = [kw for kw in kws if kw in self.keys and kw not in self.told]
         while fresh:
             chunk: List[str] = []
             size = 64  # the message's framing and JSON around the keys
-            while fresh and size + len(fresh[0]) + 3 <= select.PIPE_BUF:
-                size += len(fresh[0]) + 3
+            while fresh and size + len(fresh[0]) + 8 <= 4096:
+                size += len(fresh[0]) + 8
                 chunk.append(fresh.pop(0))
-            if not chunk:  # a key too long for one atomic write: not worth a stall
+            if not chunk:  # a key too long for a small message: not worth a stall
                 fresh.pop(0)
                 continue
             if not self._room():

@@ -482,5 +482,5 @@ class ClientIO(ClientState):
                 return
             try:
                 self._complete(item)
-            except Exception:  # a bug here must not strand the remaining futures
+            except BaseException:  # a bug, or a callback's sys.exit(): the thread goes on
                 log.exception("error while completing futures")

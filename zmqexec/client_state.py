@@ -237,34 +237,25 @@ class ClientState:
                     if left is not None and left <= 0:
                         break
                     fut._condition.wait(left)
-        except BaseException:
-            self._stop_awaiting(kw, fut, rec, hand_back=True)
+            self._stop_awaiting(kw, fut)
+            arrived = rec.arrived  # stays on the record until the record is settled
+            if arrived is not None and self.records.get(kw) is rec:
+                self._settle_key(kw, _outcome(*arrived, passthrough=(KeyboardInterrupt,)))
+        except BaseException:  # Ctrl-C anywhere above: the completion thread finishes it
+            self._stop_awaiting(kw, fut)
+            with self.lock:
+                arrived = rec.arrived if self.records.get(kw) is rec else None
+            if arrived is not None:
+                self._hand_back(*arrived)
             raise
-        arrived = self._stop_awaiting(kw, fut, rec, hand_back=False)
-        if arrived is None:
-            return
-        try:
-            outcome = _outcome(*arrived, passthrough=(KeyboardInterrupt,))
-        except BaseException:
-            self._hand_back(*arrived)
-            raise
-        self._settle_key(kw, outcome)
 
-    def _stop_awaiting(self, kw: str, fut: Future, rec: Pending, hand_back: bool
-                       ) -> Optional[Tuple[List[Any], List[Any]]]:
-        """Stop waiting for ``rec``: the result handed over meanwhile, if any (given back
-        to the completion thread instead when ``hand_back``)."""
+    def _stop_awaiting(self, kw: str, fut: Future) -> None:
+        """This thread no longer waits for ``kw`` (a result handed over stays on the
+        record, ``Pending.arrived``, until the record is settled)."""
         with self.lock:
             waiting = self.awaited.get(kw)
             if waiting is not None and waiting[0] is fut:
                 del self.awaited[kw]
-            arrived, rec.arrived = rec.arrived, None
-            if self.records.get(kw) is not rec:
-                arrived = None  # cancelled or failed meanwhile
-        if arrived is not None and hand_back:
-            self._hand_back(*arrived)
-            return None
-        return arrived
 
     def _hand_back(self, row: List[Any], payload: List[Any]) -> None:
         """Let the completion thread complete this result (``ClientIO`` provides it)."""
@@ -312,10 +303,16 @@ class ClientState:
                 if refs.get(kw) and (outcome[0] or not isinstance(outcome[1], KeyExistsError)):
                     done[kw] = outcome  # (a refused submit says nothing about the key)
                 settled.append((rec.futures, outcome))
-        for futures, outcome in settled:
-            _settle_all(futures, outcome)
+        interrupted: Optional[BaseException] = None
+        for futures, outcome in settled:  # every key, even if a callback raises
+            try:
+                _settle_all(futures, outcome)
+            except BaseException as exc:
+                interrupted = interrupted or exc
             if not outcome[0] and isinstance(outcome[1], InitializerError):
                 self._break(outcome[1])
+        if interrupted is not None:
+            raise interrupted
 
     def _break(self, error: BaseException) -> None:
         """Fail every pending record with ``error``; later submits raise it too."""
