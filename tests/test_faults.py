@@ -204,8 +204,10 @@ def test_a_frozen_agent_is_written_off_and_rejoins_cleanly_when_it_thaws(tmp_pat
             assert wait_until(lambda: len(ex.status()["agents"]) == 2, timeout=TIMEOUT)
             status = ex.status()
             assert status["tasks"]["running"] == 0 and status["tasks"]["queued"] == 0
-            # the stopped agent never made the broker block or drop a send
-            assert not [r for r in status["dropped"] if r.startswith("send failed")]
+            # the stopped agent never made the broker block or drop a send (a RESET to the
+            # thawed agent's old connection, closed as it reconnects, is routine)
+            assert not [r for r in status["dropped"]
+                        if r.startswith("send failed") and not r.endswith("unreachable")]
             later = [ex.submit(count_run, str(tmp_path / "later"), i, 0.0) for i in range(20)]
             assert [f.result(timeout=TIMEOUT) for f in later] == [i * i for i in range(20)]
     finally:
