@@ -6,7 +6,6 @@ it is running (the first one it has sent no result for).
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import select
@@ -25,13 +24,10 @@ class Child:
 
     def __init__(self, ctx: Any) -> None:
         self.conn, child_conn = multiprocessing.Pipe()
-        child_cancels, self.cancels = multiprocessing.Pipe(duplex=False)
-        self.proc = ctx.Process(target=task_main,
-                                args=(child_conn, child_cancels, os.getpid()),
+        self.proc = ctx.Process(target=task_main, args=(child_conn, os.getpid()),
                                 name="zmqexec-task", daemon=True)
         self.proc.start()
         child_conn.close()
-        child_cancels.close()
         self.keys: Deque[str] = deque()  # given, in order; keys[0] is running
         self.since = 0.0  # when keys[0] started
         self.stopping: Optional[Tuple[str, str]] = None  # (key, "timeout"|"killed")
@@ -71,16 +67,17 @@ class Child:
     def cancel(self, kws: Sequence[str]) -> None:
         """Ask the process to drop these keys of its batch if it has not started them.
 
-        They go on the cancel pipe, which a thread of the process drains at once, so the
-        answer ("dropped") does not wait for the running task.  Each key is told once,
-        in small messages (about 4 KiB) written only when the pipe polls writable, so
-        even a stopped process (SIGSTOP) cannot make the agent block; a cancel that
-        finds no room is not sent, and that task runs, its result dropped where nobody
-        wants it any more."""
+        Never blocks the agent: the process reads cancels only between tasks, so while a
+        long one runs they wait in the connection, and a full one would stall the agent
+        (and its heartbeats) until that task ends.  Each key is told once, in small
+        messages (about 4 KiB) written only when the connection polls writable (a Unix
+        socket pair: its send buffer is then at most a quarter full, so a small write
+        never blocks); a cancel that finds no room is not sent, and that task runs, its
+        result dropped where nobody wants it any more."""
         fresh = [kw for kw in kws if kw in self.keys and kw not in self.told]
         while fresh:
             chunk: List[str] = []
-            size = 8  # the framing and brackets around the keys
+            size = 64  # the message's framing and JSON around the keys
             while fresh and size + len(fresh[0]) + 8 <= 4096:
                 size += len(fresh[0]) + 8
                 chunk.append(fresh.pop(0))
@@ -90,11 +87,11 @@ class Child:
             if not self._room():
                 return
             self.told.update(chunk)
-            self.cancels.send_bytes(json.dumps(chunk).encode())
+            self.conn.send_bytes(pack({"cancel": chunk}, [])[0])
 
     def _room(self) -> bool:
         poller = select.poll()
-        poller.register(self.cancels.fileno(), select.POLLOUT)
+        poller.register(self.fd, select.POLLOUT)
         return bool(poller.poll(0))
 
     def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
