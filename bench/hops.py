@@ -9,20 +9,33 @@ code, so the latency table can be read against what the transport alone costs he
 - ``zmq 1``: DEALER <-> ROUTER echo over ipc (2 ZeroMQ hops per round trip)
 - ``zmq 2``: DEALER -> ROUTER relay -> DEALER echo over ipc (4 hops, zmqexec's broker path
   without the agent's pipe to its task process)
+- ``skeleton``: the whole DESIGN §2 path with no zmqexec code: a user thread hands a
+  message to an I/O thread (deque + wake pipe), which owns a DEALER to a broker process's
+  ROUTER; the broker routes it to an agent process's DEALER, the agent writes it to its
+  task process's pipe, and the echo comes back the same way; the I/O thread hands it to
+  the waiting user thread through a condition.  No real design of that shape can answer
+  a lone task faster than this.
+- ``ProcessPoolExecutor`` and ``ZMQExecutor``: a real ``submit(noop).result()`` on each,
+  with 2 workers, in the same run: the latency row of ``python -m bench`` next to its floor.
 
 It prints the median and p99 round trip in microseconds for each.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import multiprocessing
 import os
 import statistics
 import tempfile
+import threading
 import time
-from typing import Callable, List
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import zmq
+
+from zmqexec import ZMQExecutor
 
 
 def _pipe_child(conn: "multiprocessing.connection.Connection") -> None:
@@ -71,67 +84,213 @@ def _relay(front: str, back: str) -> None:
     ctx.term()
 
 
-def _time(n: int, once: Callable[[], None]) -> List[float]:
-    for _ in range(min(100, n)):
-        once()
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        once()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return sorted(samples)
+def _noop() -> None:
+    return None
+
+
+def _task(conn: "multiprocessing.connection.Connection") -> None:
+    """The skeleton's task process: echo what the agent writes to the pipe."""
+    while True:
+        data = conn.recv_bytes()
+        conn.send_bytes(data)
+        if data == b"stop":
+            return
+
+
+def _agent(address: str) -> None:
+    """The skeleton's agent: a DEALER to the broker and a pipe to one task process."""
+    mp = multiprocessing.get_context("fork")
+    here, there = mp.Pipe()
+    child = mp.Process(target=_task, args=(there,))
+    child.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    sock.send(b"agent")
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(here.fileno(), zmq.POLLIN)
+    client = b""
+    while True:
+        events = dict(poller.poll())
+        if sock in events:
+            client, data = sock.recv_multipart()
+            here.send_bytes(data)
+        if here.fileno() in events:
+            data = here.recv_bytes()
+            sock.send_multipart([client, data])
+            if data == b"stop":
+                break
+    child.join()
+    sock.close(linger=1000)
+    ctx.term()
+
+
+def _broker(address: str) -> None:
+    """The skeleton's broker: one ROUTER; the agent says hello, clients' messages go to it."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(address)
+    agent = router.recv_multipart()[0]
+    while True:
+        frames = router.recv_multipart()
+        if frames[0] == agent:
+            router.send_multipart(frames[1:])
+            if frames[-1] == b"stop":
+                break
+        else:
+            router.send_multipart([agent, *frames])
+    router.close(linger=1000)
+    ctx.term()
+
+
+class _SkeletonClient:
+    """The client side of the skeleton: a user thread, an I/O thread owning the DEALER."""
+
+    def __init__(self, address: str) -> None:
+        self._ctx = zmq.Context()
+        self._queue: Deque[bytes] = collections.deque()
+        self._cond = threading.Condition()
+        self._reply: Optional[bytes] = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._io, args=(address,), daemon=True)
+        self._thread.start()
+
+    def _io(self, address: str) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.connect(address)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._wake_r in events:
+                os.read(self._wake_r, 4096)
+                while self._queue:
+                    sock.send(self._queue.popleft())
+            if sock in events:
+                data = sock.recv()
+                with self._cond:
+                    self._reply = data
+                    self._cond.notify()
+                if data == b"stop":
+                    break
+        sock.close(linger=0)
+
+    def round_trip(self, data: bytes) -> bytes:
+        with self._cond:
+            self._reply = None
+            self._queue.append(data)
+            os.write(self._wake_w, b"x")
+            while self._reply is None:
+                self._cond.wait()
+            return self._reply
+
+    def close(self) -> None:
+        self.round_trip(b"stop")
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._ctx.term()
 
 
 def _report(name: str, samples: List[float]) -> None:
+    samples = sorted(samples)
     p99 = samples[max(0, -(-99 * len(samples) // 100) - 1)]
     print(f"| {name} | {statistics.median(samples):,.0f} | {p99:,.0f} |")
+
+
+Chain = Tuple[str, Callable[[], object], Callable[[], None]]
+
+
+def _chains(tmp: str, mp: Any) -> List[Chain]:
+    """Start every chain; each is (name, one round trip, close)."""
+    chains: List[Chain] = []
+    procs: List["multiprocessing.process.BaseProcess"] = []
+
+    parent, child = mp.Pipe()
+    procs.append(mp.Process(target=_pipe_child, args=(child,)))
+    chains.append(("pipe (ProcessPoolExecutor's transport)",
+                   lambda: (parent.send_bytes(b"x" * 64), parent.recv_bytes()),
+                   lambda: parent.send_bytes(b"")))
+
+    ctx = zmq.Context()
+    for hops in (1, 2):
+        echo_addr = f"ipc://{tmp}/echo{hops}"
+        front = f"ipc://{tmp}/front{hops}"
+        procs.append(mp.Process(target=_echo, args=(echo_addr,)))
+        if hops == 2:
+            procs.append(mp.Process(target=_relay, args=(front, echo_addr)))
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(front if hops == 2 else echo_addr)
+
+        def zmq_once(sock: zmq.Socket = sock) -> object:
+            sock.send(b"x" * 64)
+            return sock.recv()
+
+        def zmq_close(sock: zmq.Socket = sock) -> None:
+            sock.send(b"stop")
+            sock.recv()
+            sock.close(linger=0)
+
+        path = "client, broker, worker" if hops == 2 else "client, echo"
+        chains.append((f"zmq ipc, {2 * hops} hops ({path})", zmq_once, zmq_close))
+
+    skeleton_addr = f"ipc://{tmp}/broker"
+    procs.append(mp.Process(target=_broker, args=(skeleton_addr,)))
+    procs.append(mp.Process(target=_agent, args=(skeleton_addr,)))
+    for p in procs:
+        p.start()
+    client = _SkeletonClient(skeleton_addr)
+    chains.append(("skeleton of DESIGN §2 (threads, 4 zmq hops, a pipe)",
+                   lambda: client.round_trip(b"x" * 64), client.close))
+
+    pool = ProcessPoolExecutor(2, mp_context=mp)
+    chains.append(("ProcessPoolExecutor(2) submit(noop).result()",
+                   lambda: pool.submit(_noop).result(timeout=60), pool.shutdown))
+
+    zex = ZMQExecutor(2)
+    zex.submit(_noop).result(timeout=60)
+    chains.append(("ZMQExecutor(2) submit(noop).result()",
+                   lambda: zex.submit(_noop).result(timeout=60), zex.shutdown))
+
+    def close_all() -> None:
+        ctx.term()
+        for p in procs:
+            p.join(10)
+
+    chains.append(("", lambda: None, close_all))
+    return chains
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", type=int, default=2000, help="round trips per chain")
-    n = parser.parse_args().n
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="the chains take turns this many times (noise hits all alike)")
+    args = parser.parse_args()
     mp = multiprocessing.get_context("fork")
-    print("| chain | median µs | p99 µs |\n|---|---|---|")
-
-    parent, child = mp.Pipe()
-    proc = mp.Process(target=_pipe_child, args=(child,))
-    proc.start()
-
-    def pipe_once() -> None:
-        parent.send_bytes(b"x" * 64)
-        parent.recv_bytes()
-
-    _report("pipe (ProcessPoolExecutor's transport)", _time(n, pipe_once))
-    parent.send_bytes(b"")
-    proc.join()
-
     with tempfile.TemporaryDirectory() as tmp:
-        for hops in (1, 2):
-            echo_addr = f"ipc://{tmp}/echo{hops}"
-            front = f"ipc://{tmp}/front{hops}"
-            procs = [mp.Process(target=_echo, args=(echo_addr,))]
-            if hops == 2:
-                procs.append(mp.Process(target=_relay, args=(front, echo_addr)))
-            for p in procs:
-                p.start()
-            ctx = zmq.Context()
-            sock = ctx.socket(zmq.DEALER)
-            sock.connect(front if hops == 2 else echo_addr)
-
-            def zmq_once(sock: zmq.Socket = sock) -> None:
-                sock.send_multipart([b"x" * 64])
-                sock.recv_multipart()
-
-            path = "client, broker, worker" if hops == 2 else "client, echo"
-            _report(f"zmq ipc, {2 * hops} hops ({path})", _time(n, zmq_once))
-            sock.send_multipart([b"stop"])
-            sock.recv_multipart()
-            sock.close(linger=0)
-            ctx.term()
-            for p in procs:
-                p.join(10)
-    print(f"\n{os.cpu_count()} CPUs; each row is a bare echo chain with no zmqexec code.")
+        chains = _chains(tmp, mp)
+        timed = [c for c in chains if c[0]]
+        samples: Dict[str, List[float]] = {name: [] for name, _, _ in timed}
+        for _name, once, _ in timed:  # warm-up
+            for _ in range(min(100, args.n)):
+                once()
+        per_round = max(1, args.n // args.rounds)
+        for _ in range(args.rounds):
+            for name, once, _ in timed:
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    once()
+                    samples[name].append((time.perf_counter() - t0) * 1e6)
+        for _, _, close in chains:
+            close()
+    print("| chain | median µs | p99 µs |\n|---|---|---|")
+    for name, _, _ in timed:
+        _report(name, samples[name])
+    print(f"\n{os.cpu_count()} CPUs; every row but the last two is a bare chain with no zmqexec"
+          f" code; the chains took turns in {args.rounds} rounds.")
 
 
 if __name__ == "__main__":
