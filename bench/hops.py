@@ -131,15 +131,22 @@ def _broker(address: str) -> None:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind(address)
-    agent = router.recv_multipart()[0]
+    agent = b""
+    early: List[List[bytes]] = []  # clients' messages from before the agent's hello
     while True:
         frames = router.recv_multipart()
-        if frames[0] == agent:
+        if frames[-1] == b"agent":
+            agent = frames[0]
+            for held in early:
+                router.send_multipart([agent, *held])
+        elif frames[0] == agent:
             router.send_multipart(frames[1:])
             if frames[-1] == b"stop":
                 break
-        else:
+        elif agent:
             router.send_multipart([agent, *frames])
+        else:
+            early.append(frames)
     router.close(linger=1000)
     ctx.term()
 

@@ -53,6 +53,11 @@ MEASURE_PERIOD = 0.1  # seconds over which run times are averaged
 CHILD_WINDOW = 0.005  # seconds of work handed to one task process at a time
 MAX_CHILD_BATCH = 64
 MAX_UNACKED_BYTES = 256 << 20  # results kept until the broker acknowledges them
+# A STARTED notice of its own waits this long for a RESULT to ride in (Dask's workers batch
+# their messages every 2 ms too): a task shorter than this costs no extra message, so a lone
+# short task takes no STARTED/STATE round past the broker and the client.  A task process's
+# death, a stop or a new HELLO sends it at once, so a loss is charged as before.
+STARTED_GRACE = 0.002
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -107,6 +112,7 @@ class Agent(Stopping):
         self.timeouts: Dict[str, float] = {}  # key -> seconds it may run (options(timeout=))
         self.killing: Set[str] = set()  # keys executor.kill() asked to stop
         self.started: List[str] = []  # batched STARTED notice (rides in a RESULT)
+        self.started_at = 0.0  # when ``started`` last became non-empty (STARTED_GRACE)
         self.dropped: List[str] = []  # batched DROPPED notice
         self.results: Tuple[List[list], List[Any]] = ([], [])  # batched RESULT
         self.unacked: Deque[Tuple[int, list, Any]] = deque()  # (row number, row, frame)
@@ -160,11 +166,11 @@ class Agent(Stopping):
                 return
         self.last_sent = time.monotonic()
 
-    def _flush(self) -> None:
+    def _flush(self, now: Optional[float] = None) -> None:
         """Send this loop turn's DROPPED and RESULT notices, one message each; the
         started keys ride in the RESULT (the broker applies them first, so a key never
-        goes backwards there), or leave as a STARTED of their own in a turn without
-        results."""
+        goes backwards there), or leave as a STARTED of their own: from the loop (``now``
+        given) once they have waited STARTED_GRACE for a result, otherwise at once."""
         if self.dropped:
             for kw in self.dropped:
                 self.timeouts.pop(kw, None)
@@ -174,7 +180,8 @@ class Agent(Stopping):
         if self.started and rows:  # a task that started and finished since the last turn
             finished = {row[0] for row in rows}  # needs no "running" notice: its result
             self.started = [kw for kw in self.started if kw not in finished]  # says more
-        if self.started and (not rows or not P.may_ride(self.started)):
+        if self.started and (not P.may_ride(self.started) if rows else
+                             now is None or now - self.started_at >= STARTED_GRACE):
             self._send(P.STARTED, {"ks": self.started})
             self.started = []
         if rows:
@@ -194,6 +201,11 @@ class Agent(Stopping):
             self.sent_rows = seq
             while self.unacked_bytes > MAX_UNACKED_BYTES and len(unacked) > 1:
                 self.unacked_bytes -= len(unacked.popleft()[2])
+
+    def _mark_started(self, kw: str, now: float) -> None:
+        if not self.started:
+            self.started_at = now
+        self.started.append(kw)
 
     def _window(self) -> int:
         """The prefetch to ask for now: a fixed one, or PREFETCH_WINDOW of work per slot.
@@ -242,7 +254,7 @@ class Agent(Stopping):
                 child.give(tasks, self.blobs)
             except OSError:  # the child died under us; its sentinel will report it
                 pass
-            self.started.append(tasks[0][0])
+            self._mark_started(tasks[0][0], now)
 
     def _on_broker(self, frames: List[Any]) -> None:
         try:
@@ -327,7 +339,7 @@ class Agent(Stopping):
                     self.dropped.append(kw)
                 if first and child.keys:
                     child.since = time.monotonic()
-                    self.started.append(child.keys[0])
+                    self._mark_started(child.keys[0], time.monotonic())
             return
         if not child.keys or child.keys[0] != kw:
             log.error("task process %d sent an unexpected result", child.proc.pid)
@@ -352,7 +364,7 @@ class Agent(Stopping):
         self.ran += 1
         child.since = now
         if child.keys:
-            self.started.append(child.keys[0])  # it starts the next one right away
+            self._mark_started(child.keys[0], now)  # it starts the next one right away
 
     def _on_child_exit(self, child: Child) -> None:
         self.children.remove(child)
@@ -435,7 +447,10 @@ class Agent(Stopping):
             for child in self.children:
                 by_fd[child.conn.fileno()] = ("data", child)
                 by_fd[child.proc.sentinel] = ("exit", child)
-            wait = self._check_timeouts(time.monotonic())
+            now = time.monotonic()
+            wait = self._check_timeouts(now)
+            if self.started:  # a STARTED notice waiting for a result to ride in
+                wait = min(wait, max(0.0, self.started_at + STARTED_GRACE - now))
             events = self.poller.poll(int(min(self.interval, 0.25, wait) * 1000) + 1)
             for what, _ in events:
                 if what is self.sock:
@@ -462,7 +477,7 @@ class Agent(Stopping):
             if self.drain_until is not None:
                 self._drain_turn(now)
             self._start_next()
-            self._flush()
+            self._flush(now)
             if now - self.last_sent >= self.interval:
                 self._send(P.HEARTBEAT, {"slots": self.nprocs, "drain": self.draining})
             if now - self.last_heard > self.timeout:
