@@ -100,12 +100,15 @@ def idle(executor):
 def gated_append(gate, path, text, started=None):
     if started:
         append_line(started, text)
-    wait_for_file(gate)
+    wait_for_file(gate, timeout=120)  # (the tests open the gate; this bound outlasts theirs)
     return append_line(path, text)
 
 
 def test_closing_the_map_iterator_cancels_the_rest(executor, tmp_path):
     gate, ran, started = tmp_path / "gate", tmp_path / "ran", tmp_path / "started"
+    # short tasks first: the agent then hands each task process several tasks at once,
+    # so cancelled ones also wait in a task process's batch, behind a running one
+    assert sum(executor.map(add, range(20_000), range(20_000), timeout=60)) > 0
     assert wait_until(lambda: idle(executor), timeout=30)  # both workers free
     before = executor.status()["tasks"]
     results = executor.map(gated_append, [str(gate)] * 10, [str(ran)] * 10, range(10),

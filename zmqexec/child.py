@@ -1,11 +1,13 @@
-"""The agent's handle on one task process: its pipe, its process, and the keys it holds.
+"""The agent's handle on one task process: its pipes, its process, and the keys it holds.
 
-The agent gives a task process a batch at a time (``give``) and reads its results in bulk
-(``read``); ``keys`` lists what the process was given, in order, so ``keys[0]`` is the task
-it is running (the first one it has sent no result for).
+The agent gives a task process a numbered batch at a time (``give``) and reads its results
+in bulk (``read``); ``keys`` lists what the process was given, in order, so ``keys[0]`` is
+the task it is running (the first one it has sent no result for).  Cancels for the batch
+go on a pipe of their own (``cancel``), answered at once by the process.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import select
@@ -24,10 +26,14 @@ class Child:
 
     def __init__(self, ctx: Any) -> None:
         self.conn, child_conn = multiprocessing.Pipe()
-        self.proc = ctx.Process(target=task_main, args=(child_conn, os.getpid()),
+        child_cancels, self.cancels = multiprocessing.Pipe(duplex=False)
+        self.proc = ctx.Process(target=task_main,
+                                args=(child_conn, child_cancels, os.getpid()),
                                 name="zmqexec-task", daemon=True)
         self.proc.start()
         child_conn.close()
+        child_cancels.close()
+        self.batch = 0  # number of the last batch given (cancels name it)
         self.keys: Deque[str] = deque()  # given, in order; keys[0] is running
         self.since = 0.0  # when keys[0] started
         self.stopping: Optional[Tuple[str, str]] = None  # (key, "timeout"|"killed")
@@ -67,17 +73,16 @@ class Child:
     def cancel(self, kws: Sequence[str]) -> None:
         """Ask the process to drop these keys of its batch if it has not started them.
 
-        Never blocks the agent: the process reads cancels only between tasks, so while a
-        long one runs they wait in the connection, and a full one would stall the agent
-        (and its heartbeats) until that task ends.  Each key is told once, in small
-        messages (about 4 KiB) written only when the connection polls writable (a Unix
-        socket pair: its send buffer is then at most a quarter full, so a small write
-        never blocks); a cancel that finds no room is not sent, and that task runs, its
-        result dropped where nobody wants it any more."""
+        They go on the cancel pipe, which a thread of the process drains at once, so the
+        answer ("dropped") does not wait for the running task.  Each key is told once,
+        in small messages (about 4 KiB) written only when the pipe polls writable, so
+        even a stopped process (SIGSTOP) cannot make the agent block; a cancel that
+        finds no room is not sent, and that task runs, its result dropped where nobody
+        wants it any more."""
         fresh = [kw for kw in kws if kw in self.keys and kw not in self.told]
         while fresh:
             chunk: List[str] = []
-            size = 64  # the message's framing and JSON around the keys
+            size = 32  # the framing, the batch number and the brackets around the keys
             while fresh and size + len(fresh[0]) + 8 <= 4096:
                 size += len(fresh[0]) + 8
                 chunk.append(fresh.pop(0))
@@ -87,15 +92,16 @@ class Child:
             if not self._room():
                 return
             self.told.update(chunk)
-            self.conn.send_bytes(pack({"cancel": chunk}, [])[0])
+            self.cancels.send_bytes(json.dumps([self.batch, chunk]).encode())
 
     def _room(self) -> bool:
         poller = select.poll()
-        poller.register(self.fd, select.POLLOUT)
+        poller.register(self.cancels.fileno(), select.POLLOUT)
         return bool(poller.poll(0))
 
     def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
         self.told.clear()  # (the keys of an earlier batch are all done)
+        self.batch += 1
         fids, rows, frames = [], [], []
         for kw, row, task_frames in tasks:
             for fid in (row[3], row[4]):
@@ -105,5 +111,6 @@ class Child:
             rows.append([kw, row[2], row[3], row[4], len(task_frames)])
             frames.extend(task_frames)
             self.keys.append(kw)
-        for message in pack({"f": fids, "t": rows}, [blobs[f] for f in fids] + frames):
+        meta = {"b": self.batch, "f": fids, "t": rows}
+        for message in pack(meta, [blobs[f] for f in fids] + frames):
             self.conn.send_bytes(message)

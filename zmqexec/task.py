@@ -12,9 +12,9 @@ small binary record (``pack_result``), as there is one per task::
 
     status (finished|error|dropped) | key | result pickle
 
-While a batch runs, the agent may send ``{"cancel": [k...]}``: between two tasks the
-process reads it (``Inbox.check``) and answers "dropped" for each of those it reaches
-without having started it.
+Cancels travel on a second pipe, agent to task process: ``[batch number, [k...]]`` in
+JSON.  A thread of the task process reads them at once and answers "dropped" for each
+task of that batch not started yet, so the answer does not wait for a long running task.
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]
     return [fn(*args) for args in chunk]
 
 
-CANCEL_CHECK = 0.001  # seconds between looks for cancels while a batch runs
 _HEAD = struct.Struct("!II")  # JSON length, frame count
 _RESULT = struct.Struct("!BH")  # status code, key length
 _SIZE = struct.Struct("!i")  # multiprocessing.Connection's length prefix
@@ -165,68 +164,30 @@ class TaskRunner:
 
 
 class Inbox:
-    """The task process's end of its pipe, read by the one thread that also runs tasks.
+    """The task process's end of its two pipes: batches, read by the thread that runs
+    tasks, and cancels, read by a thread of their own.
 
-    No reader thread: handing each batch from a reader to the running thread cost a
-    thread wake-up per task (about a tenth of a lone task's round trip).  The agent gives
-    a batch only to an idle process, so while one runs the only messages that can arrive
-    are cancels; between two tasks the process looks for them (``check``, one poll at
-    most every ``CANCEL_CHECK`` seconds) and answers "dropped" for each task not started.
-    A cancel read while idle names tasks of a finished batch: it is stale and ignored.
+    Batches are not handed from a reader thread to the running one: that cost a thread
+    wake-up per batch on every lone task's round trip.  Cancels have their own pipe and
+    thread, so they are answered at once even while a long task runs (and the agent's
+    writes to that pipe never wait for it); ``claim``, under the same lock, makes
+    "started" and "dropped" exclusive.  Each cancel names its batch (the agent numbers
+    them): one that overtakes its batch waits in ``_early``; one for a finished batch is
+    stale and ignored, even if a later batch has a task of the same key.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, cancels: Connection) -> None:
         self.conn = conn
         self._fd = conn.fileno()
-        self.cancelled: Set[str] = set()  # of the current batch, not started yet
-        self._next_check = 0.0
-        self._next: Optional[Tuple[Dict[str, Any], List[Any]]] = None  # read early
+        self._lock = threading.Lock()  # batch state, and whole records on the pipe
+        self._batch = 0  # number of the batch being run
+        self._pending: Set[str] = set()  # of that batch: not started, not dropped
+        self._early: Dict[int, Set[str]] = {}  # cancels for batches not read yet
+        threading.Thread(target=self._take_cancels, args=(cancels,),
+                         name="zmqexec-cancels", daemon=True).start()
 
     def receive(self) -> Optional[Tuple[Dict[str, Any], List[Any]]]:
         """The next batch (blocking); None when the agent is gone."""
-        self.cancelled.clear()
-        while True:
-            message, self._next = self._next or self._read(), None
-            if message is None:
-                return None
-            if "cancel" not in message[0]:
-                self._next_check = time.monotonic() + CANCEL_CHECK
-                return message
-
-    def check(self) -> None:
-        """Take the cancels that arrived while a task ran (cheap when it is not time)."""
-        now = time.monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + CANCEL_CHECK
-        while self._next is None and self.conn.poll(0):
-            message = self._read()
-            if message is None:
-                return  # EOF: the next receive() ends the process
-            if "cancel" in message[0]:
-                self.cancelled.update(message[0]["cancel"])
-            else:  # the next batch (we had sent our last result): keep it for receive()
-                self._next = message
-
-    def send(self, kw: str, status: str, result: bytes = b"") -> None:
-        """One result record, framed as ``Connection.send_bytes`` frames it (the agent
-        reads the descriptor directly, see ``Child.read``), in one write: the
-        Connection's own checks cost as much again as the write, once per task."""
-        record = pack_result(kw, status, result)
-        if len(record) >= _HUGE_RECORD:
-            self.conn.send_bytes(record)
-        elif len(record) > 16384:  # a large result is not copied to prepend its length
-            self._write(_SIZE.pack(len(record)))
-            self._write(record)
-        else:
-            self._write(_SIZE.pack(len(record)) + record)
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-
-    def _read(self) -> Optional[Tuple[Dict[str, Any], List[Any]]]:
         try:
             meta, frames, large = unpack(self.conn.recv_bytes())
             for index, size in large:  # straight into writable memory: numpy arrays
@@ -235,16 +196,69 @@ class Inbox:
                 frames[index] = memoryview(buffer)
         except (EOFError, OSError):
             return None
+        keys = {row[0] for row in meta["t"]}
+        with self._lock:
+            self._batch = number = meta["b"]
+            dropped = keys & self._early.pop(number, set())
+            self._pending = keys - dropped
+            for old in [b for b in self._early if b < number]:
+                del self._early[old]
+        for kw in dropped:
+            self.send(kw, "dropped")
         return meta, frames
 
+    def claim(self, kw: str) -> bool:
+        """True if the task may start now (no cancel came first)."""
+        with self._lock:
+            if kw in self._pending:
+                self._pending.discard(kw)
+                return True
+            return False
 
-def task_main(conn: Connection, parent: int) -> None:
+    def _take_cancels(self, cancels: Connection) -> None:
+        while True:
+            try:
+                number, kws = json.loads(cancels.recv_bytes())
+            except (EOFError, OSError, ValueError, TypeError):
+                return
+            with self._lock:
+                if number == self._batch:
+                    dropped = [kw for kw in kws if kw in self._pending]
+                    self._pending.difference_update(dropped)
+                else:
+                    dropped = []
+                    if number > self._batch:
+                        self._early.setdefault(number, set()).update(kws)
+            for kw in dropped:
+                self.send(kw, "dropped")
+
+    def send(self, kw: str, status: str, result: bytes = b"") -> None:
+        """One result record, framed as ``Connection.send_bytes`` frames it (the agent
+        reads the descriptor directly, see ``Child.read``), in one write: the
+        Connection's own checks cost as much again as the write, once per task."""
+        record = pack_result(kw, status, result)
+        with self._lock:  # two threads write records: never interleaved
+            if len(record) >= _HUGE_RECORD:
+                self.conn.send_bytes(record)
+            elif len(record) > 16384:  # a large result is not copied to prepend its size
+                self._write(_SIZE.pack(len(record)))
+                self._write(record)
+            else:
+                self._write(_SIZE.pack(len(record)) + record)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+
+def task_main(conn: Connection, cancels: Connection, parent: int) -> None:
     """Body of a task process: take a batch, run each task, send each result."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     runner = TaskRunner()
-    inbox = Inbox(conn)
+    inbox = Inbox(conn, cancels)
     while True:
         batch = inbox.receive()
         if batch is None:
@@ -254,16 +268,11 @@ def task_main(conn: Connection, parent: int) -> None:
         for fid, blob in zip(fids, frames):
             runner.blobs[fid] = bytes(blob)
         at = len(fids)
-        cancelled, task_frames = inbox.cancelled, []
-        last = len(meta["t"]) - 1
-        for index, (kw, client, fid, iid, nframes) in enumerate(meta["t"]):
+        task_frames: List[Any] = []
+        for kw, client, fid, iid, nframes in meta["t"]:
             task_frames = frames[at:at + nframes]
             at += nframes
-            if cancelled and kw in cancelled:
-                inbox.send(kw, "dropped")
-                continue
-            status, result = runner.run(client, fid, iid, task_frames)
-            inbox.send(kw, status, result)
-            if index < last:  # after the last result, what comes is the next batch
-                inbox.check()
+            if inbox.claim(kw):
+                status, result = runner.run(client, fid, iid, task_frames)
+                inbox.send(kw, status, result)
         del batch, frames, task_frames

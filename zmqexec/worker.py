@@ -375,6 +375,7 @@ class Agent(Stopping):
         self.poller.unregister(child.conn.fileno())
         self.poller.unregister(child.proc.sentinel)
         child.conn.close()
+        child.cancels.close()
         if child.keys:
             kw = child.keys.popleft()
             self.rejoined.difference_update([kw, *child.keys])
