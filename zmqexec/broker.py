@@ -25,6 +25,8 @@ import zmq
 from .broker_state import BrokerState
 
 log = logging.getLogger(__name__)
+# plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 BATCH = 1000  # messages handled per wake-up before timers and sends get a turn
 PACK_SLACK = 32 << 20  # a frame of small parts packed together may pass max_frame by this
 
@@ -87,7 +89,7 @@ class Broker:
                             break
                         state.handle(frames[0].bytes, frames[1:], now,
                                      str(frames[0].get("User-Id")) if self.keys else None)
-                        if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                        if not int(sock.getsockopt(EVENTS)) & POLLIN:
                             break  # cheaper than a recv that raises zmq.Again
                 if self.parent_fd is not None and self.parent_fd in events:
                     log.info("parent process is gone: stopping")

@@ -18,6 +18,10 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 from .task import pack, task_main
 
 _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
+# One read takes at most this much: glibc serves a buffer of 128 KiB or more with mmap
+# (then shrinks it with mremap and frees it with munmap), which made each read of a lone
+# result cost 20 us instead of 2.  A large result simply takes several reads.
+_READ_SIZE = 1 << 16
 Task = Tuple[str, List[Any], List[Any]]  # key_wire, TASK row, payload frames
 
 
@@ -49,7 +53,7 @@ class Child:
         4-byte signed length, -1 then an 8-byte length for huge messages), since a
         ``recv_bytes`` per result would cost two system calls each.
         """
-        data = os.read(self.fd, 1 << 20)
+        data = os.read(self.fd, _READ_SIZE)
         if not data:
             return None
         buf = self._buf

@@ -48,6 +48,8 @@ from .errors import (
 )
 
 log = logging.getLogger(__name__)
+# plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 BATCH = 1000  # tasks per SUBMIT message at most
 BATCH_BYTES = 8 << 20  # payload bytes per SUBMIT message, beyond one task
 Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
@@ -219,7 +221,7 @@ class ClientIO(ClientState):
                         except zmq.Again:
                             break
                         self._on_message(frames)
-                        if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                        if not int(sock.getsockopt(EVENTS)) & POLLIN:
                             break  # cheaper than a recv that raises zmq.Again
                     self._pump()  # answers freed window space
                 now = time.monotonic()

@@ -42,6 +42,8 @@ from .keys import apply_client
 from .worker_stops import Stopping
 from .task import unpack_result
 
+# plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 log = logging.getLogger(__name__)
 # The credit window adapts to how long tasks take: enough queued work per slot to cover
 # PREFETCH_WINDOW seconds (so short tasks travel in large batches), at least one task and
@@ -461,7 +463,7 @@ class Agent(Stopping):
                         except zmq.Again:
                             break
                         self._on_broker(frames)
-                        if not int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                        if not int(self.sock.getsockopt(EVENTS)) & POLLIN:
                             break  # cheaper than a recv that raises zmq.Again
                 elif what == self.parent_fd:
                     log.info("parent process is gone: stopping")
