@@ -11,7 +11,9 @@ import json
 import multiprocessing
 import os
 import select
+import signal
 import struct
+import sys
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -23,6 +25,23 @@ _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
 # result cost 20 us instead of 2.  A large result simply takes several reads.
 _READ_SIZE = 1 << 16
 Task = Tuple[str, List[Any], List[Any]]  # key_wire, TASK row, payload frames
+
+
+def describe_exit(code: Optional[int]) -> str:
+    """``exit code 3`` or ``killed by SIGKILL``: what a WorkerLostError reports."""
+    if code is None:
+        return "unknown exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def default_start_method() -> str:
+    """fork on Linux (fast, the agent is small and single-purpose), spawn elsewhere."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 class Child:

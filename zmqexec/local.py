@@ -19,7 +19,7 @@ import tempfile
 from typing import List, Optional
 
 from .shm import Spill
-from .worker import describe_exit
+from .child import describe_exit
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,7 @@ import logging
 import multiprocessing
 import os
 import shutil
-import signal
 import socket
-import sys
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -36,7 +34,7 @@ import zmq
 from . import protocol as P
 from . import serialization as S
 from ._version import __version__
-from .child import Child, Task
+from .child import Child, Task, default_start_method, describe_exit
 from .errors import MessageTooLargeError
 from .keys import apply_client
 from .worker_stops import Stopping
@@ -60,23 +58,6 @@ MAX_UNACKED_BYTES = 256 << 20  # results kept until the broker acknowledges them
 # short task takes no STARTED/STATE round past the broker and the client.  A task process's
 # death, a stop or a new HELLO sends it at once, so a loss is charged as before.
 STARTED_GRACE = 0.002
-
-
-def describe_exit(code: Optional[int]) -> str:
-    """``exit code 3`` or ``killed by SIGKILL``: what a WorkerLostError reports."""
-    if code is None:
-        return "unknown exit"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def default_start_method() -> str:
-    """fork on Linux (fast, the agent is small and single-purpose), spawn elsewhere."""
-    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 class Agent(Stopping):
