@@ -91,13 +91,14 @@ def test_short_tasks_send_no_started_notice_of_their_own(tapped: Tuple[str, Tap]
     address, tap = tapped
     with ZMQExecutor(address=address) as ex:
         ex.wait_for_workers(1, timeout=TIMEOUT)
-        for i in range(20):
+        for i in range(50):
             assert ex.submit(square, i).result(timeout=TIMEOUT) == i * i
         counts = tap.counts()
         assert counts["RESULT"] >= 1, counts
         # each went alone to an idle task process; without the grace, every one of them
-        # sent a STARTED of its own the moment it was handed over
-        assert counts["STARTED"] < 20, counts
+        # sent a STARTED of its own the moment it was handed over (only a machine so busy
+        # that every one of them took over 2 ms could make them all send one still)
+        assert counts["STARTED"] < 50, counts
 
         gate = tmp_path / "gate"
         held = ex.submit(gates.wait_for_file, str(gate), "ran")
