@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Tuple
@@ -16,6 +17,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 from gates import wait_for_file
+from zmqexec import protocol as P
 from zmqexec import serialization as S
 from zmqexec.child import Child
 from zmqexec.task import unpack_result
@@ -70,6 +72,7 @@ class Driver:
         self.child.proc.kill()
         self.child.proc.join(5)
         self.child.conn.close()
+        self.child.cancels.close()
 
 
 @pytest.fixture
@@ -104,18 +107,50 @@ def test_a_cancel_that_overtakes_its_batch_still_drops_the_task(driver, tmp_path
 
 
 def test_a_stale_cancel_never_drops_a_later_task_of_the_same_key(driver, tmp_path):
-    """A cancel that comes after its task started is for that batch only: the same key
-    given again later (a resubmitted pure key) runs."""
-    started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
-    kw, row, frames = driver.task(held, started, gate, "first")
+    """A cancel names its batch: one that arrives late, for a batch already done, is
+    ignored even though the running batch has a task of the same key (a pure key given
+    again), which runs."""
+    kw, row, frames = driver.task(pause, 0, "first")
     driver.give([(kw, row, frames)])
-    wait_for_file(started, timeout=10)
-    driver.child.cancel([kw])  # too late: it runs
-    open(gate, "w").close()
     assert driver.results(1) == [(kw, "finished", "first")]
+    started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
     again = driver.task(pause, 0, "again")
-    driver.give([(kw, again[1], again[2])])
-    assert driver.results(1) == [(kw, "finished", "again")]
+    keys = driver.give([driver.task(held, started, gate, "held"), (kw, again[1], again[2]),
+                        driver.task(pause, 0, "marker")])
+    wait_for_file(started, timeout=10)
+    driver.child.cancels.send_bytes(json.dumps([driver.child.batch - 1, [kw]]).encode())
+    driver.child.cancel([keys[2]])  # read after the stale one: its answer says both were
+    assert driver.results(1) == [(keys[2], "dropped", None)]
+    open(gate, "w").close()
+    assert driver.results(2) == [(keys[0], "finished", "held"), (kw, "finished", "again")]
+
+
+def test_a_dropped_task_is_answered_before_any_later_result(tmp_path):
+    """The agent takes results strictly in order (the first key it has no answer for)
+    and "dropped" in any order: so "dropped" for a task must never come after the result
+    of a task behind it. Tried many times, with cancels landing as the batch starts and
+    the task process's interpreter switching threads as often as it can, where a gap
+    between deciding and writing "dropped" could show."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the forked task process keeps it
+    try:
+        driver = Driver()
+    finally:
+        sys.setswitchinterval(interval)
+    try:
+        for round in range(300):
+            keys = driver.give([driver.task(pause, 0, "first"), driver.task(pause, 0, "mid"),
+                                driver.task(pause, 0, "last")])
+            driver.child.cancel(keys[:2])
+            got = driver.results(3)
+            waiting = list(keys)
+            for kw, status, _ in got:
+                if status == "dropped":
+                    waiting.remove(kw)
+                else:
+                    assert kw == waiting.pop(0), (round, got)
+    finally:
+        driver.close()
 
 
 def test_a_batch_that_arrives_while_another_runs_is_run_after_it(driver):
@@ -147,17 +182,21 @@ def test_results_of_any_size_reach_the_agent_whole(driver, size):
                                  (keys[1], "finished", "next")]
 
 
-def test_cancels_for_a_stopped_process_never_block_the_agent(driver, tmp_path):
+@pytest.mark.parametrize("count, key", [
+    (60, lambda i: '"' + f"{i}-" + "k" * 4000 + '"'),  # long: they overflow the pipe
+    (30, lambda i: P.key_to_wire(f"{i}-" + "é" * 600)),  # JSON writes each é in 6 bytes
+], ids=["long", "escaped"])
+def test_cancels_for_a_stopped_process_never_block_the_agent(driver, tmp_path, count, key):
     """A stopped process (SIGSTOP) reads no cancels: what the agent sends waits in the
-    pipe. Cancels that would not fit are not sent (those tasks run), so the agent never
-    stalls behind it, and every task still answers once it goes on."""
+    pipe. Each message is sized as encoded, so it fits a free 4 KiB pipe slot; those
+    that would not fit are not sent (those tasks run). So the agent never stalls behind
+    the process, and every task still answers once it goes on."""
     started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
     first = driver.task(held, started, gate, "first")
     rest = []
-    for i in range(60):  # keys long enough that their cancels overflow the pipe
-        kw, row, frames = driver.task(pause, 0, i)
-        long_kw = '"' + f"{i}-" + "k" * 4000 + '"'
-        rest.append((long_kw, [long_kw] + row[1:], frames))
+    for i in range(count):
+        _, row, frames = driver.task(pause, 0, i)
+        rest.append((key(i), [key(i)] + row[1:], frames))
     keys = driver.give([first, *rest])
     wait_for_file(started, timeout=10)
     os.kill(driver.child.proc.pid, signal.SIGSTOP)
@@ -169,12 +208,12 @@ def test_cancels_for_a_stopped_process_never_block_the_agent(driver, tmp_path):
     finally:
         os.kill(driver.child.proc.pid, signal.SIGCONT)
     told = len(driver.child.told)
-    assert 0 < told < 60
+    assert 0 < told < count
     dropped = driver.results(told)  # answered while the first task still runs
     assert {kw for kw, _, _ in dropped} == driver.child.told
     assert all(status == "dropped" for _, status, _ in dropped)
     open(gate, "w").close()
-    got = driver.results(61 - told)
+    got = driver.results(count + 1 - told)
     assert got[0] == (keys[0], "finished", "first")
     assert all(status == "finished" for _, status, _ in got)
     assert sorted(kw for kw, _, _ in dropped + got) == sorted(keys)

@@ -24,6 +24,7 @@ _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
 # (then shrinks it with mremap and frees it with munmap), which made each read of a lone
 # result cost 20 us instead of 2.  A large result simply takes several reads.
 _READ_SIZE = 1 << 16
+CANCEL_MESSAGE = 4096  # bytes a cancel message may take on its pipe, length prefix included
 Task = Tuple[str, List[Any], List[Any]]  # key_wire, TASK row, payload frames
 
 
@@ -103,24 +104,32 @@ class Child:
         finds no room is not sent, and that task runs, its result dropped where nobody
         wants it any more."""
         fresh = [kw for kw in kws if kw in self.keys and kw not in self.told]
-        while fresh:
-            chunk: List[str] = []
-            size = 32  # the framing, the batch number and the brackets around the keys
-            while fresh and size + len(fresh[0]) + 8 <= 4096:
-                size += len(fresh[0]) + 8
-                chunk.append(fresh.pop(0))
-            if not chunk:  # a key too long for a small message: not worth a stall
-                fresh.pop(0)
-                continue
-            if not self._room():
-                return
-            self.told.update(chunk)
-            self.cancels.send_bytes(json.dumps([self.batch, chunk]).encode())
+        empty = 4 + len(json.dumps([self.batch, []]))  # with Connection's length prefix
+        chunk: List[str] = []
+        size = empty
+        for kw in fresh:
+            more = len(json.dumps(kw)) + 2  # exactly as encoded (ASCII), and ", "
+            if empty + more > CANCEL_MESSAGE:
+                continue  # a key too long for a small message: not worth a stall
+            if size + more > CANCEL_MESSAGE:
+                if not self._send_cancels(chunk):
+                    return
+                chunk, size = [], empty
+            chunk.append(kw)
+            size += more
+        if chunk:
+            self._send_cancels(chunk)
 
-    def _room(self) -> bool:
+    def _send_cancels(self, chunk: List[str]) -> bool:
+        """One message of at most CANCEL_MESSAGE bytes, if the pipe polls writable: a
+        pipe does so while one of its 4 KiB slots is free, and such a write fits it."""
         poller = select.poll()
         poller.register(self.cancels.fileno(), select.POLLOUT)
-        return bool(poller.poll(0))
+        if not poller.poll(0):
+            return False
+        self.told.update(chunk)
+        self.cancels.send_bytes(json.dumps([self.batch, chunk]).encode())
+        return True
 
     def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
         self.told.clear()  # (the keys of an earlier batch are all done)

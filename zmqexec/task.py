@@ -203,8 +203,8 @@ class Inbox:
             self._pending = keys - dropped
             for old in [b for b in self._early if b < number]:
                 del self._early[old]
-        for kw in dropped:
-            self.send(kw, "dropped")
+            for kw in dropped:
+                self._write_record(kw, "dropped")
         return meta, frames
 
     def claim(self, kw: str) -> bool:
@@ -221,30 +221,32 @@ class Inbox:
                 number, kws = json.loads(cancels.recv_bytes())
             except (EOFError, OSError, ValueError, TypeError):
                 return
-            with self._lock:
-                if number == self._batch:
-                    dropped = [kw for kw in kws if kw in self._pending]
-                    self._pending.difference_update(dropped)
-                else:
-                    dropped = []
-                    if number > self._batch:
-                        self._early.setdefault(number, set()).update(kws)
-            for kw in dropped:
-                self.send(kw, "dropped")
+            with self._lock:  # "dropped" is written in the same hold that decides it: a
+                if number == self._batch:  # later task's result must never come first
+                    for kw in kws:  # (the agent takes results in order, drops in any)
+                        if kw in self._pending:
+                            self._pending.discard(kw)
+                            self._write_record(kw, "dropped")
+                elif number > self._batch:
+                    self._early.setdefault(number, set()).update(kws)
 
     def send(self, kw: str, status: str, result: bytes = b"") -> None:
-        """One result record, framed as ``Connection.send_bytes`` frames it (the agent
-        reads the descriptor directly, see ``Child.read``), in one write: the
-        Connection's own checks cost as much again as the write, once per task."""
+        """One result record (two threads write records: never interleaved)."""
+        with self._lock:
+            self._write_record(kw, status, result)
+
+    def _write_record(self, kw: str, status: str, result: bytes = b"") -> None:
+        """A record framed as ``Connection.send_bytes`` frames it (the agent reads the
+        descriptor directly, see ``Child.read``), in one write: the Connection's own
+        checks cost as much again as the write, once per task.  Hold ``_lock``."""
         record = pack_result(kw, status, result)
-        with self._lock:  # two threads write records: never interleaved
-            if len(record) >= _HUGE_RECORD:
-                self.conn.send_bytes(record)
-            elif len(record) > 16384:  # a large result is not copied to prepend its size
-                self._write(_SIZE.pack(len(record)))
-                self._write(record)
-            else:
-                self._write(_SIZE.pack(len(record)) + record)
+        if len(record) >= _HUGE_RECORD:
+            self.conn.send_bytes(record)
+        elif len(record) > 16384:  # a large result is not copied to prepend its size
+            self._write(_SIZE.pack(len(record)))
+            self._write(record)
+        else:
+            self._write(_SIZE.pack(len(record)) + record)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -53,10 +53,11 @@ MEASURE_PERIOD = 0.1  # seconds over which run times are averaged
 CHILD_WINDOW = 0.005  # seconds of work handed to one task process at a time
 MAX_CHILD_BATCH = 64
 MAX_UNACKED_BYTES = 256 << 20  # results kept until the broker acknowledges them
-# A STARTED notice of its own waits this long for a RESULT to ride in (Dask's workers batch
-# their messages every 2 ms too): a task shorter than this costs no extra message, so a lone
-# short task takes no STARTED/STATE round past the broker and the client.  A task process's
-# death, a stop or a new HELLO sends it at once, so a loss is charged as before.
+# While this agent's tasks take under STARTED_GRACE on average, a STARTED notice of its own
+# waits that long for a RESULT to ride in (Dask's workers batch their messages every 2 ms
+# too): a lone short task then costs one message past the broker and the client, not two.
+# Otherwise it leaves at once, as it does before a DEATH, a HELLO or a BYE, so a task that
+# kills its own agent is charged: a new agent knows no task times and never waits.
 STARTED_GRACE = 0.002
 
 
@@ -153,7 +154,7 @@ class Agent(Stopping):
         """Send this loop turn's DROPPED and RESULT notices, one message each; the
         started keys ride in the RESULT (the broker applies them first, so a key never
         goes backwards there), or leave as a STARTED of their own: from the loop (``now``
-        given) once they have waited STARTED_GRACE for a result, otherwise at once."""
+        given) once their grace is over (``_grace``), otherwise at once."""
         if self.dropped:
             for kw in self.dropped:
                 self.timeouts.pop(kw, None)
@@ -164,7 +165,7 @@ class Agent(Stopping):
             finished = {row[0] for row in rows}  # needs no "running" notice: its result
             self.started = [kw for kw in self.started if kw not in finished]  # says more
         if self.started and (not P.may_ride(self.started) if rows else
-                             now is None or now - self.started_at >= STARTED_GRACE):
+                             now is None or not self._grace(now)):
             self._send(P.STARTED, {"ks": self.started})
             self.started = []
         if rows:
@@ -184,6 +185,12 @@ class Agent(Stopping):
             self.sent_rows = seq
             while self.unacked_bytes > MAX_UNACKED_BYTES and len(unacked) > 1:
                 self.unacked_bytes -= len(unacked.popleft()[2])
+
+    def _grace(self, now: float) -> float:
+        """Seconds the waiting STARTED notice may still wait for a RESULT (0: none)."""
+        if self.task_time >= STARTED_GRACE:
+            return 0.0
+        return max(0.0, self.started_at + STARTED_GRACE - now)
 
     def _mark_started(self, kw: str, now: float) -> None:
         if not self.started:
@@ -434,7 +441,7 @@ class Agent(Stopping):
             now = time.monotonic()
             wait = self._check_timeouts(now)
             if self.started:  # a STARTED notice waiting for a result to ride in
-                wait = min(wait, max(0.0, self.started_at + STARTED_GRACE - now))
+                wait = min(wait, self._grace(now))
             events = self.poller.poll(int(min(self.interval, 0.25, wait) * 1000) + 1)
             for what, _ in events:
                 if what is self.sock:
@@ -471,6 +478,7 @@ class Agent(Stopping):
 
     def _shutdown(self) -> None:
         try:
+            self._flush()  # started keys first: their loss is charged
             self._send(P.BYE, {"reason": "agent stopping"})
         except zmq.ZMQError:
             pass
