@@ -30,6 +30,30 @@ def held(started: str, gate: str, value: Any) -> Any:
     return wait_for_file(gate, value)
 
 
+def wait_started(path: str) -> None:
+    """Wait for a ``held`` task to say it started (fail, not hang, if it never does)."""
+    wait_for_file(path, timeout=30)
+    assert os.path.exists(path), "the task never started"
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every one of its threads is stopped: the signal
+    wakes one thread, and the cancel thread might read on for a while otherwise."""
+    os.kill(pid, signal.SIGSTOP)
+    end = time.monotonic() + 30
+
+    def states() -> List[str]:
+        out = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out.append(f.read().rsplit(")", 1)[1].split()[0])
+        return out
+
+    while any(state != "T" for state in states()):
+        assert time.monotonic() < end, f"{pid} did not stop: {states()}"
+        time.sleep(0.001)
+
+
 def pause(seconds: float, value: Any) -> Any:
     time.sleep(seconds)
     return value
@@ -87,7 +111,7 @@ def test_a_cancel_sent_while_a_task_runs_drops_the_next_ones_not_the_running_one
     started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
     keys = driver.give([driver.task(held, started, gate, "first"),
                         driver.task(pause, 0, "second"), driver.task(pause, 0, "third")])
-    wait_for_file(started, timeout=10)
+    wait_started(started)
     driver.child.cancel([keys[0], keys[1]])
     assert driver.results(1) == [(keys[1], "dropped", None)]  # the first still runs
     open(gate, "w").close()
@@ -100,7 +124,7 @@ def test_a_cancel_that_overtakes_its_batch_still_drops_the_task(driver, tmp_path
     tasks = [driver.task(held, started, gate, "first"), driver.task(pause, 0, "second")]
     driver.child.cancels.send_bytes(json.dumps([driver.child.batch + 1, [tasks[1][0]]]).encode())
     keys = driver.give(tasks)
-    wait_for_file(started, timeout=10)
+    wait_started(started)
     open(gate, "w").close()
     assert sorted(driver.results(2)) == sorted([(keys[0], "finished", "first"),
                                                 (keys[1], "dropped", None)])
@@ -117,7 +141,7 @@ def test_a_stale_cancel_never_drops_a_later_task_of_the_same_key(driver, tmp_pat
     again = driver.task(pause, 0, "again")
     keys = driver.give([driver.task(held, started, gate, "held"), (kw, again[1], again[2]),
                         driver.task(pause, 0, "marker")])
-    wait_for_file(started, timeout=10)
+    wait_started(started)
     driver.child.cancels.send_bytes(json.dumps([driver.child.batch - 1, [kw]]).encode())
     driver.child.cancel([keys[2]])  # read after the stale one: its answer says both were
     assert driver.results(1) == [(keys[2], "dropped", None)]
@@ -198,8 +222,8 @@ def test_cancels_for_a_stopped_process_never_block_the_agent(driver, tmp_path, c
         _, row, frames = driver.task(pause, 0, i)
         rest.append((key(i), [key(i)] + row[1:], frames))
     keys = driver.give([first, *rest])
-    wait_for_file(started, timeout=10)
-    os.kill(driver.child.proc.pid, signal.SIGSTOP)
+    wait_started(started)
+    stop(driver.child.proc.pid)
     try:
         sender = threading.Thread(target=driver.child.cancel, args=(keys[1:],), daemon=True)
         sender.start()
@@ -208,7 +232,9 @@ def test_cancels_for_a_stopped_process_never_block_the_agent(driver, tmp_path, c
     finally:
         os.kill(driver.child.proc.pid, signal.SIGCONT)
     told = len(driver.child.told)
-    assert 0 < told < count
+    assert told > 0
+    if os.sysconf("SC_PAGE_SIZE") == 4096:  # 16 slots of 4 KiB: the pipe fills before
+        assert told < count  # all are sent (bigger pages hold several messages each)
     dropped = driver.results(told)  # answered while the first task still runs
     assert {kw for kw, _, _ in dropped} == driver.child.told
     assert all(status == "dropped" for _, status, _ in dropped)

@@ -202,8 +202,6 @@ class Agent(Stopping):
 
         Measured over periods of MEASURE_PERIOD (or of two windows of results, if
         shorter); changes under a quarter are not worth telling the broker about."""
-        if self.fixed_prefetch:
-            return self.prefetch
         now = time.monotonic()
         if not self.ran or (now - self.period < MEASURE_PERIOD and
                             self.ran < 2 * self.prefetch):
@@ -213,7 +211,9 @@ class Agent(Stopping):
         # a period also ends after two windows' worth of results, so that short tasks
         # after long ones widen a small window within a few milliseconds
         self.task_time = self.busy / self.ran
-        self.busy, self.ran, self.period = 0.0, 0, now
+        self.busy, self.ran, self.period = 0.0, 0, now  # (task_time: for STARTED_GRACE too)
+        if self.fixed_prefetch:
+            return self.prefetch
         per_slot = min(MAX_PREFETCH, max(1, int(PREFETCH_WINDOW / self.task_time)))
         wanted = per_slot * self.nprocs
         return wanted if abs(wanted - self.prefetch) * 4 > self.prefetch else self.prefetch
