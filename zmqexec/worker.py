@@ -56,8 +56,9 @@ MAX_UNACKED_BYTES = 256 << 20  # results kept until the broker acknowledges them
 # While this agent's tasks take under STARTED_GRACE on average, a STARTED notice of its own
 # waits that long for a RESULT to ride in (Dask's workers batch their messages every 2 ms
 # too): a lone short task then costs one message past the broker and the client, not two.
-# Otherwise it leaves at once, as it does before a DEATH, a HELLO or a BYE, so a task that
-# kills its own agent is charged: a new agent knows no task times and never waits.
+# Otherwise it leaves at once, as it does before a DEATH or a BYE (a HELLO names running
+# keys itself).  A new agent knows no task times and never waits, so a task that kills its
+# own agent at once is charged on the next one as it was before the grace.
 STARTED_GRACE = 0.002
 
 
