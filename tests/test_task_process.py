@@ -119,15 +119,22 @@ def test_a_cancel_sent_while_a_task_runs_drops_the_next_ones_not_the_running_one
 
 
 def test_a_cancel_that_overtakes_its_batch_still_drops_the_task(driver, tmp_path):
-    """Cancels and batches travel on two pipes: a cancel may be read before its batch."""
+    """Cancels and batches travel on two pipes: a cancel may be read before its batch.
+    Here it surely is: it is read while the batch before still runs (the answer to a
+    cancel sent after it on the same pipe says so), and the task it names comes first in
+    the next batch, so only the kept cancel can stop it from starting."""
     started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
-    tasks = [driver.task(held, started, gate, "first"), driver.task(pause, 0, "second")]
-    driver.child.cancels.send_bytes(json.dumps([driver.child.batch + 1, [tasks[1][0]]]).encode())
-    keys = driver.give(tasks)
+    first = driver.give([driver.task(held, started, gate, "held"),
+                         driver.task(pause, 0, "marker")])
     wait_started(started)
+    kw, row, frames = driver.task(pause, 0, "overtaken")
+    driver.child.cancels.send_bytes(json.dumps([driver.child.batch + 1, [kw]]).encode())
+    driver.child.cancel([first[1]])
+    assert driver.results(1) == [(first[1], "dropped", None)]
     open(gate, "w").close()
-    assert sorted(driver.results(2)) == sorted([(keys[0], "finished", "first"),
-                                                (keys[1], "dropped", None)])
+    assert driver.results(1) == [(first[0], "finished", "held")]
+    second = driver.give([(kw, row, frames), driver.task(pause, 0, "after")])
+    assert driver.results(2) == [(kw, "dropped", None), (second[1], "finished", "after")]
 
 
 def test_a_stale_cancel_never_drops_a_later_task_of_the_same_key(driver, tmp_path):
