@@ -30,6 +30,7 @@ class DoorLock:
         self._door = threading.Event()
         self._door.set()
         self.held: Any = None
+        self.arrivals = threading.Semaphore(0)  # one per time the held thread is stopped
 
     def hold(self, thread: threading.Thread) -> None:
         self.held = thread
@@ -40,6 +41,7 @@ class DoorLock:
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if threading.current_thread() is self.held:
+            self.arrivals.release()
             self._door.wait(10)
         return self._lock.acquire(blocking, timeout)
 
@@ -98,7 +100,7 @@ def test_a_result_for_a_record_resubmitted_since_the_wait_began_is_not_stranded(
 
     def first_waiter():
         try:
-            a.exception()
+            a.exception(timeout=10)
         except cf.CancelledError as exc:
             outcome.append(exc)
 
@@ -134,7 +136,7 @@ def test_an_interrupt_in_the_waiting_thread_gives_the_result_back():
 
     def waiter():
         try:
-            a.result()
+            a.result(timeout=10)
         except KeyboardInterrupt:
             interrupted.append(True)
 
@@ -184,21 +186,23 @@ def test_ctrl_c_while_result_unpickles_reaches_the_caller_and_the_future_complet
             def __reduce__(self):
                 return (rebuild, ())
 
-        def task():  # slow enough that result() is waiting when the result comes
-            time.sleep(0.5)
+        def task(gate):  # returns once the caller is about to wait in result()
+            while not os.path.exists(gate):
+                time.sleep(0.005)
             return Value()
 
         if __name__ == "__main__":
             with ZMQExecutor(max_workers=1) as ex:
-                fut = ex.submit(task)
+                fut = ex.submit(task, sys.argv[1])
+                open(sys.argv[1], "w").close()
                 try:
                     print("returned", fut.result(timeout=30))
                 except KeyboardInterrupt:
                     print("interrupted")
                 print("then", fut.result(timeout=30), fut.status)
     """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "gate")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["interrupted", "then 42 finished"], out.stdout
 
@@ -211,7 +215,7 @@ def test_ctrl_c_while_the_waiter_takes_the_result_hands_it_back(tmp_path):
     the main thread, which here is the waiter."""
     script = tmp_path / "held.py"
     script.write_text(textwrap.dedent("""
-        import os, signal, sys, threading, time
+        import os, signal, sys, threading
         sys.path.insert(0, sys.argv[1])
         from test_client_state import State, submit, result_row, wait_until
 
@@ -222,9 +226,10 @@ def test_ctrl_c_while_the_waiter_takes_the_result_hands_it_back(tmp_path):
             assert wait_until(lambda: "k" in state.awaited)
             state.lock.hold(threading.main_thread())
             state.divert(*result_row("k", 42))  # wakes the waiter, held at the door
-            time.sleep(0.2)
+            assert state.lock.arrivals.acquire(timeout=10)
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.2)
+            # the interrupt leaves the door; cleaning up, the waiter comes back to it
+            assert state.lock.arrivals.acquire(timeout=10)
             state.lock.open()
 
         threading.Thread(target=interrupter).start()
@@ -232,8 +237,10 @@ def test_ctrl_c_while_the_waiter_takes_the_result_hands_it_back(tmp_path):
             print("returned", a.result(timeout=10))
         except KeyboardInterrupt:
             print("interrupted")
-        state.completion_thread_turn()  # (no second result() call: it would find the
-        print("then", a.done() and a.result())  # result left behind and hide the loss)
+        # no second waiting result() call: it would find a result left behind, hiding
+        # the loss; done() says whether the completion thread's turn completed it
+        state.completion_thread_turn()
+        print("then", a.done() and a.result(timeout=0))
     """))
     out = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
