@@ -32,9 +32,7 @@ class Outbox:
 
     def task(self, agent: bytes, row: list, frames: Frames,
              blobs: Sequence[Tuple[str, Any]] = ()) -> None:
-        batch = self._tasks.get(agent)
-        if batch is None:
-            batch = self._tasks[agent] = ([], [], [], [])
+        batch = self._task_batch(agent)
         for fid, blob in blobs:
             batch[0].append(fid)
             batch[1].append(blob)
@@ -43,10 +41,14 @@ class Outbox:
 
     def tasks_for(self, agent: bytes) -> Tuple[List[list], Frames]:
         """The TASK rows and frames batched for ``agent``, to append to in place."""
+        batch = self._task_batch(agent)
+        return batch[2], batch[3]
+
+    def _task_batch(self, agent: bytes) -> Tuple[List[str], Frames, List[list], Frames]:
         batch = self._tasks.get(agent)
         if batch is None:
             batch = self._tasks[agent] = ([], [], [], [])
-        return batch[2], batch[3]
+        return batch
 
     def result(self, client: bytes, row: list, frames: Frames) -> None:
         batch = self._results.get(client)

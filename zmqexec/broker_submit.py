@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 from . import protocol as P
 from .broker_join import adopt_orphan
-from .broker_table import Entry, Frames, Peer
+from .broker_table import Entry, Frames, Peer, frames_size
 
 if TYPE_CHECKING:
     from .broker_state import BrokerState
@@ -55,7 +55,7 @@ def submit_one(state: "BrokerState", peer: Peer, entry: Optional[Entry], kw: str
         if entry.kw in state.held:  # errors are not cached: run a pure key again
             state.held_bytes -= state.held.pop(entry.kw)
         entry.result, entry.attempts = None, 0
-    nbytes = sum(map(len, payload))
+    nbytes = frames_size(payload)
     if state.queued_bytes + nbytes > state.max_queued_bytes:
         state.outbox.error(peer.ident, kw, "ZMQExecError", "the broker queue is full "
                            f"(--max-queued-bytes {state.max_queued_bytes}); submit later")

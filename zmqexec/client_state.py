@@ -114,9 +114,8 @@ class ClientState:
         kw = fut._kw
         with self.lock:
             rec, outcome = self.records.get(kw), self.done.get(kw)
-            if rec is None and outcome is None:  # a new key: the usual case, inline
-                self.refs[kw] = self.refs.get(kw, 0) + 1
-                fut._registered = True
+            if rec is None and outcome is None:  # a new key: the usual case
+                self._ref(fut)
                 rec = self.records[kw] = Pending(kw, [fut], row, frames)
             else:
                 rec = self._join(fut, rec, outcome, row, frames)
