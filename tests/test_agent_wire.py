@@ -17,7 +17,7 @@ import zmq
 import gates
 from conftest import Cluster, wait_until, zmqexec_cmd
 from zmqexec import ZMQExecutor
-from zmqexec import protocol as P
+from zmqexec.wire import protocol as P
 
 # The agent started from the command line does not have tests/ on sys.path.
 cloudpickle.register_pickle_by_value(gates)

@@ -6,7 +6,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zmqexec.broker_queue import RunQueue
+from zmqexec.broker.queue import RunQueue
 
 
 def test_higher_priority_first_then_clients_in_turn_then_fifo():

@@ -5,9 +5,9 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from zmqexec import protocol as P
-from zmqexec import broker_state
-from zmqexec.broker_state import BrokerState
+from zmqexec.wire import protocol as P
+from zmqexec.broker import state as broker_state
+from zmqexec.broker.state import BrokerState
 
 VERSIONS = {"python": "3.11", "cloudpickle": "3.1.2"}
 

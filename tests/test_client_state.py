@@ -18,8 +18,8 @@ from typing import Any, List
 import pytest
 
 from conftest import ROOT, wait_until
-from zmqexec.client_state import ClientState
-from zmqexec.future import Future
+from zmqexec.client.state import ClientState
+from zmqexec.client.future import Future
 
 
 class DoorLock:

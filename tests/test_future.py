@@ -229,7 +229,7 @@ def test_await_and_asyncio_helpers_work(executor):
 
 
 def test_future_without_a_running_executor_is_refused():
-    import zmqexec.future as future_module
+    import zmqexec.client.future as future_module
 
     saved = future_module._running[:]
     future_module._running.clear()
@@ -318,7 +318,7 @@ def test_a_result_waiter_sees_errors_and_cancels(executor, tmp_path):
 
 
 def test_the_futures_lighter_condition_behaves_as_the_stdlib_one():
-    from zmqexec.future import _Condition
+    from zmqexec.client.future import _Condition
 
     cond = _Condition()
     with pytest.raises(RuntimeError):

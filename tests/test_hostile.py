@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import zmqexec_cmd
 from zmqexec import ZMQExecutor
-from zmqexec import protocol as P
+from zmqexec.wire import protocol as P
 from zmqexec.errors import ProtocolError
 
 TIMEOUT = 30

@@ -14,7 +14,7 @@ import zmq
 from conftest import Cluster, zmqexec_cmd
 
 from zmqexec import BrokerLostError, ZMQExecutor
-from zmqexec import protocol as P
+from zmqexec.wire import protocol as P
 
 TIMEOUT = 30
 

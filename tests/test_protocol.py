@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zmqexec import ProtocolError
-from zmqexec import protocol as P
+from zmqexec.wire import protocol as P
 
 ZXV = b"ZX" + bytes((P.PROTOCOL_VERSION,))  # magic and this version
 

@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 from gates import wait_for_file
-from zmqexec import protocol as P
-from zmqexec import serialization as S
-from zmqexec.child import Child
-from zmqexec.task import unpack_result
+from zmqexec.wire import protocol as P
+from zmqexec.wire import serialization as S
+from zmqexec.agent.handle import Child
+from zmqexec.agent.runner import unpack_result
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method")
 

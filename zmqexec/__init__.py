@@ -17,7 +17,6 @@ from concurrent.futures import (
 from typing import TYPE_CHECKING, Any, List
 
 from ._version import __version__
-from .progress import progress
 from .errors import (
     BrokenZMQExecutor,
     BrokerLostError,
@@ -38,12 +37,14 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .client.future import Future
+    from .client.progress import progress
     from .executor import ZMQExecutor, ZMQExecutorView
-    from .future import Future
 
-# The executor and Future load on first use, so ``python -m zmqexec broker`` (and the
-# embedded broker and agent it starts) skip the client side: a faster cluster start.
-_LAZY = {"ZMQExecutor": "executor", "ZMQExecutorView": "executor", "Future": "future"}
+# The client side loads on first use, so ``python -m zmqexec broker`` (and ``zmqexec
+# worker``) never import it: a faster start, and a test checks it.
+_LAZY = {"ZMQExecutor": "executor", "ZMQExecutorView": "executor", "Future": "client.future",
+         "progress": "client.progress"}
 
 
 def __getattr__(name: str) -> Any:

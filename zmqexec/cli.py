@@ -132,11 +132,20 @@ def _setup_logging(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
 
 
+def parent_watch_fd(value: Optional[str]) -> Optional[int]:
+    """The read end of the pipe only the embedding client holds (EOF means it died)."""
+    if value is None:
+        return None
+    fd = int(value)
+    os.set_blocking(fd, False)
+    return fd
+
+
 def _peer_keys(role: str, directory: Optional[str], name: Optional[str] = None) -> Any:
     """The key triple for ``--keys DIR`` (None without), or exit code 2 with a message."""
     if not directory:
         return None
-    from .keys import KeysError, peer_keys
+    from .wire.curve import KeysError, peer_keys
 
     try:
         return peer_keys(directory, role, name)
@@ -146,14 +155,14 @@ def _peer_keys(role: str, directory: Optional[str], name: Optional[str] = None) 
 
 
 def run_broker(args: argparse.Namespace) -> int:
-    from .broker import Broker, parent_watch_fd
-    from .broker_state import BrokerState
+    from .broker.loop import Broker
+    from .broker.state import BrokerState
 
     binds = args.bind or ["tcp://127.0.0.1:5555"]
     exposed = [b for b in binds if not is_loopback(b)]
     keys = None
     if args.keys:
-        from .keys import BrokerKeys, KeysError
+        from .wire.curve import BrokerKeys, KeysError
 
         try:
             keys = BrokerKeys(args.keys)
@@ -193,8 +202,7 @@ def run_broker(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from .broker import parent_watch_fd
-    from .worker import Agent
+    from .agent.loop import Agent
 
     keys = _peer_keys("worker", args.keys, args.name)
     if isinstance(keys, int):
@@ -220,8 +228,8 @@ def fetch_status(address: str, timeout: float, keys: Any = None) -> Optional[Dic
     """Ask a broker for its status document; None if it does not answer in time."""
     import zmq
 
-    from . import protocol as P
-    from .keys import apply_client
+    from .wire import protocol as P
+    from .wire.curve import apply_client
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -304,7 +312,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from .keys import KeysError, keygen
+    from .wire.curve import KeysError, keygen
 
     try:
         written, kept = keygen(args.dir, args.client or (), args.worker or ())

@@ -22,13 +22,13 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from . import serialization as S
-from .client_io import ClientIO
-from .future import Future, register_executor, unregister_executor
-from .keys import peer_keys
-from .local import LocalCluster
-from .protocol import key_to_wire
-from .task import run_chunk
+from .wire import serialization as S
+from .client.io import ClientIO
+from .client.future import Future, register_executor, unregister_executor
+from .wire.curve import peer_keys
+from .local.cluster import LocalCluster
+from .wire.protocol import key_to_wire
+from .agent.runner import run_chunk
 
 log = logging.getLogger(__name__)
 _live: "weakref.WeakSet[ZMQExecutor]" = weakref.WeakSet()

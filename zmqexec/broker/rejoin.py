@@ -23,12 +23,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, List
 
-from . import protocol as P
-from ._version import __version__
-from .broker_table import DONE, Entry, Frames, Peer, frames_size
+from ..wire import protocol as P
+from .._version import __version__
+from .records import DONE, Entry, Frames, Peer, frames_size
 
 if TYPE_CHECKING:
-    from .broker_state import BrokerState
+    from .state import BrokerState
 
 log = logging.getLogger(__name__)
 

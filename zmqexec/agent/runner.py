@@ -28,8 +28,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from . import serialization as S
-from .errors import InitializerError
+from ..wire import serialization as S
+from ..errors import InitializerError
 
 def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]:
     """Run one ``map`` chunk: one task, one message, many calls.

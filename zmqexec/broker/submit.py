@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from . import protocol as P
-from .broker_join import adopt_orphan
-from .broker_table import Entry, Frames, Peer, frames_size
+from ..wire import protocol as P
+from .rejoin import adopt_orphan
+from .records import Entry, Frames, Peer, frames_size
 
 if TYPE_CHECKING:
-    from .broker_state import BrokerState
+    from .state import BrokerState
 
 
 def submit(state: "BrokerState", peer: Peer, msg: P.Message) -> None:

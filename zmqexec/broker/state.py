@@ -21,15 +21,15 @@ import uuid
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import protocol as P
-from .broker_outbox import Outbox
-from .broker_queue import RunQueue
-from .broker_status import status_document
-from .broker_join import agent_heartbeat, hello, late_result
-from .broker_submit import submit
-from .broker_waits import NoWorkerWatch
-from .broker_table import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
-from .errors import ProtocolError
+from ..wire import protocol as P
+from .outbox import Outbox
+from .queue import RunQueue
+from .status import status_document
+from .rejoin import agent_heartbeat, hello, late_result
+from .submit import submit
+from .waits import NoWorkerWatch
+from .records import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
+from ..errors import ProtocolError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import cloudpickle
 
-from .errors import RemoteTraceback, SerializationError
+from ..errors import RemoteTraceback, SerializationError
 from .shm import MARK, SPILL_MIN, unspill
 
 PICKLE_PROTOCOL = 5

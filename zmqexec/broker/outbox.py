@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
-from . import protocol as P
+from ..wire import protocol as P
 
 Frames = List[Any]
 

@@ -17,7 +17,7 @@ import sys
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
-from .task import pack, task_main
+from .runner import pack, task_main
 
 _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
 # One read takes at most this much: glibc serves a buffer of 128 KiB or more with mmap

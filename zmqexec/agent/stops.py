@@ -14,10 +14,10 @@ import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Set
 
-from . import protocol as P
-from .child import Child, Task
+from ..wire import protocol as P
+from .handle import Child, Task
 
-log = logging.getLogger("zmqexec.worker")
+log = logging.getLogger(__name__)
 
 
 class Stopping:

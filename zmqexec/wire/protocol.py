@@ -68,7 +68,7 @@ import json.scanner
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 PROTOCOL_VERSION = 2  # 2: STARTED and STATE notices may ride in a RESULT
 PACK_LIMIT = 1 << 16  # payload parts smaller than this share one frame in a batch

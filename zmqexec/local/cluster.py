@@ -18,8 +18,8 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from .shm import Spill
-from .child import describe_exit
+from ..wire.shm import Spill
+from ..agent.handle import describe_exit
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import operator
 import time
 from typing import Any, Iterable, Iterator, Optional
 
-log = logging.getLogger("zmqexec.progress")
+log = logging.getLogger("zmqexec.progress")  # the name users configure; not the module path
 
 
 class _LogLine:

@@ -22,11 +22,11 @@ from concurrent.futures._base import (
 )
 from typing import TYPE_CHECKING, Any, Generator, List, Optional
 
-from .errors import BrokerLostError, TaskLostError
-from .protocol import key_from_wire, key_to_wire
+from ..errors import BrokerLostError, TaskLostError
+from ..wire.protocol import key_from_wire, key_to_wire
 
 if TYPE_CHECKING:
-    from .executor import ZMQExecutor
+    from ..executor import ZMQExecutor
 
 # Executors that are running, oldest first: ``Future(key)`` with no client takes the last.
 _running: List["weakref.ref[ZMQExecutor]"] = []

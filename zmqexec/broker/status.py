@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Dict
 
-from . import protocol as P
-from ._version import __version__
+from ..wire import protocol as P
+from .._version import __version__
 
 if TYPE_CHECKING:
-    from .broker_state import BrokerState
+    from .state import BrokerState
 
 
 def status_document(state: "BrokerState", now: float) -> Dict[str, Any]:

@@ -15,9 +15,9 @@ import time
 from concurrent.futures._base import PENDING, RUNNING
 from typing import Any, Dict, List, Optional, Tuple, Type
 
-from . import protocol as P
-from . import serialization as S
-from .errors import (
+from ..wire import protocol as P
+from ..wire import serialization as S
+from ..errors import (
     BROKER_ERRORS,
     InitializerError,
     KeyExistsError,

@@ -34,12 +34,12 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tu
 
 import zmq
 
-from . import protocol as P
-from . import serialization as S
-from ._version import __version__
-from .client_state import ClientState, Pending
-from .keys import apply_client
-from .errors import (
+from ..wire import protocol as P
+from ..wire import serialization as S
+from .._version import __version__
+from .state import ClientState, Pending
+from ..wire.curve import apply_client
+from ..errors import (
     BrokenZMQExecutor,
     BrokerLostError,
     MessageTooLargeError,

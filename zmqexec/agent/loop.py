@@ -31,14 +31,14 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
-from . import protocol as P
-from . import serialization as S
-from ._version import __version__
-from .child import Child, Task, default_start_method, describe_exit
-from .errors import MessageTooLargeError
-from .keys import apply_client
-from .worker_stops import Stopping
-from .task import unpack_result
+from ..wire import protocol as P
+from ..wire import serialization as S
+from .._version import __version__
+from .handle import Child, Task, default_start_method, describe_exit
+from ..errors import MessageTooLargeError
+from ..wire.curve import apply_client
+from .stops import Stopping
+from .runner import unpack_result
 
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)

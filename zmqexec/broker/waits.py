@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from . import protocol as P
+from ..wire import protocol as P
 
 if TYPE_CHECKING:
-    from .broker_state import BrokerState
+    from .state import BrokerState
 
 SCAN_EVERY = 0.2  # seconds between scans of the key table while nobody can run tasks
 

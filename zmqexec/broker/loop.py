@@ -15,14 +15,13 @@ being dropped silently and no peer can block the loop; such drops are counted.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from typing import Any, List, Optional, Sequence
 
 import zmq
 
-from .broker_state import BrokerState
+from .state import BrokerState
 
 log = logging.getLogger(__name__)
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
@@ -118,11 +117,3 @@ class Broker:
                 else:
                     self.state.drop(f"send failed: {exc}", ident)
 
-
-def parent_watch_fd(value: Optional[str]) -> Optional[int]:
-    """The read end of the pipe only the embedding client holds (EOF means it died)."""
-    if value is None:
-        return None
-    fd = int(value)
-    os.set_blocking(fd, False)
-    return fd

@@ -1,0 +1,1 @@
+"""The embedded cluster of ``ZMQExecutor()`` on this machine."""
