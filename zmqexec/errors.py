@@ -1,4 +1,4 @@
-"""The exception tree of zmqexec (DESIGN §1.3).
+"""The exception tree of zmqexec.
 
 Every class here is picklable, because errors travel: a worker pickles the exception a
 task raised, and the client rebuilds the errors the broker reports as plain header fields

@@ -181,7 +181,7 @@ class _MapResults(Iterator[Any]):
 
 
 class ZMQExecutor(_Submitter):
-    """A concurrent.futures Executor whose tasks run on zmqexec workers (DESIGN §1.1)."""
+    """A concurrent.futures Executor whose tasks run on zmqexec workers."""
 
     def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
                  initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (),

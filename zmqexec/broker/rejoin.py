@@ -7,7 +7,7 @@ no slots, while its running tasks finish; it gives back the rest (DROPPED) and s
 
 An agent's HELLO names the keys its task processes hold, and after it the agent sends
 again the results the broker has not acknowledged (``RESULT`` rows counted in the
-broker's heartbeats).  The broker matches them by key (DESIGN §2, "Broker restart"):
+broker's heartbeats).  The broker matches them by key:
 
 - a key it does not know (a restarted broker) becomes an *orphan*: running on that agent,
   or finished with its result held, owned by nobody until a client submits the key again,

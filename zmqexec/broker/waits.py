@@ -1,6 +1,6 @@
 """Tasks that wait with no worker connected: the broker side of ``no_workers_timeout``.
 
-With no worker, tasks wait, since a cluster may be starting (DESIGN §1.4).  A client that
+With no worker, tasks wait, since a cluster may be starting.  A client that
 set ``no_workers_timeout`` says so in its HELLO (``nw``); once there has been no worker
 slot for that long (counted from the client's arrival at the latest), that client's queued
 tasks end with ``NoWorkersError``, and so do the ones it queues while there is still none.

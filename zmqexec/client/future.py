@@ -105,7 +105,7 @@ _STATUS = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
 
 
 class Future(concurrent.futures.Future):
-    """A handle on the result of the task with this ``key`` (see DESIGN §1.2).
+    """A handle on the result of the task with this ``key``.
 
     ``Future(key)`` attaches to a key submitted by any client of the same broker: with
     ``inform=True`` (the default) this client tells the broker it wants the result.

@@ -1,4 +1,4 @@
-"""``zmqexec.progress``: watch a batch of futures or a ``map`` finish (DESIGN §5).
+"""``zmqexec.progress``: watch a batch of futures or a ``map`` finish.
 
 A tqdm bar when tqdm is installed (the ``progress`` extra; ``tqdm.auto`` picks the terminal
 or the Jupyter widget), else a rate-limited "n/N done" line through ``logging``, so the

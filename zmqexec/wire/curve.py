@@ -1,4 +1,4 @@
-"""CurveZMQ keys (DESIGN §3): the ``keygen`` layout, loading with permission checks, and
+"""CurveZMQ keys: the ``keygen`` layout, loading with permission checks, and
 setting up sockets.  All cryptography is libzmq's own, reached through pyzmq.
 
 ::
