@@ -1,7 +1,7 @@
 """ClientState without sockets: a result handed straight to a thread waiting in result().
 
 The I/O side is a recorder (``post``, ``_hand_back``); what the completion thread would do
-with a handed-back result is done by calling ``_complete`` as it does.  Races are forced
+with a handed-back result is done by calling ``complete`` as it does.  Races are forced
 with a lock that holds one chosen thread at the door.
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Any, List
 import pytest
 
 from conftest import ROOT, wait_until
+from zmqexec.client.items import Results
 from zmqexec.client.state import ClientState
+from zmqexec.wire.records import SubmitRow
 from zmqexec.client.future import Future
 
 
@@ -55,36 +57,48 @@ class DoorLock:
         self.release()
 
 
-class State(ClientState):
+class Outlet:
+    """The thread that owns the connection, reduced to lists: what was posted to it and
+    what it was given for the completion thread."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.lock = DoorLock()  # type: ignore[assignment]
         self.posted: List[Any] = []
         self.handed_back: List[Any] = []
 
-    def post(self, *command: Any) -> None:
+    def post(self, command: Any) -> None:
         self.posted.append(command)
 
-    def unref(self, kw: str) -> None:
-        pass
+    def defer(self, completion: Any) -> None:
+        self.handed_back.append(completion)
 
-    def _hand_back(self, row: List[Any], payload: List[Any]) -> None:
-        self.handed_back.append(("results", [row], payload))
+
+class State(ClientState):
+    """A ClientState whose lock can hold one thread at the door."""
+
+    def __init__(self) -> None:
+        self.outlet_lists = Outlet()
+        super().__init__(self.outlet_lists)
+        self.lock = DoorLock()  # type: ignore[assignment]
 
     def completion_thread_turn(self) -> None:
-        while self.handed_back:
-            self._complete(self.handed_back.pop(0))
+        while self.outlet_lists.handed_back:
+            self.complete(self.outlet_lists.handed_back.pop(0))
 
 
 class Owner:
-    """What a Future needs of its executor here: ``_io``."""
+    """What a Future needs of its executor here: ``_client``."""
 
-    def __init__(self, io: State) -> None:
-        self._io = io
+    def __init__(self, client: State) -> None:
+        self._client = client
+        self._shutdown = False
+
+    def _check_usable(self) -> None:
+        pass
 
 
 def submit(state: State, kw: str) -> Future:
-    return state.submit(Future._new(kw, Owner(state)), [kw, 0, 3, 0, "fn", "", 1], [b"a"])
+    row = SubmitRow(kw, 0, 3, 0, "fn", "", 1)
+    return state.submit(Future._new(kw, Owner(state)), row, [b"a"])
 
 
 def result_row(kw: str, value: Any):
@@ -112,7 +126,7 @@ def test_a_result_for_a_record_resubmitted_since_the_wait_began_is_not_stranded(
     b = submit(state, "k")
     rest, frames = state.divert(*result_row("k", 42))
     assert rest == [["k", "finished", 1, None]]  # for the completion thread, as nobody waits
-    state._complete(("results", rest, frames))
+    state.complete(Results(rest, frames))
     assert b.result(timeout=5) == 42
     state.lock.open()
     t1.join(10)

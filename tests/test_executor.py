@@ -593,7 +593,7 @@ FORKED_SPILL = textwrap.dedent("""
         time.sleep(0.01)
     pid = os.fork()
     if pid == 0:  # the child's copies of the client's records are collected as it ends
-        ex._io.records.clear()
+        ex._client.records.clear()
         del futs, ex
         gc.collect()
         os._exit(0)

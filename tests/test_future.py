@@ -294,7 +294,7 @@ def test_threads_waiting_on_one_key_all_get_its_result(executor, tmp_path):
     with cf.ThreadPoolExecutor(4) as pool:
         waits = [pool.submit(f.result, 10) for f in (fut, same, fut, same)]
         # one of them takes the result from the I/O thread, the others wait on the future
-        assert wait_until(lambda: fut._kw in executor._io.awaited)
+        assert wait_until(lambda: fut._kw in executor._client.awaited)
         open(gate, "w").close()
         assert [w.result(timeout=20) for w in waits] == [42, 42, 42, 42]
 
@@ -309,7 +309,7 @@ def test_a_result_waiter_sees_errors_and_cancels(executor, tmp_path):
     queued = executor.submit(add, 1, 2)
     with cf.ThreadPoolExecutor(1) as pool:
         waiter = pool.submit(queued.result, 10)
-        assert wait_until(lambda: queued._kw in executor._io.awaited)
+        assert wait_until(lambda: queued._kw in executor._client.awaited)
         assert queued.cancel()
         with pytest.raises(cf.CancelledError):
             waiter.result(timeout=10)

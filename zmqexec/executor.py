@@ -2,11 +2,11 @@
 
 ::
 
-    submit(fn, *args) -> serialization.dumps_task -> Future._new -> ClientIO.submit
-      -> I/O thread -> SUBMIT -> broker ... RESULT -> completion thread -> Future
+    submit(fn, *args) -> serialization.dumps_args -> Future._new -> ClientState.submit
+      -> ClientIO (I/O thread) -> SUBMIT -> broker ... RESULT -> completion thread -> Future
 
 The executor owns the embedded cluster (``local.LocalCluster``) when it has no address,
-and holds every Future that is not done through ``ClientIO.records``, so a discarded
+and holds every Future that is not done through ``ClientState.records``, so a discarded
 future still runs and its callbacks still fire, as in the stdlib.
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ from .client.future import Future, register_executor, unregister_executor
 from .wire.curve import peer_keys
 from .local.cluster import LocalCluster
 from .wire.protocol import key_to_wire
+from .wire.records import SubmitRow
+from .client.items import Kill
 from .agent.runner import run_chunk
 
 log = logging.getLogger(__name__)
@@ -248,6 +250,7 @@ class ZMQExecutor(_Submitter):
                             no_workers_timeout=no_workers_timeout, keys=curve,
                             check=self._cluster.check if self._cluster else None,
                             on_close=self._cluster.close if self._cluster else None)
+        self._client = self._io.state
         _live.add(self)
         register_executor(self)
 
@@ -273,10 +276,10 @@ class ZMQExecutor(_Submitter):
                 raise TypeError(FUTURE_ARGUMENT)
         if kwargs and any(isinstance(v, concurrent.futures.Future) for v in kwargs.values()):
             raise TypeError(FUTURE_ARGUMENT)
-        if self._shutdown or self._io.broken is not None or _exiting:
+        if self._shutdown or self._client.broken is not None or _exiting:
             with self._shutdown_lock:
-                if self._io.broken is not None:
-                    raise self._io.broken
+                if self._client.broken is not None:
+                    raise self._client.broken
                 raise RuntimeError("cannot schedule new futures after shutdown")
         fid, name = self._function_id(fn)
         if opts:
@@ -287,17 +290,17 @@ class ZMQExecutor(_Submitter):
                     f"{self._key_prefix}{next(self._key_counter):016x}"
                 key = f"{name}-{token}"
             retries = opts.get("retries")
-            row: List[Any] = [key_to_wire(key), int(opts.get("priority") or 0),
-                              self._retries if retries is None else int(retries), int(pure),
-                              fid, self._init_id, 1]
-            if opts.get("timeout") is not None:
-                row.append(opts["timeout"])
+            frames = S.dumps_args(args, kwargs, self._spill)
+            row = SubmitRow(key_to_wire(key), int(opts.get("priority") or 0),
+                            self._retries if retries is None else max(0, int(retries)),
+                            int(pure), fid, self._init_id, len(frames),
+                            float(opts.get("timeout") or 0.0))
         else:  # the default: a generated key, whose wire form needs no JSON encoder
             token = f"{self._key_prefix}{next(self._key_counter):016x}"
-            row = [f"{self._names[name]}{token}\"", 0, self._retries, 0, fid, self._init_id, 1]
-        frames = S.dumps_args(args, kwargs, self._spill)
-        row[6] = len(frames)
-        return self._io.submit(Future._new(row[0], self), row, frames)
+            frames = S.dumps_args(args, kwargs, self._spill)
+            row = SubmitRow(f"{self._names[name]}{token}\"", 0, self._retries, 0, fid,
+                            self._init_id, len(frames))
+        return self._client.submit(Future._new(row.kw, self), row, frames)
 
     def _function_id(self, fn: Callable[..., Any]) -> Tuple[str, str]:
         """Pickle each distinct function once per executor; tasks name it by content hash.
@@ -324,13 +327,13 @@ class ZMQExecutor(_Submitter):
     def kill(self, future: Future) -> bool:
         """Stop a running task: its worker process is killed and replaced, and the future
         raises ``TaskKilledError``. A pending future is cancelled; False if already done."""
-        if not isinstance(future, Future) or future.executor._executor is not self:
+        if not isinstance(future, Future) or future.executor is not self:
             raise ValueError("kill() takes a future of this executor")
         if future.done():
             return False
         if future.cancel():
             return True
-        self._io.post("kill", future._kw)
+        self._io.post(Kill(future._kw))
         return True
 
     def wait_for_workers(self, n: int = 1, timeout: Optional[float] = None) -> None:
@@ -361,8 +364,8 @@ class ZMQExecutor(_Submitter):
             first = not self._shutdown
             self._shutdown = True
         if cancel_futures:
-            with self._io.lock:
-                futures = [f for rec in self._io.records.values() for f in rec.futures]
+            with self._client.lock:
+                futures = [f for rec in self._client.records.values() for f in rec.futures]
             for fut in futures:
                 fut.cancel()
         if first:
@@ -377,7 +380,7 @@ class ZMQExecutor(_Submitter):
         mode = "embedded" if self._embedded else "remote"
         state = "shut down" if self._shutdown else "running"
         return (f"<ZMQExecutor {mode} {state} address={self.address} "
-                f"workers={self._max_workers} pending={len(self._io.records)}>")
+                f"workers={self._max_workers} pending={len(self._client.records)}>")
 
 
 class ZMQExecutorView(_Submitter):

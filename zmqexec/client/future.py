@@ -1,9 +1,11 @@
 """``zmqexec.Future``: a concurrent.futures.Future with a cluster-wide key, status and inform.
 
 No I/O happens here.  A Future only registers itself with its executor's client state
-(``ClientIO.attach``), which queues any message for the client's I/O thread: the inform
-travels on the one ordered channel, and ``__del__`` only drops a reference count through
-a reentrant-safe queue, so garbage collection can never touch a socket or a lock.
+(``ClientState.attach``), which queues any message for the thread that owns the
+connection: the inform travels on the one ordered channel, and ``__del__`` only drops a
+reference count through a reentrant-safe queue, so garbage collection can never touch a
+socket or a lock.  The Future knows its executor only through the small ``Owner``
+protocol below, so this module never imports the executor.
 """
 from __future__ import annotations
 
@@ -20,27 +22,49 @@ from concurrent.futures._base import (
     PENDING,
     RUNNING,
 )
-from typing import TYPE_CHECKING, Any, Generator, List, Optional
+from typing import Any, Generator, List, Optional, Protocol
 
 from ..errors import BrokerLostError, TaskLostError
 from ..wire.protocol import key_from_wire, key_to_wire
 
-if TYPE_CHECKING:
-    from ..executor import ZMQExecutor
+
+class Registry(Protocol):
+    """What a Future needs of its client's tables (``state.ClientState``)."""
+
+    def attach(self, fut: "Future", inform: bool) -> None: ...
+
+    def await_outcome(self, fut: "Future", end: Optional[float]) -> None: ...
+
+    def cancelled(self, fut: "Future") -> None: ...
+
+    def unref(self, kw: str) -> None: ...
+
+
+class Owner(Protocol):
+    """What a Future needs of its executor (``ZMQExecutor``)."""
+
+    @property
+    def _client(self) -> Registry: ...
+
+    @property
+    def _shutdown(self) -> bool: ...
+
+    def _check_usable(self) -> None: ...
+
 
 # Executors that are running, oldest first: ``Future(key)`` with no client takes the last.
-_running: List["weakref.ref[ZMQExecutor]"] = []
+_running: List["weakref.ref[Owner]"] = []
 
 
-def register_executor(executor: "ZMQExecutor") -> None:
+def register_executor(executor: Owner) -> None:
     _running.append(weakref.ref(executor))
 
 
-def unregister_executor(executor: "ZMQExecutor") -> None:
+def unregister_executor(executor: Owner) -> None:
     _running[:] = [r for r in _running if r() is not None and r() is not executor]
 
 
-def default_executor() -> "ZMQExecutor":
+def default_executor() -> Owner:
     for ref in reversed(_running):
         executor = ref()
         if executor is not None and not executor._shutdown:
@@ -111,7 +135,7 @@ class Future(concurrent.futures.Future):
     ``inform=True`` (the default) this client tells the broker it wants the result.
     """
 
-    def __init__(self, key: Any, client: Optional["ZMQExecutor"] = None,
+    def __init__(self, key: Any, client: Optional[Owner] = None,
                  inform: bool = True) -> None:
         super().__init__()
         self._condition = _Condition()
@@ -120,10 +144,10 @@ class Future(concurrent.futures.Future):
         self.executor = client if client is not None else default_executor()
         self.inform = bool(inform)
         self.executor._check_usable()
-        self.executor._io.attach(self, self.inform)
+        self.executor._client.attach(self, self.inform)
 
     @classmethod
-    def _new(cls, kw: str, executor: "ZMQExecutor") -> "Future":
+    def _new(cls, kw: str, executor: Owner) -> "Future":
         """A Future made by ``submit``; the caller registers it (no inform message)."""
         self = cls.__new__(cls)
         # concurrent.futures.Future.__init__, with the cheaper condition
@@ -143,7 +167,7 @@ class Future(concurrent.futures.Future):
         return key_from_wire(self._kw)
 
     @property
-    def client(self) -> "ZMQExecutor":
+    def client(self) -> Owner:
         return self.executor
 
     @property
@@ -178,7 +202,7 @@ class Future(concurrent.futures.Future):
         here, in a loop: the I/O thread's wake-up of that one thread also wakes them, and
         the stdlib's single ``wait`` would take it for a timeout."""
         end = None if timeout is None else time.monotonic() + timeout
-        self.executor._io.await_outcome(self, end)
+        self.executor._client.await_outcome(self, end)
         with self._condition:
             while self._state in _WAITING:
                 left = None if end is None else end - time.monotonic()
@@ -196,7 +220,7 @@ class Future(concurrent.futures.Future):
         if not super().cancel():
             return False
         mark_running(self)  # CANCELLED -> CANCELLED_AND_NOTIFIED: wait() sees it now
-        self.executor._io.cancelled(self)
+        self.executor._client.cancelled(self)
         return True
 
     def release(self) -> None:
@@ -206,12 +230,12 @@ class Future(concurrent.futures.Future):
                 f"release() needs a done future; {self!r} is {self.status}")
         if self._registered:
             self._registered = False
-            self.executor._io.unref(self._kw)
+            self.executor._client.unref(self._kw)
 
     def __del__(self) -> None:
         if getattr(self, "_registered", False):
             self._registered = False
-            self.executor._io.unref(self._kw)
+            self.executor._client.unref(self._kw)
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()

@@ -15,7 +15,8 @@ completion thread that unpickles results and completes futures.
                                                    unpickles and completes it itself
 
 The tables both threads share (pending records, held outcomes, reference counts) and how
-futures complete live in ``client_state.ClientState``, which ``ClientIO`` extends.  Under
+futures complete live in ``state.ClientState``; ``ClientIO`` is its ``Outlet`` (it takes
+the state's commands and completions) and holds it as ``state``.  Under
 load the I/O thread packs many submits into one SUBMIT message (``BATCH``), and cancels
 and releases into one message each per loop turn; a lone submit still leaves at once.
 """
@@ -37,7 +38,25 @@ import zmq
 from ..wire import protocol as P
 from ..wire import serialization as S
 from .._version import __version__
-from .state import ClientState, Pending
+from ..wire.records import SubmitRow
+from .items import (
+    Broken,
+    Cancel,
+    Close,
+    Command,
+    Completion,
+    Inform,
+    Kill,
+    Pending,
+    Release,
+    Results,
+    Running,
+    Settle,
+    StatusRequest,
+    Submit,
+    Unref,
+)
+from .state import ClientState
 from ..wire.curve import apply_client
 from ..errors import (
     BrokenZMQExecutor,
@@ -52,11 +71,10 @@ log = logging.getLogger(__name__)
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 BATCH = 1000  # tasks per SUBMIT message at most
 BATCH_BYTES = 8 << 20  # payload bytes per SUBMIT message, beyond one task
-Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
 # Commands that do not wake the I/O thread: they leave with the next command that does,
 # or within a poll timeout (0.1 s).  A dropped future's release is never urgent, and
 # waking for it cost a loop turn in the client and one in the broker per task.
-LAZY = frozenset(("release", "unref"))
+LAZY = frozenset((Release, Unref))
 # Commands a user thread queues, after waking the I/O thread, before it hands over the GIL.
 # A thread submitting in a loop holds the GIL; the woken I/O thread would wait for
 # Python's switch interval (5 ms) between turns, the broker's credit window fills, and
@@ -65,7 +83,7 @@ LAZY = frozenset(("release", "unref"))
 HANDOFF = 256
 
 
-class ClientIO(ClientState):
+class ClientIO:
     """The threads and socket of one executor's connection to a broker."""
 
     def __init__(self, address: str, blobs: Dict[str, bytes], *,
@@ -83,10 +101,11 @@ class ClientIO(ClientState):
         self.attach_timeout = attach_timeout
         self.check = check
         self.on_close = on_close
-        super().__init__()
+        self.state = ClientState(self)
+        self.slots = 0  # task processes at the broker, as its last heartbeat said
         self.ident = uuid.uuid4()
-        self._commands: "queue.SimpleQueue[Tuple[Any, ...]]" = queue.SimpleQueue()
-        self._completions: "queue.SimpleQueue[Optional[Tuple[Any, ...]]]" = queue.SimpleQueue()
+        self._commands: "queue.SimpleQueue[Command]" = queue.SimpleQueue()
+        self._completions: "queue.SimpleQueue[Optional[Completion]]" = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -100,10 +119,10 @@ class ClientIO(ClientState):
         self.completion_thread.start()
 
     # ---- called from user threads (and __del__) --------------------------------------------
-    def post(self, *command: Any) -> None:
+    def post(self, command: Command) -> None:
         """Queue a command for the I/O thread and wake it (thread- and reentrant-safe)."""
         self._commands.put(command)
-        if command[0] in LAZY:
+        if type(command) in LAZY:
             return
         if self._asleep:  # one wake-up per batch of commands, not one per submit
             self._asleep = False
@@ -118,39 +137,27 @@ class ClientIO(ClientState):
                 self._unserved = 0
                 time.sleep(0)  # lets the woken I/O thread take the GIL now (see HANDOFF)
 
-    def unref(self, kw: str) -> None:
-        """A future of ``kw`` is gone (``__del__``, ``release()``).
-
-        Counted at once when the lock is free, so a key whose last future was just dropped
-        may be submitted again right away; inside the lock's holder (a garbage collection
-        that ran while the lock was held) it is left to the I/O thread."""
-        if self.lock.acquire(blocking=False):
-            try:
-                gone = self._drop_ref(kw)
-            finally:
-                self.lock.release()
-            if gone:
-                self.post("release", kw)
-        else:
-            self.post("unref", kw)
+    def defer(self, completion: Completion) -> None:
+        """Queue a completion for the completion thread."""
+        self._completions.put(completion)
 
     def request_status(self, timeout: Optional[float]) -> Dict[str, Any]:
         reply: concurrent.futures.Future = concurrent.futures.Future()
-        self.post("status", reply)
+        self.post(StatusRequest(reply))
         end = None if timeout is None else time.monotonic() + timeout
         while True:  # in slices, so a broken connection ends the wait
             try:
                 left = 0.5 if end is None else min(0.5, max(0.0, end - time.monotonic()))
                 return reply.result(left)
             except concurrent.futures.TimeoutError:
-                if self.broken is not None:
-                    raise self.broken from None
+                if self.state.broken is not None:
+                    raise self.state.broken from None
                 if end is not None and time.monotonic() >= end:
                     raise
 
     def close(self) -> None:
         """Finish once every record is done (or the connection is broken), then disconnect."""
-        self.post("close")
+        self.post(Close())
 
     # ---- the I/O thread -----------------------------------------------------------------------
     def _send(self, cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> None:
@@ -233,12 +240,13 @@ class ClientIO(ClientState):
                 if now >= next_check:
                     next_check = now + 0.2
                     self._timers(now)
-                if self._closing and (self.broken is not None or not self.records):
+                if self._closing and (self.state.broken is not None or
+                                      not self.state.records):
                     break
             self._send(P.BYE, {"reason": "client closing"})
         except Exception as exc:  # never die silently: every waiter must hear of it
             log.exception("client I/O thread failed")
-            self._completions.put(("broken", BrokenZMQExecutor(f"client I/O failed: {exc!r}")))
+            self.defer(Broken(BrokenZMQExecutor(f"client I/O failed: {exc!r}")))
         finally:
             sock.close(linger=200)
             ctx.term()
@@ -259,36 +267,36 @@ class ClientIO(ClientState):
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
-            kind = command[0]
-            if kind == "submit":
-                self._backlog.append(command[1])
-            elif kind == "unref":
-                unrefs.append(command[1])
-            elif kind == "release":
-                self._releases.append(command[1])
-            elif kind == "kill":
-                if command[1] in self._sent:
-                    self._kills.append(command[1])
-            elif kind == "cancel":
-                kw = command[1]
+            if isinstance(command, Submit):
+                self._backlog.append(command.record)
+            elif isinstance(command, Unref):
+                unrefs.append(command.kw)
+            elif isinstance(command, Release):
+                self._releases.append(command.kw)
+            elif isinstance(command, Kill):
+                if command.kw in self._sent:
+                    self._kills.append(command.kw)
+            elif isinstance(command, Cancel):
+                kw = command.kw
                 if kw in self._sent:
                     self._sent_bytes -= self._sent.pop(kw)
                     self._cancels.append(kw)
                 elif self._attaching.pop(kw, None) is not None:
                     self._releases.append(kw)
-            elif kind in ("inform", "status"):
+            elif isinstance(command, (Inform, StatusRequest)):
                 self._unref(unrefs)  # keep the channel ordered: what came earlier leaves first
                 unrefs = []
                 self._flush_batches()
                 self._pump()
-                if kind == "inform":
-                    self._attaching[command[1]] = time.monotonic() + self.attach_timeout
-                    self._send(P.INFORM, {"k": command[1]})
+                if isinstance(command, Inform):
+                    self._attaching[command.kw] = time.monotonic() + self.attach_timeout
+                    self._send(P.INFORM, {"k": command.kw})
                 else:
-                    self._status_waiters.append(command[1])
+                    self._status_waiters.append(command.reply)
                     self._send(P.STATUS, {})
-            elif kind == "close":
+            elif isinstance(command, Close):
                 self._closing = True
+            # Wake: nothing to do; the loop looks at its state again
         if unrefs:
             self._unref(unrefs)
         self._flush_batches()
@@ -307,28 +315,19 @@ class ClientIO(ClientState):
 
     def _unref(self, kws: List[str]) -> None:
         """Futures of these keys were dropped; release keys no local future holds."""
-        with self.lock:
-            self._releases.extend(kw for kw in kws if self._drop_ref(kw))
-
-    def _drop_ref(self, kw: str) -> bool:
-        """One future fewer for ``kw`` (lock held); True if the broker may forget it."""
-        count = self.refs.get(kw, 0) - 1
-        if count > 0:
-            self.refs[kw] = count
-            return False
-        self.refs.pop(kw, None)
-        self.done.pop(kw, None)
-        return kw not in self.records
+        state = self.state
+        with state.lock:
+            self._releases.extend(kw for kw in kws if state.drop_ref(kw))
 
     def _pump(self) -> None:
         """Send backlogged submits as batches while the broker's credit window allows."""
-        backlog, sent, records, sent_fids = self._backlog, self._sent, self.records, \
+        backlog, sent, records, sent_fids = self._backlog, self._sent, self.state.records, \
             self._sent_fids
         window, window_bytes, max_frame = self._window, self._window_bytes, self._max_frame
         while backlog and len(sent) < window and (
                 self._sent_bytes < window_bytes or not sent):
             fids: List[str] = []
-            rows: List[List[Any]] = []
+            rows: List[SubmitRow] = []
             frames: List[Any] = []
             size, sent_bytes = 0, self._sent_bytes
             room = min(BATCH, window - len(sent))  # tasks this message may take
@@ -346,8 +345,8 @@ class ClientIO(ClientState):
                 if self._attaching:
                     self._attaching.pop(rec.kw, None)  # our own submit makes the key known
                 row = rec.row
-                if row[4] not in sent_fids or row[5] and row[5] not in sent_fids:
-                    for fid in (row[4], row[5]):
+                if row.fid not in sent_fids or row.iid and row.iid not in sent_fids:
+                    for fid in (row.fid, row.iid):
                         if fid and fid not in sent_fids:
                             sent_fids.add(fid)
                             fids.append(fid)
@@ -367,12 +366,12 @@ class ClientIO(ClientState):
         if rec.nbytes <= self._max_message and len(rec.frames[0]) <= self._max_frame:
             assert rec.row is not None
             rec.frames = S.split_frames(rec.frames, self._max_frame)
-            rec.row[6] = len(rec.frames)
+            rec.row = rec.row._replace(nframes=len(rec.frames))
             return False
         what = (f"{rec.nbytes} bytes, over the broker's cap of {self._max_message} per "
                 "task" if rec.nbytes > self._max_message else f"a pickle of {largest} "
                 f"bytes, over the broker's cap of {self._max_frame} bytes per frame")
-        self._completions.put(("outcome", rec.kw, (False, MessageTooLargeError(
+        self.defer(Settle(rec.kw, (False, MessageTooLargeError(
             f"task {P.key_from_wire(rec.kw)!r} has {what}: pass a path or a smaller "
             "argument, or start the broker with a larger --max-frame/--max-message"))))
         return True
@@ -396,10 +395,10 @@ class ClientIO(ClientState):
                 if attaching:
                     attaching.pop(kw, None)
             rows, payload = meta["r"], msg.payload
-            if self.awaited:  # a thread waits in result(): its result goes straight there
-                rows, payload = self.divert(rows, payload)
+            if self.state.awaited:  # a thread waits in result(): straight there
+                rows, payload = self.state.divert(rows, payload)
             if rows:
-                self._completions.put(("results", rows, payload))
+                self.defer(Results(rows, payload))
         elif cmd == P.STATE:
             self._on_states(meta["r"])
         elif cmd in (P.WELCOME, P.HEARTBEAT):
@@ -416,12 +415,9 @@ class ClientIO(ClientState):
         elif cmd == P.RESET:
             self._reregister()
         elif cmd == P.REFUSE:
-            self._completions.put(("broken", BrokenZMQExecutor(meta["reason"])))
+            self.defer(Broken(BrokenZMQExecutor(meta["reason"])))
         elif cmd == P.BYE:
             log.info("the broker said goodbye: %s", meta.get("reason", ""))
-
-    def _hand_back(self, row: List[Any], payload: List[Any]) -> None:
-        self._completions.put(("results", [row], payload))
 
     def _on_states(self, rows: List[List[str]]) -> None:
         """``[key, queued|running]`` rows: the key is known; running ones are marked so."""
@@ -431,7 +427,7 @@ class ClientIO(ClientState):
             if state == "running":
                 running.append(kw)
         if running:
-            self._completions.put(("running", running))
+            self.defer(Running(running))
 
     def _reregister(self) -> None:
         """The broker forgot this client: HELLO again, resubmit, re-inform.
@@ -442,14 +438,14 @@ class ClientIO(ClientState):
         log.warning("the broker forgot this client: registering again")
         self._hello()
         self._sent_fids.clear()  # a new broker has none of our blobs
-        resend = [self.records.get(kw) for kw in self._sent]
+        resend = [self.state.records.get(kw) for kw in self._sent]
         self._sent.clear()
         self._sent_bytes = 0
         for rec in reversed(resend):
             if rec is None or rec.row is None:
                 continue
-            if rec.row[2] == 0:
-                self._completions.put(("outcome", rec.kw, (False, BrokerLostError(
+            if rec.row.retries == 0:
+                self.defer(Settle(rec.kw, (False, BrokerLostError(
                     f"the broker lost task {P.key_from_wire(rec.kw)!r} and retries=0 "
                     "forbids running it twice"))))
             else:
@@ -460,21 +456,21 @@ class ClientIO(ClientState):
             self._send(P.INFORM, {"k": kw})
 
     def _timers(self, now: float) -> None:
-        if now - self._last_heard > self.broker_timeout and self.broken is None:
-            self._completions.put(("broken", BrokerLostError(
+        if now - self._last_heard > self.broker_timeout and self.state.broken is None:
+            self.defer(Broken(BrokerLostError(
                 f"no word from the broker at {self.address} for "
                 f"{now - self._last_heard:.1f} s (broker_timeout={self.broker_timeout:g})")))
-        if self.check is not None and self.broken is None:
+        if self.check is not None and self.state.broken is None:
             problem = self.check()
             if problem:
-                self._completions.put(("broken", BrokerLostError(problem)))
+                self.defer(Broken(BrokerLostError(problem)))
         for kw, deadline in list(self._attaching.items()):
             if now >= deadline:
                 del self._attaching[kw]
                 self._releases.append(kw)
                 error = UnknownKeyError(f"the broker does not know key {P.key_from_wire(kw)!r} "
                                         f"(waited attach_timeout={self.attach_timeout:g} s)")
-                self._completions.put(("outcome", kw, (False, error)))
+                self.defer(Settle(kw, (False, error)))
 
     # ---- the completion thread ------------------------------------------------------------------
     def _completion_main(self) -> None:
@@ -483,6 +479,6 @@ class ClientIO(ClientState):
             if item is None:
                 return
             try:
-                self._complete(item)
+                self.state.complete(item)
             except BaseException:  # a bug, or a callback's sys.exit(): the thread goes on
                 log.exception("error while completing futures")

@@ -4,7 +4,8 @@
 ``done`` (outcomes of keys some local Future still holds) and ``refs`` (how many local
 Futures each key has).  User threads register futures here (``submit``, ``attach``,
 ``cancelled``); the completion thread settles them (``complete``).  Anything that must go
-to the broker is handed to ``post``, which the I/O side (``client_io.ClientIO``) provides.
+to the broker is posted as a command to its ``Outlet``: the thread that owns the
+connection (``io.ClientIO``), which the state does not know more of.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 import threading
 import time
 from concurrent.futures._base import PENDING, RUNNING
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Protocol, Tuple, Type
 
 from ..wire import protocol as P
 from ..wire import serialization as S
@@ -24,27 +25,36 @@ from ..errors import (
     WorkerLostError,
     ZMQExecError,
 )
+from ..wire.records import SubmitRow
 from .future import Future, mark_running
+from .items import (
+    Broken,
+    Cancel,
+    Command,
+    Completion,
+    Inform,
+    Outcome,
+    Pending,
+    Release,
+    Results,
+    Running,
+    Settle,
+    Submit,
+    Unref,
+    Wake,
+)
 
 log = logging.getLogger(__name__)
-Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
 _WAITING = (PENDING, RUNNING)
 
 
-class Pending:
-    """The client's pending record: one key this client waits for, and its futures."""
+class Outlet(Protocol):
+    """Where ``ClientState`` sends what it cannot do itself: commands for the thread
+    that owns the connection, and completions for the completion thread."""
 
-    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived")
+    def post(self, command: Command) -> None: ...
 
-    def __init__(self, kw: str, futures: List[Future], row: Optional[List[Any]] = None,
-                 frames: Optional[List[Any]] = None) -> None:
-        self.kw = kw
-        self.futures = futures
-        self.row = row  # SUBMIT row [k, priority, retries, pure, fid, iid, n]; None: attach
-        self.frames = frames or []
-        self.nbytes = sum(map(len, self.frames))
-        self.arrived: Optional[Tuple[List[Any], List[Any]]] = None  # (row, frames) for
-        # a thread waiting in result() (``ClientState.await_outcome``)
+    def defer(self, completion: Completion) -> None: ...
 
 
 def broker_error(kw: str, e: Dict[str, Any]) -> BaseException:
@@ -95,21 +105,18 @@ def _settle(fut: concurrent.futures.Future, outcome: Outcome) -> None:
 class ClientState:
     """Pending records, held outcomes and reference counts of one client."""
 
-    def __init__(self) -> None:
+    def __init__(self, outlet: Outlet) -> None:
+        self.outlet = outlet
+        self.post = outlet.post
         self.lock = threading.Lock()
         self.records: Dict[str, Pending] = {}
         self.done: Dict[str, Outcome] = {}
         self.refs: Dict[str, int] = {}
         self.broken: Optional[BaseException] = None
-        self.slots = 0
         # keys a thread waits for in result(): that thread's future and the record waited for
         self.awaited: Dict[str, Tuple[Future, Pending]] = {}
 
-    def post(self, *command: Any) -> None:
-        """Hand a command to the I/O side (``ClientIO`` provides it)."""
-        raise NotImplementedError
-
-    def submit(self, fut: Future, row: List[Any], frames: List[Any]) -> Future:
+    def submit(self, fut: Future, row: SubmitRow, frames: List[Any]) -> Future:
         """Register a submitted future; share a live key when pure, else refuse a live one."""
         kw = fut._kw
         with self.lock:
@@ -121,15 +128,15 @@ class ClientState:
                 rec = self._join(fut, rec, outcome, row, frames)
                 if rec is None:
                     return fut
-        self.post("submit", rec)
+        self.post(Submit(rec))
         return fut
 
     def _join(self, fut: Future, rec: Optional[Pending], outcome: Optional[Outcome],
-              row: List[Any], frames: List[Any]) -> Optional[Pending]:
+              row: SubmitRow, frames: List[Any]) -> Optional[Pending]:
         """A submit of a key this client knows (lock held): the record to send, if any."""
         attaching = rec is not None and rec.row is None  # Future(key) waits for it
         live = (rec is not None and not attaching) or outcome is not None
-        if live and not row[3]:
+        if live and not row.pure:
             raise KeyExistsError(f"key {fut.key!r} is live in this client already; "
                                  "choose another key= or submit with pure=True")
         self._ref(fut)
@@ -163,7 +170,7 @@ class ClientState:
         if outcome is not None and rec is None:
             _settle(fut, outcome)
         elif rec is None:
-            self.post("inform", kw)
+            self.post(Inform(kw))
 
     def _ref(self, fut: Future) -> None:
         self.refs[fut._kw] = self.refs.get(fut._kw, 0) + 1
@@ -179,29 +186,57 @@ class ClientState:
             if rec.futures:
                 return
             del self.records[fut._kw]
-        self.post("cancel", fut._kw)
+        self.post(Cancel(fut._kw))
 
-    def _complete(self, item: Tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "running":
-            with self.lock:
-                futures = [f for kw in item[1] if kw in self.records
-                           for f in self.records[kw].futures]
-            for fut in futures:
-                mark_running(fut)
-        elif kind == "broken":
-            self._break(item[1])
-        elif kind == "results":
-            frames, at, records = item[2], 0, self.records
+    def unref(self, kw: str) -> None:
+        """A future of ``kw`` is gone (``__del__``, ``release()``).
+
+        Counted at once when the lock is free, so a key whose last future was just dropped
+        may be submitted again right away; inside the lock's holder (a garbage collection
+        that ran while the lock was held) it is left to the I/O thread."""
+        if self.lock.acquire(blocking=False):
+            try:
+                gone = self.drop_ref(kw)
+            finally:
+                self.lock.release()
+            if gone:
+                self.post(Release(kw))
+        else:
+            self.post(Unref(kw))
+
+    def drop_ref(self, kw: str) -> bool:
+        """One future fewer for ``kw`` (lock held); True if the broker may forget it."""
+        count = self.refs.get(kw, 0) - 1
+        if count > 0:
+            self.refs[kw] = count
+            return False
+        self.refs.pop(kw, None)
+        self.done.pop(kw, None)
+        return kw not in self.records
+
+    def complete(self, item: Completion) -> None:
+        """Apply one completion (in the completion thread)."""
+        if isinstance(item, Results):
+            frames, at, records = item.frames, 0, self.records
             settled = []
-            for row in item[1]:
+            for row in item.rows:
                 payload = frames[at:at + row[2]]
                 at += row[2]
                 if row[0] in records:  # else cancelled or completed: dropped quietly
                     settled.append((row[0], _outcome(row, payload)))
             self._settle_keys(settled)
+        elif isinstance(item, Running):
+            with self.lock:
+                futures = [f for kw in item.kws if kw in self.records
+                           for f in self.records[kw].futures]
+            for fut in futures:
+                mark_running(fut)
+        elif isinstance(item, Settle):
+            self._settle_key(item.kw, item.outcome)
+        elif isinstance(item, Broken):
+            self.fail_all(item.error)
         else:
-            self._settle_key(item[1], item[2])
+            raise TypeError(f"not a completion: {item!r}")
 
     # ---- a thread waiting in Future.result() -------------------------------------------
     def await_outcome(self, fut: Future, end: Optional[float]) -> None:
@@ -212,7 +247,7 @@ class ClientState:
         less on every round trip.  The waiting thread unpickles and completes the key's
         futures (callbacks run in it, as they would in whichever thread completes a
         stdlib future).  Whatever interrupts it (Ctrl-C while it waits or unpickles)
-        hands the result back to the completion thread (``_hand_back``), so the future
+        hands the result back to the completion thread (``Outlet.defer``), so the future
         still completes and the interrupt still reaches the caller.  Returns when the
         future is done, or at ``end`` (the caller raises TimeoutError).
         """
@@ -244,8 +279,8 @@ class ClientState:
             self._stop_awaiting(kw, fut)
             with self.lock:
                 arrived = rec.arrived if self.records.get(kw) is rec else None
-            if arrived is not None:
-                self._hand_back(*arrived)
+            if arrived is not None:  # the completion thread completes it
+                self.outlet.defer(Results([arrived[0]], arrived[1]))
             raise
 
     def _stop_awaiting(self, kw: str, fut: Future) -> None:
@@ -255,10 +290,6 @@ class ClientState:
             waiting = self.awaited.get(kw)
             if waiting is not None and waiting[0] is fut:
                 del self.awaited[kw]
-
-    def _hand_back(self, row: List[Any], payload: List[Any]) -> None:
-        """Let the completion thread complete this result (``ClientIO`` provides it)."""
-        raise NotImplementedError
 
     def divert(self, rows: List[List[Any]], frames: List[Any]
                ) -> Tuple[List[List[Any]], List[Any]]:
@@ -309,11 +340,11 @@ class ClientState:
             except BaseException as exc:
                 interrupted = interrupted or exc
             if not outcome[0] and isinstance(outcome[1], InitializerError):
-                self._break(outcome[1])
+                self.fail_all(outcome[1])
         if interrupted is not None:
             raise interrupted
 
-    def _break(self, error: BaseException) -> None:
+    def fail_all(self, error: BaseException) -> None:
         """Fail every pending record with ``error``; later submits raise it too."""
         with self.lock:
             if self.broken is None:
@@ -324,4 +355,4 @@ class ClientState:
         for rec in records:
             for fut in rec.futures:
                 _settle(fut, (False, error))
-        self.post("wake")
+        self.post(Wake())

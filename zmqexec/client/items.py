@@ -1,0 +1,113 @@
+"""What the client's threads hand one another, as typed items.
+
+User threads post **commands** to the thread that owns the connection (the I/O thread);
+that thread posts **completions** to the completion thread, which settles futures (or a
+thread waiting in ``result()`` settles its own).  Each kind is a small record of its own,
+so a handler is chosen by type and a kind nobody handles is a type error, not a string
+that falls through to an ``else``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, List, NamedTuple, Tuple, Union
+
+from ..wire.records import SubmitRow
+
+Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
+
+
+class Pending:
+    """The client's pending record: one key this client waits for, and its futures."""
+
+    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived")
+
+    def __init__(self, kw: str, futures: List[Any], row: "SubmitRow | None" = None,
+                 frames: "List[Any] | None" = None) -> None:
+        self.kw = kw
+        self.futures = futures
+        self.row = row  # what to submit; None: a Future(key) that attaches to the key
+        self.frames = frames or []
+        self.nbytes = sum(map(len, self.frames))
+        self.arrived: "Tuple[List[Any], List[Any]] | None" = None  # (RESULT row, frames)
+        # handed to a thread waiting in result() (``ClientState.await_outcome``)
+
+
+# ---- commands: user threads -> the thread that owns the connection ------------------
+class Submit(NamedTuple):
+    record: Pending
+
+
+class Inform(NamedTuple):
+    """``Future(key)``: tell the broker this client wants the key."""
+
+    kw: str
+
+
+class Cancel(NamedTuple):
+    """The last local future of a key was cancelled: drop the task if not started."""
+
+    kw: str
+
+
+class Kill(NamedTuple):
+    """``executor.kill``: stop the task wherever it runs."""
+
+    kw: str
+
+
+class Release(NamedTuple):
+    """No local future holds the key any more: the broker may forget it."""
+
+    kw: str
+
+
+class Unref(NamedTuple):
+    """A future of the key was dropped while the tables' lock was held (a finalizer run
+    inside it): the I/O thread counts it instead."""
+
+    kw: str
+
+
+class StatusRequest(NamedTuple):
+    reply: "concurrent.futures.Future[Any]"
+
+
+class Close(NamedTuple):
+    """Finish once every record is done (or the connection is broken), then disconnect."""
+
+
+class Wake(NamedTuple):
+    """Nothing to do but look again (the executor broke: the loop may end now)."""
+
+
+Command = Union[Submit, Inform, Cancel, Kill, Release, Unref, StatusRequest, Close, Wake]
+
+
+# ---- completions: the I/O thread -> the completion thread ----------------------------
+class Running(NamedTuple):
+    """These keys started: their futures become RUNNING."""
+
+    kws: List[str]
+
+
+class Results(NamedTuple):
+    """RESULT rows ``[k, status, nframes, error]`` and their frames, to unpickle."""
+
+    rows: List[List[Any]]
+    frames: List[Any]
+
+
+class Settle(NamedTuple):
+    """One key's outcome, decided in the client (never sent by the broker)."""
+
+    kw: str
+    outcome: Outcome
+
+
+class Broken(NamedTuple):
+    """The executor cannot go on: every pending future fails with ``error``."""
+
+    error: BaseException
+
+
+Completion = Union[Running, Results, Settle, Broken]
