@@ -83,14 +83,28 @@ def test_no_citations_of_the_design_page(path):
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
+def _anchors(path: str) -> set:
+    """The heading anchors GitHub makes for a markdown page (outside fenced blocks)."""
+    text = re.sub(r"^```.*?^```", "", _read(path), flags=re.M | re.S)
+    anchors = set()
+    for heading in re.findall(r"^#+\s+(.*?)\s*$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
 @pytest.mark.parametrize("path", [os.path.join(ROOT, "README.md")] + _doc_pages(),
                          ids=lambda p: os.path.relpath(p, ROOT))
-def test_relative_links_point_to_existing_files(path):
+def test_relative_links_point_to_existing_files_and_headings(path):
     broken = []
     for target in LINK.findall(_read(path)):
-        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL, or an anchor on the same page
-        file_part = target.split("#", 1)[0]
-        if not os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path), file_part))):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL
+        file_part, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) \
+            if file_part else path
+        if not os.path.exists(linked):
             broken.append(target)
-    assert not broken, f"{os.path.relpath(path, ROOT)} links to missing files: {broken}"
+        elif anchor and linked.endswith(".md") and anchor not in _anchors(linked):
+            broken.append(target)
+    assert not broken, f"{os.path.relpath(path, ROOT)} has broken links: {broken}"
