@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,13 @@ def executor() -> Iterator[ZMQExecutor]:
     ex.shutdown(wait=True)
 
 
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on (for a fixed address or a refusal)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def zmqexec_cmd(*args: str) -> List[str]:
     return [sys.executable, "-m", "zmqexec", *args]
 
@@ -106,11 +114,13 @@ class Cluster:
 
     def __init__(self, agents: int = 2, nprocs: int = 1, broker_args: tuple = (),
                  agent_args: tuple = (), env: Optional[dict] = None,
-                 bind: str = "tcp://127.0.0.1:0") -> None:
+                 bind: str = "tcp://127.0.0.1:0", broker_log: Optional[str] = None) -> None:
+        """``broker_log``: a file that takes the broker's stderr (else it is the test's)."""
         self.procs: List[subprocess.Popen] = []
         self._agent_pids: Set[int] = set()
         self.env = env
         self.broker_args = broker_args
+        self.broker_log = broker_log
         self.address = bind
         self.broker = self.start_broker()
         self.agent_args = agent_args
@@ -118,8 +128,14 @@ class Cluster:
 
     def start_broker(self) -> subprocess.Popen:
         """Start the broker (again, on the same address after the first time)."""
-        broker = self._spawn(zmqexec_cmd("broker", "--bind", self.address, *self.broker_args),
-                             stdout=subprocess.PIPE)
+        if self.broker_log is None:
+            broker = self._spawn(zmqexec_cmd("broker", "--bind", self.address,
+                                             *self.broker_args), stdout=subprocess.PIPE)
+        else:
+            with open(self.broker_log, "a") as log:
+                broker = self._spawn(zmqexec_cmd("broker", "--bind", self.address,
+                                                 *self.broker_args),
+                                     stdout=subprocess.PIPE, stderr=log)
         line = broker.stdout.readline().decode()
         assert line.startswith("zmqexec broker listening on "), line
         self.address = line.split()[-1]
@@ -130,9 +146,11 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def add_agent(self, nprocs: int = 1, *extra: str) -> subprocess.Popen:
-        agent = self._spawn(zmqexec_cmd("worker", self.address, "--nprocs", str(nprocs),
-                                        *self.agent_args, *extra))
+    def add_agent(self, nprocs: int = 1, *extra: str,
+                  address: Optional[str] = None) -> subprocess.Popen:
+        """Start an agent of the broker (or one that connects to ``address`` instead)."""
+        agent = self._spawn(zmqexec_cmd("worker", address or self.address, "--nprocs",
+                                        str(nprocs), *self.agent_args, *extra))
         self._agent_pids.add(agent.pid)
         return agent
 

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 import gates
-from conftest import Cluster, wait_until, zmqexec_cmd
+from conftest import Cluster, wait_until
 from zmqexec import ZMQExecutor
 from zmqexec.wire import protocol as P
 
@@ -77,7 +77,7 @@ def tapped(tmp_path) -> Iterator[Tuple[str, Tap]]:
     """A broker's address, and one agent (one task process) talking to it through a Tap."""
     cluster = Cluster(agents=0)
     tap = Tap(f"ipc://{tmp_path}/tap", cluster.address)
-    cluster._spawn(zmqexec_cmd("worker", f"ipc://{tmp_path}/tap", "--nprocs", "1"))
+    cluster.add_agent(1, address=f"ipc://{tmp_path}/tap")
     yield cluster.address, tap
     cluster.close()
     tap.close()

@@ -5,7 +5,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from typing import List, Tuple
 import cloudpickle
 import pytest
 
-from conftest import Cluster, zmqexec_cmd
+from conftest import Cluster, free_port, zmqexec_cmd
 from zmqexec import ZMQExecutor
 from zmqexec.cli import is_loopback
 
@@ -51,12 +50,6 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> Tuple[int, str]:
         proc.communicate()
         pytest.fail(f"the broker did not exit within 15 s of {signal.Signals(sig).name}")
     return proc.returncode, err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def double(x: int) -> int:

@@ -10,7 +10,7 @@ import time
 import cloudpickle
 import pytest
 from gates import wait_for_file
-from conftest import Cluster, wait_until
+from conftest import Cluster, free_port, wait_until
 
 from zmqexec import NoWorkersError, TaskKilledError, TaskTimeoutError, ZMQExecutor
 
@@ -127,14 +127,6 @@ def count_run(path: str, i: int, delay: float) -> int:
         f.write(f"{i}\n")
     time.sleep(delay)
     return i * i
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_restarted_broker_loses_no_future_and_keeps_the_run_count_guarantee(tmp_path):

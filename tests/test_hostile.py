@@ -16,7 +16,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import zmqexec_cmd
+from conftest import Cluster, zmqexec_cmd
 from zmqexec import ZMQExecutor
 from zmqexec.wire import protocol as P
 from zmqexec.errors import ProtocolError
@@ -91,13 +91,9 @@ def bad_messages(rng: random.Random, n: int):
 def test_a_live_broker_survives_a_flood_of_bad_messages(tmp_path):
     n = 12_000
     log_path = tmp_path / "broker.log"
-    with open(log_path, "w") as log:
-        broker = subprocess.Popen(zmqexec_cmd("broker", "--bind", "tcp://127.0.0.1:0"),
-                                  stdout=subprocess.PIPE, stderr=log)
+    cluster = Cluster(agents=1, nprocs=1, broker_log=str(log_path))
     try:
-        address = broker.stdout.readline().decode().split()[-1]
-        agent = subprocess.Popen(zmqexec_cmd("worker", address, "--nprocs", "1"),
-                                 stderr=subprocess.DEVNULL)
+        address = cluster.address
         ctx = zmq.Context()
         with ZMQExecutor(address=address) as ex:
             ex.wait_for_workers(1, timeout=TIMEOUT)
@@ -121,12 +117,9 @@ def test_a_live_broker_survives_a_flood_of_bad_messages(tmp_path):
         ctx.term()
         shown = subprocess.run(zmqexec_cmd("status", address), capture_output=True,
                                text=True, timeout=TIMEOUT)
-        assert broker.poll() is None  # never crashed
-        agent.terminate()
-        agent.wait(TIMEOUT)
+        assert cluster.broker.poll() is None  # never crashed
     finally:
-        broker.terminate()
-        broker.wait(TIMEOUT)
+        cluster.close()
     assert sum(dropped.values()) >= n * 0.9, dropped  # each bad message counted
     assert len(dropped) >= 5, dropped  # by reason
     assert "dropped" in shown.stdout

@@ -1,7 +1,7 @@
 """The newcomer's path through the README (issue 6), step by step on one machine: make
-keys, start a broker and two agents by hand, watch them with ``zmqexec status --watch``,
-and run a dask array computation on the cluster (the quick start itself is run by
-test_examples.py)."""
+keys, start a broker and two agents with the command line, watch them with
+``zmqexec status --watch``, and run a dask array computation on the cluster (the quick
+start itself is run by test_examples.py)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import zmqexec_cmd
+from conftest import Cluster, zmqexec_cmd
 
 CLIENT = """
 import sys, dask, dask.array as da
@@ -30,18 +30,13 @@ def test_keys_broker_two_agents_status_watch_and_dask(tmp_path):
     made = subprocess.run(zmqexec_cmd("keygen", keys), capture_output=True, text=True,
                           timeout=30)
     assert made.returncode == 0 and "wrote" in made.stdout, made.stderr
-    procs = []
+    cluster = Cluster(agents=2, nprocs=1, broker_args=("--keys", keys),
+                      agent_args=("--keys", keys))
+    address = cluster.address
+    watch = None
     try:
-        broker = subprocess.Popen(zmqexec_cmd("broker", "--bind", "tcp://127.0.0.1:0",
-                                              "--keys", keys), stdout=subprocess.PIPE)
-        procs.append(broker)
-        address = broker.stdout.readline().decode().split()[-1]
-        for _ in range(2):
-            procs.append(subprocess.Popen(zmqexec_cmd("worker", address, "--nprocs", "1",
-                                                      "--keys", keys)))
         watch = subprocess.Popen(zmqexec_cmd("status", address, "--watch", "--keys", keys),
                                  stdout=subprocess.PIPE)
-        procs.append(watch)
         client = subprocess.run([sys.executable, "-c", CLIENT, address, keys],
                                 capture_output=True, text=True, timeout=120)
         assert client.returncode == 0, client.stderr
@@ -52,9 +47,8 @@ def test_keys_broker_two_agents_status_watch_and_dask(tmp_path):
                 screen += os.read(watch.stdout.fileno(), 65536)
         assert b"agents 2" in screen and b"tasks/s" in screen, screen[-2000:]
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            proc.wait(30)
-            if proc.stdout:
-                proc.stdout.close()
+        if watch is not None:
+            watch.send_signal(signal.SIGINT)
+            watch.wait(30)
+            watch.stdout.close()
+        cluster.close()
