@@ -324,13 +324,31 @@ def test_a_forked_child_gets_a_clear_error(executor):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_a_dead_task_process_is_replaced(executor):
-    pids = set(executor.map(sleep_return, [0.2] * 4, [None] * 4))
-    pid = executor.submit(os.getpid).result(timeout=30)
-    os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: len(executor.status()["agents"]) == 1, timeout=10)
-    results = {executor.submit(os.getpid).result(timeout=30) for _ in range(10)}
-    assert pid not in results and pids is not None
+def meet(directory, n, timeout=15.0):
+    """Hold until ``n`` of these run at once, each in a task process of its own (a file per
+    process); return our pid. Never ``n`` processes at once: it gives up and returns."""
+    open(os.path.join(directory, str(os.getpid())), "w").close()
+    end = time.monotonic() + timeout
+    while len(os.listdir(directory)) < n and time.monotonic() < end:
+        time.sleep(0.005)
+    return os.getpid()
+
+
+def pids_running_at_once(executor, directory, n=2):
+    os.mkdir(directory)
+    futures = [executor.submit(meet, str(directory), n) for _ in range(n)]
+    return {f.result(timeout=60) for f in futures}
+
+
+def test_a_dead_task_process_is_replaced(executor, tmp_path):
+    before = pids_running_at_once(executor, tmp_path / "before")
+    assert len(before) == 2, before  # both task processes of the executor
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    # two task processes again, neither of them the dead one: one is its replacement
+    after = pids_running_at_once(executor, tmp_path / "after")
+    assert len(after) == 2 and victim not in after, (before, after)
+    assert len(after - before) == 1, (before, after)
 
 
 EXIT_SCRIPT = textwrap.dedent("""
