@@ -21,6 +21,12 @@ class Harness:
 
     def send(self, ident: bytes, cmd: int, meta: Dict[str, Any], payload=()) -> None:
         self.state.handle(ident, P.encode(cmd, meta, list(payload)), self.now)
+        self.state.validate()  # every count agrees with the entries after each step
+
+    def tick(self, now: float) -> None:
+        self.now = now
+        self.state.tick(now)
+        self.state.validate()
 
     def hello(self, ident: bytes, role: str, **extra: Any) -> None:
         meta = {"role": role, "id": ident.hex(), "proto": P.PROTOCOL_VERSION, **VERSIONS,
@@ -172,7 +178,7 @@ def test_an_expired_agent_returns_prefetched_tasks_free_and_charges_started_ones
     h.send(A1, P.STARTED, {"ks": [kw("started")]})
     h.take()
     h.now += 10
-    h.state.tick(h.now)
+    h.tick(h.now)
     results = {row[0]: row for _, row, _ in h.results()}
     assert results[kw("started")][3]["type"] == "WorkerLostError"
     assert kw("prefetched") not in results
@@ -208,7 +214,7 @@ def test_results_are_held_for_attaching_clients_until_released(h):
     h.send(C1, P.RELEASE, {"ks": [kw("k")]})
     assert kw("k") in h.state.table
     h.send(C2, P.RELEASE, {"ks": [kw("k")]})
-    assert kw("k") not in h.state.table and h.state.held_bytes == 0
+    assert kw("k") not in h.state.table and h.state.table.held_bytes == 0
 
 
 def test_held_results_over_the_limit_drop_the_oldest_and_attach_gets_key_lost(h):
@@ -264,7 +270,7 @@ def test_an_expired_client_has_its_queued_tasks_dropped(h):
     h.hello(C1, "client", hb=1.0, ttl=5.0)
     h.submit(C1, "orphan")
     h.now += 10
-    h.state.tick(h.now)
+    h.tick(h.now)
     assert kw("orphan") not in h.state.table and C1 not in h.state.peers
     assert h.state.status(h.now)["tasks"]["cancelled"] == 1
 
@@ -283,7 +289,7 @@ def test_heartbeats_go_to_every_peer_with_the_epoch(h):
     h.hello(A1, "worker", slots=1, hb=0.5)
     h.take()
     h.now += 0.6
-    h.state.tick(h.now)
+    h.tick(h.now)
     beats = h.take_cmd(P.HEARTBEAT)
     assert {i for i, _ in beats} == {C1, A1}
     assert all(m.meta["epoch"] == h.state.epoch and m.meta["slots"] == 1 for _, m in beats)
@@ -326,7 +332,7 @@ def test_started_keys_riding_in_a_result_count_as_started_and_reach_clients_firs
     assert ident == C1 and msg.meta["st"] == [[kw("long"), "running"]]
     assert [row[0] for row in msg.meta["r"]] == [kw("done")]
     h.now += 10
-    h.state.tick(h.now)  # the agent went silent: a started task is charged
+    h.tick(h.now)  # the agent went silent: a started task is charged
     results = {row[0]: row for _, row, _ in h.results()}
     assert results[kw("long")][3]["type"] == "WorkerLostError"
 

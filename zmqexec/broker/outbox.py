@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
+from ..wire.records import TaskRow
+
 from ..wire import protocol as P
 
 Frames = List[Any]
@@ -19,7 +21,7 @@ class Outbox:
 
     def __init__(self) -> None:
         self.out: List[Tuple[bytes, Frames]] = []
-        self._tasks: Dict[bytes, Tuple[List[str], Frames, List[list], Frames]] = {}
+        self._tasks: Dict[bytes, Tuple[List[str], Frames, List[TaskRow], Frames]] = {}
         self._results: Dict[bytes, Tuple[List[list], Frames]] = {}
         self._states: Dict[bytes, List[list]] = {}
         self._cancels: Dict[bytes, List[str]] = {}
@@ -30,7 +32,7 @@ class Outbox:
         """A message that is not batched (HELLO replies, heartbeats, status)."""
         self.out.append((ident, P.encode(cmd, meta, payload)))
 
-    def task(self, agent: bytes, row: list, frames: Frames,
+    def task(self, agent: bytes, row: TaskRow, frames: Frames,
              blobs: Sequence[Tuple[str, Any]] = ()) -> None:
         batch = self._task_batch(agent)
         for fid, blob in blobs:
@@ -39,12 +41,12 @@ class Outbox:
         batch[2].append(row)
         batch[3].extend(frames)
 
-    def tasks_for(self, agent: bytes) -> Tuple[List[list], Frames]:
+    def tasks_for(self, agent: bytes) -> Tuple[List[TaskRow], Frames]:
         """The TASK rows and frames batched for ``agent``, to append to in place."""
         batch = self._task_batch(agent)
         return batch[2], batch[3]
 
-    def _task_batch(self, agent: bytes) -> Tuple[List[str], Frames, List[list], Frames]:
+    def _task_batch(self, agent: bytes) -> Tuple[List[str], Frames, List[TaskRow], Frames]:
         batch = self._tasks.get(agent)
         if batch is None:
             batch = self._tasks[agent] = ([], [], [], [])
@@ -101,8 +103,8 @@ class Outbox:
             out.extend((ident, m) for m in split(P.CANCEL, {"ks": kws}))
         for ident, kws in self._kills.items():
             out.extend((ident, m) for m in split(P.KILL, {"ks": kws}))
-        for ident, (fids, blobs, rows, frames) in self._tasks.items():
-            out.extend((ident, m) for m in split(P.TASK, {"f": fids, "t": rows},
+        for ident, (fids, blobs, tasks, frames) in self._tasks.items():
+            out.extend((ident, m) for m in split(P.TASK, {"f": fids, "t": tasks},
                                                  blobs + frames))
         self.out = []
         self._states, self._results, self._cancels, self._tasks = {}, {}, {}, {}

@@ -1,15 +1,17 @@
 """The broker's records: one ``Peer`` per connected routing id, one ``Entry`` per key.
 
-Plain records with no behaviour of their own; ``BrokerState`` owns every decision about
-them.  Kept apart so the state module stays one screenful of decisions per handler.
+Plain records with no behaviour of their own: ``BrokerState`` decides about peers, and
+``KeyTable.move`` is the only place an entry's state changes.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from ..wire.records import TaskRow
+
 Frames = List[Any]
 DONE = ("finished", "error", "lost")
-MAX_PREFETCH = 1 << 16  # tasks an agent may ask to hold beyond its slots
+PREFETCH_LIMIT = 1 << 16  # tasks an agent may ask to hold beyond its slots
 STOPPED = {  # DEATH "why" from an agent that killed a task process on purpose
     "timeout": ("TaskTimeoutError", "task {key!r} ran longer than its timeout of "
                 "{timeout:g} s on worker {worker}; its process was replaced"),
@@ -23,7 +25,8 @@ def frames_size(frames: Frames) -> int:
 
 
 class Peer:
-    """A connected client, agent or status reader, by routing id."""
+    """A connected client, agent or status reader, by routing id (an agent's role on
+    the wire is ``"worker"``, the name of its command)."""
 
     def __init__(self, ident: bytes, meta: Dict[str, Any], now: float) -> None:
         self.ident = ident
@@ -40,13 +43,12 @@ class Peer:
         self.next_beat = now
         # agents
         self.slots = max(0, int(meta.get("slots", 0)))
-        self.capacity = self.slots + min(MAX_PREFETCH, max(0, int(meta.get("prefetch", 0))))
+        self.capacity = self.slots + min(PREFETCH_LIMIT, max(0, int(meta.get("prefetch", 0))))
         self.inflight: Dict[str, Entry] = {}
         self.finished = 0
         self.results_in = 0  # RESULT rows received from this agent since its HELLO
         self.fids: Set[str] = set()  # blobs this agent has, or this client sent
-        # clients
-        self.interests: Set[str] = set()
+        # clients (the keys a client wants are the key table's: ``KeyTable.wanted_by``)
         nw: Any = meta.get("nw")  # no_workers_timeout, seconds
         self.no_workers_timeout = float(nw) if type(nw) in (int, float) and nw > 0 else 0.0
 
@@ -76,9 +78,7 @@ class Entry:
         self.agent: Optional[bytes] = None
         self.result: Optional[Tuple[str, Frames, Optional[Dict[str, Any]]]] = None
 
-    def task_row(self) -> List[Any]:
-        """The TASK row sent to an agent: ``[k, attempt, client, fid, iid, n(, timeout)]``."""
-        row = [self.kw, self.attempts + 1, self.client, self.fid, self.iid, len(self.frames)]
-        if self.timeout:
-            row.append(self.timeout)
-        return row
+    def task_row(self) -> TaskRow:
+        """The TASK row sent to an agent."""
+        return TaskRow(self.kw, self.attempts + 1, self.client, self.fid, self.iid,
+                       len(self.frames), self.timeout)

@@ -6,13 +6,11 @@ messages as ``(peer, frames)``; ``tick(now)`` sends heartbeats and expires silen
 Payload frames are kept and forwarded as the objects the socket gave (``zmq.Frame`` or
 ``bytes``), never parsed and never unpickled.
 
-Life of a key in the table (``Entry.state``)::
-
-    wanted --SUBMIT--> queued --TASK--> dispatched --STARTED--> running --RESULT--> done
-      ^ INFORM before     ^   requeue on a lost worker (charged only if started)    |
-        any submit        +---------------------------------------------------------+
-    An entry lives while a client wants it or it is queued or out on an agent; a done
-    entry holds its result frames for those clients (--max-held-bytes).
+It is composed of parts that own their state: the ``KeyTable`` (entries, who wants them,
+the run queue, held results; the one place an entry's state changes), the ``Outbox``
+(batches to send), ``Rejoin`` (agents that come back), ``NoWorkerWatch``
+(``no_workers_timeout``).  ``BrokerState`` itself holds the peers and their credits, and
+routes each message to its handler.  ``validate()`` checks every count (tests call it).
 """
 from __future__ import annotations
 
@@ -21,21 +19,22 @@ import uuid
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..wire import protocol as P
-from .outbox import Outbox
-from .queue import RunQueue
-from .status import status_document
-from .rejoin import agent_heartbeat, hello, late_result
-from .submit import submit
-from .waits import NoWorkerWatch
-from .records import DONE, MAX_PREFETCH, STOPPED, Entry, Frames, Peer, frames_size
+from .._version import __version__
 from ..errors import ProtocolError
+from ..wire import protocol as P
+from ..wire.records import SubmitRow
+from .outbox import Outbox
+from .records import DONE, PREFETCH_LIMIT, STOPPED, Entry, Frames, Peer
+from .rejoin import Rejoin
+from .status import status_document
+from .table import KeyTable
+from .waits import NoWorkerWatch
 
 log = logging.getLogger(__name__)
 
 
 class BrokerState:
-    """The key table, run queue, agent credits and peer liveness of one broker."""
+    """The peers, agent credits and liveness of one broker, and its key table."""
 
     def __init__(self, *, max_held_bytes: int = 1 << 30, max_queued_bytes: int = 4 << 30,
                  max_frame: int = 256 << 20, max_message: int = 4 << 30,
@@ -46,24 +45,18 @@ class BrokerState:
         self.key_roles: Optional[Callable[[Optional[str]], Optional[str]]] = None
         self.limits = {"max_frame": max_frame, "max_message": max_message,
                        "window": window, "window_bytes": window_bytes}
-        self.max_held_bytes = max_held_bytes
-        self.max_queued_bytes = max_queued_bytes
         self.outbox = Outbox()
         self.send = self.outbox.send
+        self.table = KeyTable(self.outbox, max_held_bytes=max_held_bytes,
+                              max_queued_bytes=max_queued_bytes)
         self.blobs: Dict[str, Any] = {}  # function and initializer pickles by content hash
         self.peers: Dict[bytes, Peer] = {}
-        self.table: Dict[str, Entry] = {}
-        self.queue: RunQueue[Entry] = RunQueue()
         # agents that may take another task, served in turn (checked again when popped)
         self.ready: "OrderedDict[bytes, None]" = OrderedDict()
-        self.held: "OrderedDict[str, int]" = OrderedDict()  # done keys, oldest first
-        self.held_bytes = 0
-        self.queued_bytes = 0
-        self.lost_keys: "OrderedDict[str, None]" = OrderedDict()
-        self.counts: Counter[str] = Counter()
+        self.rejoin = Rejoin(self.table, self.outbox, self.peers, self._free_credit)
+        self.no_workers = NoWorkerWatch()
         self.dropped: Counter[str] = Counter()
         self.started: Optional[float] = None
-        self.no_workers = NoWorkerWatch()
         self.now = 0.0
 
     # ---- entry points -------------------------------------------------------------
@@ -105,7 +98,7 @@ class BrokerState:
                 self.drop("message from another key", ident)
                 return
         if msg.cmd == P.HELLO:
-            hello(self, ident, msg, now)
+            self._hello(ident, msg, now)
             if ident in self.peers:
                 self.peers[ident].key = user
             return
@@ -134,7 +127,8 @@ class BrokerState:
                 peer.next_beat = now + peer.interval
                 self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
                                                     "n": peer.results_in})
-        self.no_workers.tick(self, slots, now)
+        for entry, why in self.no_workers.due(slots, now, self.peers, self.table):
+            self.table.fail(entry, "error", {"type": "NoWorkersError", "msg": why})
         self.dispatch()
 
     def flush(self) -> List[Tuple[bytes, Frames]]:
@@ -146,9 +140,27 @@ class BrokerState:
         for ident in self.peers:
             self.send(ident, P.BYE, {"reason": reason})
 
+    def status(self, now: float) -> Dict[str, Any]:
+        """The status document (schema of ``zmqexec status --json``)."""
+        return status_document(self.peers, self.table, epoch=self.epoch,
+                               started=self.started, slots=self.slots(),
+                               dropped=self.dropped, now=now)
+
+    def validate(self) -> None:
+        """Check every count and cross-reference (tests call it after each step)."""
+        self.table.validate()
+        for ident, peer in self.peers.items():
+            assert peer.ident == ident
+            for kw, entry in peer.inflight.items():
+                assert self.table.current(entry) or entry.state in DONE or \
+                    entry.state == "deleted", kw
+                if self.table.current(entry):
+                    assert entry.state in ("dispatched", "running"), (kw, entry.state)
+                    assert entry.agent == ident, kw
+
     # ---- helpers ----------------------------------------------------------------------
     def drop(self, reason: str, ident: bytes, exc: Optional[BaseException] = None) -> None:
-        """Count a rejected message by reason; logging is rate-limited by the caller."""
+        """Count a rejected message by reason; the log line is rate-limited."""
         self.dropped[reason] += 1
         if self.dropped[reason] in (1, 10, 100, 1000) or self.dropped[reason] % 10000 == 0:
             log.warning("dropped message from %s: %s (%d so far)",
@@ -157,82 +169,14 @@ class BrokerState:
     def slots(self) -> int:
         return sum(p.slots for p in self.peers.values() if p.role == "worker")
 
-    def _fail(self, entry: Entry, kind: str, error: Dict[str, Any]) -> None:
-        """Finish a key with an error the broker made (header only, no pickle)."""
-        self._complete(entry, kind, [], error)
-
-    def _complete(self, entry: Entry, status: str, payload: Frames,
-                  error: Optional[Dict[str, Any]] = None) -> None:
-        if entry.state == "queued":
-            self.queued_bytes -= entry.nbytes
-        entry.state = status if status in DONE else "error"
-        entry.frames = []
-        self.counts[entry.state] += 1
-        row = [entry.kw, entry.state, len(payload), error]
-        for ident in entry.interests:
-            self.outbox.result(ident, row, payload)
-        if not entry.interests:
-            self._delete(entry)
-            return
-        entry.result = (entry.state, payload, error)
-        entry.nbytes = frames_size(payload)
-        self.held[entry.kw] = entry.nbytes
-        self.held_bytes += entry.nbytes
-        while self.held_bytes > self.max_held_bytes and len(self.held) > 1:
-            kw, _ = next(iter(self.held.items()))
-            log.info("held results over %d bytes: dropping %s", self.max_held_bytes, kw)
-            self._delete(self.table[kw])
-            self.lost_keys[kw] = None
-            while len(self.lost_keys) > 100_000:
-                self.lost_keys.popitem(last=False)
-
-    def _delete(self, entry: Entry) -> None:
-        if self.table.get(entry.kw) is entry:
-            del self.table[entry.kw]
-        if entry.kw in self.held and entry.result is not None:
-            self.held_bytes -= self.held.pop(entry.kw)
-        for ident in entry.interests:
-            peer = self.peers.get(ident)
-            if peer is not None:
-                peer.interests.discard(entry.kw)
-        if entry.state == "queued":
-            self.queued_bytes -= entry.nbytes
-        entry.state = "deleted"
-
-    def _enqueue(self, entry: Entry, front: bool = False) -> None:
-        entry.state = "queued"
-        entry.agent = None
-        self.queued_bytes += entry.nbytes
-        self.queue.push(entry.priority, entry.owner, entry, front)
-
-    def _interest(self, peer: Peer, entry: Entry) -> None:
-        entry.interests.add(peer.ident)
-        peer.interests.add(entry.kw)
-
-    def _uninterest(self, peer: Peer, entry: Entry) -> None:
-        """Drop one client's interest; an entry nobody wants is freed or stopped."""
-        entry.interests.discard(peer.ident)
-        peer.interests.discard(entry.kw)
-        if entry.interests:
-            return
-        if entry.state in DONE or entry.state == "wanted":
-            self._delete(entry)
-
-    def _cancel(self, entry: Entry) -> None:
-        """Nobody wants a task any more: drop it if queued, recall it if prefetched."""
-        if entry.state == "queued":
-            self.counts["cancelled"] += 1
-            self._delete(entry)
-        elif entry.state == "dispatched" and entry.agent is not None:
-            self.outbox.cancel(entry.agent, entry.kw)
-
     def dispatch(self) -> None:
         """Hand queued tasks to agents with free capacity, agents taking turns.
 
         An agent's turn takes an even share of the queue (at least one task, at most its
         free capacity): a few long tasks spread over all agents, while a long queue leaves
         in runs of hundreds without a turn per task."""
-        ready, queue, still_queued = self.ready, self.queue, self._still_queued
+        ready, queue, table = self.ready, self.table.queue, self.table
+        still_queued, move = table.still_queued, table.move
         while ready and len(queue):
             ident = next(iter(ready))
             agent = self.peers.get(ident)
@@ -254,8 +198,7 @@ class BrokerState:
             inflight, fids, versions = agent.inflight, agent.fids, agent.versions
             rows, frames = self.outbox.tasks_for(ident)
             for entry in entries:
-                self.queued_bytes -= entry.nbytes
-                entry.state = "dispatched"
+                move(entry, "dispatched")
                 if (entry.versions is versions or entry.versions == versions) and \
                         (not entry.fid or entry.fid in fids) and \
                         (not entry.iid or entry.iid in fids):
@@ -273,7 +216,7 @@ class BrokerState:
         versions = entry.versions
         if versions != agent.versions:
             self._free_credit(agent)
-            self._fail(entry, "error", {"type": "SerializationError", "msg": (
+            self.table.fail(entry, "error", {"type": "SerializationError", "msg": (
                 f"client runs Python {versions[0]} / cloudpickle {versions[1]} but "
                 f"worker {agent.name} runs Python {agent.versions[0]} / cloudpickle "
                 f"{agent.versions[1]}; install the same versions on clients and workers")})
@@ -284,7 +227,7 @@ class BrokerState:
                 blob = self.blobs.get(fid)
                 if blob is None:
                     self._free_credit(agent)
-                    self._fail(entry, "error", {"type": "SerializationError", "msg": (
+                    self.table.fail(entry, "error", {"type": "SerializationError", "msg": (
                         "the broker has no pickled function for this task (did it "
                         "restart?); submit it again")})
                     return
@@ -294,29 +237,10 @@ class BrokerState:
         agent.inflight[entry.kw] = entry
         self.outbox.task(agent.ident, entry.task_row(), entry.frames, blobs)
 
-    def _still_queued(self, entry: Entry) -> bool:  # cancels leave stale queue items
-        return entry.state == "queued" and self.table.get(entry.kw) is entry
-
     def _free_credit(self, agent: Peer) -> None:
         """The agent may take another task: it joins the end of the ready ring if absent."""
         if agent.ident not in self.ready and self.peers.get(agent.ident) is agent:
             self.ready[agent.ident] = None
-
-    def _lose(self, agent: Peer, entry: Entry, exit: str, charged: bool) -> None:
-        """An agent lost a task: requeue it, or fail it after ``retries`` charged losses."""
-        if self.table.get(entry.kw) is not entry or entry.state in DONE:
-            return
-        if charged:
-            entry.attempts += 1
-        if not entry.interests:
-            self.counts["cancelled"] += 1
-            self._delete(entry)
-        elif entry.attempts > entry.retries:
-            self._fail(entry, "lost", {"type": "WorkerLostError", "attempts": entry.attempts,
-                                       "worker": agent.name, "exit": exit})
-        else:
-            log.info("requeueing %s (attempt %d lost: %s)", entry.kw, entry.attempts, exit)
-            self._enqueue(entry, front=True)
 
     def _forget(self, peer: Peer, reason: str) -> None:
         """A peer left or expired: requeue its tasks, release its interests and blobs."""
@@ -326,41 +250,84 @@ class BrokerState:
             for fid in peer.fids - kept:
                 self.blobs.pop(fid, None)
         for entry in list(peer.inflight.values()):
-            self._lose(peer, entry, reason, charged=entry.state == "running")
+            self.table.lose(entry, peer.name, reason, charged=entry.state == "running")
         peer.inflight.clear()
-        for kw in list(peer.interests):
+        for kw in self.table.forget_client(peer.ident):
             wanted = self.table.get(kw)
             if wanted is not None:
-                self._uninterest(peer, wanted)
+                self.table.unwant(peer.ident, wanted)
                 if not wanted.interests:
-                    self._cancel(wanted)
+                    self.table.cancel(wanted)
 
     # ---- handlers -------------------------------------------------------------------------
-    def _inform(self, peer: Peer, msg: P.Message) -> None:
-        kw = msg.meta["k"]
-        entry = self.table.get(kw)
-        if entry is None:
-            if kw in self.lost_keys:
-                self.outbox.error(peer.ident, kw, "KeyLostError", f"the result of {kw} was "
-                                  "dropped (--max-held-bytes) before this client asked for it")
-                return
-            entry = self.table[kw] = Entry(kw)
-        self._interest(peer, entry)
-        self.outbox.tell(peer.ident, entry)
+    def _hello(self, ident: bytes, msg: P.Message, now: float) -> None:
+        """Refuse another protocol, else (re)register the peer and WELCOME it; an agent's
+        running keys are kept if the broker gave them, else adopted or stopped."""
+        meta = msg.meta
+        if meta["proto"] != P.PROTOCOL_VERSION or meta["role"] not in P.ROLES:
+            reason = (f"refused: peer speaks protocol {meta['proto']} as {meta['role']!r}; "
+                      f"this broker (zmqexec {__version__}) speaks protocol "
+                      f"{P.PROTOCOL_VERSION}: install the same zmqexec version everywhere")
+            self.send(ident, P.REFUSE, {"reason": reason})
+            return
+        old = self.peers.get(ident)
+        peer = Peer(ident, meta, now)
+        if peer.role == "client" and self.client_timeout:
+            peer.ttl = max(3 * peer.interval, self.client_timeout)
+        if old is not None and old.role == peer.role == "worker":
+            for entry in self.rejoin.keep_running(old, peer, meta.get("running") or []):
+                self.table.lose(entry, old.name, "agent re-registered", charged=False)
+        self.peers[ident] = peer
+        if peer.role == "worker" and type(meta.get("running")) is list:
+            self.rejoin.adopt_running(peer, meta["running"], meta.get("epoch"), self.epoch)
+        log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
+        self._free_credit(peer)
+        self.send(ident, P.WELCOME, {"epoch": self.epoch, "heartbeat": peer.interval,
+                                     "slots": self.slots(), **self.limits})
+        self.dispatch()
 
-    def _release(self, peer: Peer, msg: P.Message) -> None:
+    def _submit(self, client: Peer, msg: P.Message) -> None:
+        """A batch of tasks: register each key and queue it; blobs come first."""
+        frames = msg.payload
+        fids = msg.meta["f"]
+        for fid, blob in zip(fids, frames):
+            self.blobs[fid] = blob
+            client.fids.add(fid)
+        at = len(fids)
+        for row in msg.meta["t"]:
+            task = SubmitRow.from_wire(row)
+            if not self.table.submit(client, task, frames[at:at + task.nframes]):
+                self.dropped["queue full"] += 1
+            at += task.nframes
+
+    def _inform(self, client: Peer, msg: P.Message) -> None:
+        self.table.inform(client.ident, msg.meta["k"])
+
+    def _release(self, client: Peer, msg: P.Message) -> None:
         for kw in msg.meta["ks"]:
             entry = self.table.get(kw)
             if entry is not None:
-                self._uninterest(peer, entry)
+                self.table.unwant(client.ident, entry)
 
-    def _cancel_msg(self, peer: Peer, msg: P.Message) -> None:
+    def _cancel(self, client: Peer, msg: P.Message) -> None:
         for kw in msg.meta["ks"]:
             entry = self.table.get(kw)
-            if entry is not None and peer.ident in entry.interests:
-                self._uninterest(peer, entry)
+            if entry is not None and client.ident in entry.interests:
+                self.table.unwant(client.ident, entry)
                 if not entry.interests:
-                    self._cancel(entry)
+                    self.table.cancel(entry)
+
+    def _kill(self, client: Peer, msg: P.Message) -> None:
+        """Stop tasks this client wants: on their agent, or at once if still queued."""
+        for kw in msg.meta["ks"]:
+            entry = self.table.get(kw)
+            if entry is None or client.ident not in entry.interests:
+                continue
+            if entry.state == "queued":
+                self.table.fail(entry, "error", {"type": "TaskKilledError", "msg": (
+                    f"task {P.key_from_wire(kw)!r} was killed before it started")})
+            elif entry.state in ("dispatched", "running") and entry.agent is not None:
+                self.outbox.kill(entry.agent, kw)
 
     def _started(self, agent: Peer, msg: P.Message) -> None:
         self._mark_started(agent, msg.meta["ks"])
@@ -369,7 +336,7 @@ class BrokerState:
         for kw in kws:
             entry = agent.inflight.get(kw)
             if entry is not None and entry.state == "dispatched":
-                entry.state = "running"
+                self.table.move(entry, "running")
                 for ident in entry.interests:
                     self.outbox.state(ident, kw, "running")
 
@@ -377,7 +344,7 @@ class BrokerState:
         if "s" in msg.meta:  # a STARTED notice riding along: it comes first
             self._mark_started(agent, msg.meta["s"])
         prefetch = msg.meta.get("p")  # the agent resizes its window as task times change
-        if type(prefetch) is int and 0 <= prefetch <= MAX_PREFETCH and agent.slots:
+        if type(prefetch) is int and 0 <= prefetch <= PREFETCH_LIMIT and agent.slots:
             agent.capacity = agent.slots + prefetch
         frames, at = msg.payload, 0
         rows = msg.meta["r"]
@@ -386,13 +353,16 @@ class BrokerState:
         for kw, status, nframes in (row[:3] for row in rows):
             payload = frames[at:at + nframes]
             at += nframes
+            if status not in DONE:
+                status = "error"
             entry = inflight.pop(kw, None)
             if entry is None:
-                late_result(self, agent, kw, status, payload)
+                if not self.rejoin.late_result(agent, kw, status, payload):
+                    self.dropped["late or duplicate result"] += 1
                 continue
             finished += 1
-            if table.get(kw) is entry and entry.state not in DONE:
-                self._complete(entry, status, payload)
+            if table.current(entry) and entry.state not in DONE:
+                table.move(entry, status, payload)
         if finished:
             agent.finished += finished
             self._free_credit(agent)
@@ -403,31 +373,26 @@ class BrokerState:
             return
         self._free_credit(agent)
         why = msg.meta.get("why")
-        if why in STOPPED and self.table.get(entry.kw) is entry and entry.state not in DONE:
+        if why in STOPPED and self.table.current(entry) and entry.state not in DONE:
             kind, text = STOPPED[why]  # the agent stopped it on purpose: never retried
-            self._fail(entry, "error", {"type": kind, "msg": text.format(
+            self.table.fail(entry, "error", {"type": kind, "msg": text.format(
                 key=P.key_from_wire(entry.kw), timeout=entry.timeout, worker=agent.name)})
         else:
-            self._lose(agent, entry, str(msg.meta.get("exit", "died")), charged=True)
-
-    def _kill(self, peer: Peer, msg: P.Message) -> None:
-        """Stop tasks this client wants: on their agent, or at once if still queued."""
-        for kw in msg.meta["ks"]:
-            entry = self.table.get(kw)
-            if entry is None or peer.ident not in entry.interests:
-                continue
-            if entry.state == "queued":
-                self._fail(entry, "error", {"type": "TaskKilledError", "msg": (
-                    f"task {P.key_from_wire(kw)!r} was killed before it started")})
-            elif entry.state in ("dispatched", "running") and entry.agent is not None:
-                self.outbox.kill(entry.agent, kw)
+            self.table.lose(entry, agent.name, str(msg.meta.get("exit", "died")),
+                            charged=True)
 
     def _dropped(self, agent: Peer, msg: P.Message) -> None:
         for kw in msg.meta["ks"]:
             entry = agent.inflight.pop(kw, None)
             if entry is not None:
                 self._free_credit(agent)
-                self._lose(agent, entry, "given back", charged=False)
+                self.table.lose(entry, agent.name, "given back", charged=False)
+
+    def _agent_heartbeat(self, agent: Peer, msg: P.Message) -> None:
+        """A heartbeat from an agent; one that says ``drain`` gets no more tasks."""
+        if msg.meta.get("drain") is True and agent.slots:
+            log.info("agent %s is draining", agent.name)
+            agent.slots = agent.capacity = 0
 
     def _status(self, peer: Peer, msg: P.Message) -> None:
         self.send(peer.ident, P.STATUS, self.status(self.now))
@@ -436,16 +401,15 @@ class BrokerState:
         log.info("%s %s said goodbye: %s", peer.role, peer.name, msg.meta.get("reason", ""))
         self._forget(peer, "agent left")
 
-    def status(self, now: float) -> Dict[str, Any]:
-        """The status document (schema of ``zmqexec status --json``)."""
-        return status_document(self, now)
+    def _nothing(self, peer: Peer, msg: P.Message) -> None:
+        """A heartbeat from a client or status reader: ``last_seen`` is all it says."""
 
 
-_HANDLERS = {
-    ("client", P.SUBMIT): submit,
+_HANDLERS: Dict[Tuple[str, int], Callable[[BrokerState, Peer, P.Message], None]] = {
+    ("client", P.SUBMIT): BrokerState._submit,
     ("client", P.INFORM): BrokerState._inform,
     ("client", P.RELEASE): BrokerState._release,
-    ("client", P.CANCEL): BrokerState._cancel_msg,
+    ("client", P.CANCEL): BrokerState._cancel,
     ("client", P.KILL): BrokerState._kill,
     ("worker", P.STARTED): BrokerState._started,
     ("worker", P.RESULT): BrokerState._result,
@@ -453,6 +417,6 @@ _HANDLERS = {
     ("worker", P.DROPPED): BrokerState._dropped,
     **{(role, P.STATUS): BrokerState._status for role in P.ROLES},
     **{(role, P.BYE): BrokerState._bye for role in P.ROLES},
-    **{(role, P.HEARTBEAT): lambda self, peer, msg: None for role in P.ROLES},
-    ("worker", P.HEARTBEAT): agent_heartbeat,
+    **{(role, P.HEARTBEAT): BrokerState._nothing for role in P.ROLES},
+    ("worker", P.HEARTBEAT): BrokerState._agent_heartbeat,
 }

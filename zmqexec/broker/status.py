@@ -15,38 +15,37 @@ Schema (every count is an int, times in seconds)::
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict, Optional
 
-from ..wire import protocol as P
 from .._version import __version__
+from ..wire import protocol as P
+from .records import Peer
+from .table import KeyTable
 
-if TYPE_CHECKING:
-    from .state import BrokerState
 
-
-def status_document(state: "BrokerState", now: float) -> Dict[str, Any]:
+def status_document(peers: Dict[bytes, Peer], table: KeyTable, *, epoch: str,
+                    started: Optional[float], slots: int, dropped: "Counter[str]",
+                    now: float) -> Dict[str, Any]:
     """The status document (schema of ``zmqexec status --json``)."""
-    states = Counter(e.state for e in state.table.values())
+    states = Counter(e.state for e in table.entries.values())
+    counts = table.counts
     agents = [{"name": p.name, "host": p.host, "pid": p.pid, "slots": p.slots,
                "capacity": p.capacity,
                "running": sum(e.state == "running" for e in p.inflight.values()),
                "prefetched": sum(e.state == "dispatched" for e in p.inflight.values()),
                "finished": p.finished, "last_heartbeat": round(now - p.last_seen, 3)}
-              for p in state.peers.values() if p.role == "worker"]
+              for p in peers.values() if p.role == "worker"]
     return {
-        "broker": {"version": __version__, "protocol": P.PROTOCOL_VERSION,
-                   "epoch": state.epoch,
-                   "uptime": round(now - state.started, 3) if state.started else 0.0},
+        "broker": {"version": __version__, "protocol": P.PROTOCOL_VERSION, "epoch": epoch,
+                   "uptime": round(now - started, 3) if started else 0.0},
         "agents": agents,
-        "slots": state.slots(),
-        "clients": sum(p.role == "client" for p in state.peers.values()),
+        "slots": slots,
+        "clients": sum(p.role == "client" for p in peers.values()),
         "tasks": {"queued": states["queued"] + states["dispatched"],
-                  "running": states["running"], "finished": state.counts["finished"],
-                  "error": state.counts["error"], "cancelled": state.counts["cancelled"],
-                  "lost": state.counts["lost"], "submitted": state.counts["submitted"]},
-        "held_keys": len(state.held), "held_bytes": state.held_bytes,
-        "queued_bytes": state.queued_bytes,
-        "dropped": dict(state.dropped),
+                  "running": states["running"], "finished": counts["finished"],
+                  "error": counts["error"], "cancelled": counts["cancelled"],
+                  "lost": counts["lost"], "submitted": counts["submitted"]},
+        "held_keys": len(table.held), "held_bytes": table.held_bytes,
+        "queued_bytes": table.queued_bytes,
+        "dropped": dict(dropped),
     }
-
-

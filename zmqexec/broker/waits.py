@@ -8,12 +8,11 @@ Other clients' tasks keep waiting.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..wire import protocol as P
-
-if TYPE_CHECKING:
-    from .state import BrokerState
+from .records import Entry, Peer
+from .table import KeyTable
 
 SCAN_EVERY = 0.2  # seconds between scans of the key table while nobody can run tasks
 
@@ -25,25 +24,25 @@ class NoWorkerWatch:
         self.since: Optional[float] = 0.0  # no worker since (None: some are connected)
         self.next_scan = 0.0
 
-    def tick(self, state: "BrokerState", slots: int, now: float) -> None:
+    def due(self, slots: int, now: float, peers: Dict[bytes, Peer], table: KeyTable
+            ) -> List[Tuple[Entry, str]]:
+        """The queued entries to fail now with ``NoWorkersError``, and why."""
         if slots:
             self.since = None
-            return
+            return []
         if self.since is None:
             self.since = now
-        if now < self.next_scan or not len(state.queue):
-            return
+        if now < self.next_scan or not len(table.queue):
+            return []
         self.next_scan = now + SCAN_EVERY
         waited = {ident: now - max(self.since, peer.joined)  # a client that just came
-                  for ident, peer in state.peers.items()  # gets its whole timeout
+                  for ident, peer in peers.items()  # gets its whole timeout
                   if peer.role == "client" and peer.no_workers_timeout and
                   now - max(self.since, peer.joined) >= peer.no_workers_timeout}
         if not waited:
-            return
-        for entry in [e for e in state.table.values()
-                      if e.state == "queued" and e.owner in waited]:
-            timeout = state.peers[entry.owner].no_workers_timeout
-            state._fail(entry, "error", {"type": "NoWorkersError", "msg": (
-                f"no worker connected for {waited[entry.owner]:.1f} s (no_workers_timeout="
-                f"{timeout:g}); task {P.key_from_wire(entry.kw)!r} did not run: start "
-                "workers with 'zmqexec worker ADDRESS', or raise the timeout")})
+            return []
+        return [(entry, f"no worker connected for {waited[entry.owner]:.1f} s "
+                 f"(no_workers_timeout={peers[entry.owner].no_workers_timeout:g}); task "
+                 f"{P.key_from_wire(entry.kw)!r} did not run: start workers with "
+                 "'zmqexec worker ADDRESS', or raise the timeout")
+                for entry in table if entry.state == "queued" and entry.owner in waited]
