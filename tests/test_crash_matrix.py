@@ -12,6 +12,7 @@ import signal
 import textwrap
 
 import crashers
+import gates
 import pytest
 from conftest import Cluster, run_python, wait_until
 
@@ -127,11 +128,29 @@ def test_a_client_dying_while_unpickling_leaves_other_clients_unaffected(how):
         cluster.close()
 
 
-def die_or_count(path, i):
-    if i == 0:
-        import time
+MARK = "zmqexec-batch-task-"
 
-        time.sleep(0.2)  # let the others queue up in the same task process's batch
+
+def in_this_process(mark: str) -> set:
+    """Numbers of the tasks whose payloads this process holds: the batch it was handed
+    (frames are kept, as buffers in a list, while the batch runs)."""
+    import gc
+    import re
+
+    found = set()
+    pattern = re.compile(re.escape(mark).encode() + rb"(\d+)")
+    for obj in gc.get_objects():
+        if isinstance(obj, list):
+            for item in obj:
+                if isinstance(item, (bytes, bytearray, memoryview)):
+                    found.update(int(m) for m in pattern.findall(bytes(item)))
+    return found
+
+
+def die_or_count(path, i, mark):  # mark: travels in the payload, for in_this_process
+    if i == 0:  # say which tasks wait in this task process's batch, then die
+        with open(f"{path}.batch", "w") as f:
+            f.write(" ".join(map(str, sorted(in_this_process(MARK)))))
         os._exit(3)
     with open(path, "a") as f:
         f.write(f"{i}\n")
@@ -139,13 +158,24 @@ def die_or_count(path, i):
 
 
 def test_a_death_in_a_batch_charges_only_the_running_task(tmp_path):
-    counts = tmp_path / "counts"
+    counts, gate = tmp_path / "counts", tmp_path / "gate"
     with ZMQExecutor(1, retries=0) as ex:
         ex.wait_for_workers(1, timeout=30)
-        futures = [ex.submit(die_or_count, str(counts), i) for i in range(10)]
+        # short tasks first: the agent then hands its task process many tasks at once
+        assert sum(ex.map(pow, range(3000), [2] * 3000, timeout=60)) > 0
+        held = ex.submit(gates.wait_for_file, str(gate), "held")
+        assert wait_until(held.running, timeout=30)
+        futures = [ex.submit(die_or_count, str(counts), i, f"{MARK}{i}") for i in range(10)]
+        # all ten wait at the agent, behind the held task: freed, its task process takes
+        # them in one batch
+        assert wait_until(lambda: ex.status()["agents"][0]["prefetched"] == 10, timeout=30)
+        gate.touch()
+        assert held.result(timeout=30) == "held"
         with pytest.raises(WorkerLostError) as info:
             futures[0].result(timeout=60)
         assert info.value.attempts == 1
         assert [f.result(timeout=60) for f in futures[1:]] == list(range(1, 10))
-    # the others went back unstarted and ran once each, though retries=0
+    # the batch formed: the nine others waited in the process that died ...
+    assert (tmp_path / "counts.batch").read_text().split() == [str(i) for i in range(10)]
+    # ... went back unstarted and ran once each, though retries=0
     assert sorted(int(x) for x in counts.read_text().split()) == list(range(1, 10))
