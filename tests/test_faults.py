@@ -258,8 +258,15 @@ def wait_for_file(path, value, timeout):  # defined here: it travels by value
     return value
 ex = ZMQExecutor(address=sys.argv[1], heartbeat_interval=0.2)
 fs = [ex.submit(wait_for_file, sys.argv[2], None, 60) for _ in range(50)]
-while ex.status()["tasks"]["queued"] + ex.status()["tasks"]["running"] < 50:
-    pass
+end = time.monotonic() + 30
+while True:
+    tasks = ex.status()["tasks"]
+    if tasks["queued"] + tasks["running"] >= 50:
+        break
+    if time.monotonic() > end:  # (os._exit: exit would wait for the held tasks)
+        print(f"not all at the broker within 30 s: {tasks}", flush=True)
+        os._exit(1)
+    time.sleep(0.01)
 print("submitted", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -276,7 +283,8 @@ def test_a_killed_client_is_dropped_by_heartbeat_and_others_carry_on(tmp_path):
             proc = subprocess.run([sys.executable, "-c", KILLED_CLIENT, cluster.address,
                                    str(gate)],
                                   capture_output=True, text=True, timeout=60)
-            assert proc.returncode == -9 and proc.stdout.strip() == "submitted", proc.stderr
+            assert proc.returncode == -9 and proc.stdout.strip() == "submitted", (
+                proc.stdout, proc.stderr)
             t0 = time.monotonic()
             assert wait_until(lambda: other.status()["clients"] == 1, timeout=TIMEOUT)
             detected = time.monotonic() - t0
@@ -294,11 +302,15 @@ def test_a_killed_client_is_dropped_by_heartbeat_and_others_carry_on(tmp_path):
 
 
 EXIT_WAITS = """
-import sys, time
+import os, sys, time
 from zmqexec import ZMQExecutor
 ex = ZMQExecutor(address=sys.argv[1], broker_timeout=2.0, heartbeat_interval=0.2)
 fut = ex.submit(time.sleep, 60)
+end = time.monotonic() + 30
 while not fut.running():
+    if time.monotonic() > end:  # (os._exit: exit would wait for the task)
+        print(f"not running within 30 s: {fut.status}", flush=True)
+        os._exit(1)
     time.sleep(0.01)
 print("running", flush=True)
 sys.stdin.readline()  # the broker is gone now; the interpreter exits with a task pending
