@@ -55,12 +55,14 @@ def test_the_data_flow_diagram_names_only_what_the_code_defines():
     code = "\n".join(_read(path) for path in _python_sources())
     undefined = sorted(n for n in names
                        if not re.search(rf"^\s*(?:class|def)\s+{n}\b", code, re.M))
-    assert not undefined, f"the diagram names what no 'class'/'def' under zmqexec/ defines: {undefined}"
+    assert not undefined, \
+        f"the diagram names what no 'class'/'def' under zmqexec/ defines: {undefined}"
 
 
 def test_the_readme_is_a_front_door_of_at_most_300_lines():
     lines = _read(os.path.join(ROOT, "README.md")).splitlines()
-    assert len(lines) <= 300, f"README.md has {len(lines)} lines (limit 300); move reference to docs/"
+    assert len(lines) <= 300, \
+        f"README.md has {len(lines)} lines (limit 300); move reference to docs/"
 
 
 def test_the_readme_keeps_the_ci_test_command():

@@ -1,6 +1,6 @@
 """The task process on its own: batches in, one result per task out, cancels answered at once.
 
-Driven through the agent's own handle (``child.Child``) on a real forked process and a
+Driven through the agent's own handle (``handle.TaskProcess``) on a real forked process and a
 real pipe, so what is checked is exactly what the agent sees.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pytest
 from gates import wait_for_file
 from zmqexec.wire import protocol as P
 from zmqexec.wire import serialization as S
-from zmqexec.agent.handle import Child
+from zmqexec.agent.handle import TaskProcess
+from zmqexec.wire.records import Task, TaskRow
 from zmqexec.agent.runner import unpack_result
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method")
@@ -63,22 +64,22 @@ class Driver:
     """Plays the agent: gives batches of calls and reads the results back."""
 
     def __init__(self) -> None:
-        self.child = Child(multiprocessing.get_context("fork"))
+        self.child = TaskProcess(multiprocessing.get_context("fork"))
         self.blobs: Dict[str, bytes] = {}
         self.count = 0
 
-    def task(self, fn: Any, *args: Any) -> Tuple[str, List[Any], List[Any]]:
+    def task(self, fn: Any, *args: Any) -> Task:
         blob = S.dumps_function(fn)
         fid = S.blob_id(blob)
         self.blobs[fid] = blob
         frames = S.dumps_args(args, {})
         self.count += 1
         kw = f'"t-{self.count}"'
-        return kw, [kw, 1, "client", fid, "", len(frames)], frames
+        return Task(TaskRow(kw, 1, "client", fid, "", len(frames)), frames)
 
-    def give(self, tasks: List[Tuple[str, List[Any], List[Any]]]) -> List[str]:
+    def give(self, tasks: List[Task]) -> List[str]:
         self.child.give(tasks, self.blobs)
-        return [kw for kw, _, _ in tasks]
+        return [task.kw for task in tasks]
 
     def results(self, count: int, timeout: float = 10) -> List[Tuple[str, str, Any]]:
         out: List[Tuple[str, str, Any]] = []
@@ -127,13 +128,14 @@ def test_a_cancel_that_overtakes_its_batch_still_drops_the_task(driver, tmp_path
     first = driver.give([driver.task(held, started, gate, "held"),
                          driver.task(pause, 0, "marker")])
     wait_started(started)
-    kw, row, frames = driver.task(pause, 0, "overtaken")
+    overtaken = driver.task(pause, 0, "overtaken")
+    kw = overtaken.kw
     driver.child.cancels.send_bytes(json.dumps([driver.child.batch + 1, [kw]]).encode())
     driver.child.cancel([first[1]])
     assert driver.results(1) == [(first[1], "dropped", None)]
     open(gate, "w").close()
     assert driver.results(1) == [(first[0], "finished", "held")]
-    second = driver.give([(kw, row, frames), driver.task(pause, 0, "after")])
+    second = driver.give([overtaken, driver.task(pause, 0, "after")])
     assert driver.results(2) == [(kw, "dropped", None), (second[1], "finished", "after")]
 
 
@@ -141,12 +143,14 @@ def test_a_stale_cancel_never_drops_a_later_task_of_the_same_key(driver, tmp_pat
     """A cancel names its batch: one that arrives late, for a batch already done, is
     ignored even though the running batch has a task of the same key (a pure key given
     again), which runs."""
-    kw, row, frames = driver.task(pause, 0, "first")
-    driver.give([(kw, row, frames)])
+    first = driver.task(pause, 0, "first")
+    kw = first.kw
+    driver.give([first])
     assert driver.results(1) == [(kw, "finished", "first")]
     started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
     again = driver.task(pause, 0, "again")
-    keys = driver.give([driver.task(held, started, gate, "held"), (kw, again[1], again[2]),
+    keys = driver.give([driver.task(held, started, gate, "held"),
+                        Task(again.row._replace(kw=kw), again.frames),
                         driver.task(pause, 0, "marker")])
     wait_started(started)
     driver.child.cancels.send_bytes(json.dumps([driver.child.batch - 1, [kw]]).encode())
@@ -226,8 +230,8 @@ def test_cancels_for_a_stopped_process_never_block_the_agent(driver, tmp_path, c
     first = driver.task(held, started, gate, "first")
     rest = []
     for i in range(count):
-        _, row, frames = driver.task(pause, 0, i)
-        rest.append((key(i), [key(i)] + row[1:], frames))
+        task = driver.task(pause, 0, i)
+        rest.append(Task(task.row._replace(kw=key(i)), task.frames))
     keys = driver.give([first, *rest])
     wait_started(started)
     stop(driver.child.proc.pid)

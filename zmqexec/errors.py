@@ -40,7 +40,7 @@ class BrokenZMQExecutor(ZMQExecError, concurrent.futures.BrokenExecutor):
 
 
 class InitializerError(BrokenZMQExecutor):
-    """The ``initializer`` failed in a worker process; the executor is broken."""
+    """The ``initializer`` failed in a task process; the executor is broken."""
 
 
 class BrokerLostError(BrokenZMQExecutor):
@@ -52,7 +52,7 @@ class TaskLostError(ZMQExecError):
 
 
 class WorkerLostError(TaskLostError):
-    """Every attempt of a task ended with the death of the worker process running it."""
+    """Every attempt of a task ended with the death of the task process running it."""
 
     def __init__(self, key: Any, attempts: int, worker: str, exit: Optional[str]) -> None:
         self.key = key
@@ -60,8 +60,8 @@ class WorkerLostError(TaskLostError):
         self.worker = worker
         self.exit = exit
         super().__init__(
-            f"task {key!r} lost its worker process {attempts} time(s) "
-            f"(last: worker {worker}, {exit or 'unknown exit'}); "
+            f"task {key!r} lost its task process {attempts} time(s) "
+            f"(last: agent {worker}, {exit or 'unknown exit'}); "
             "it may crash the interpreter (segfault, os._exit, out of memory): "
             "raise options(retries=...) only if the crash is transient"
         )
@@ -95,11 +95,11 @@ else:  # concurrent.futures.TimeoutError is its own class before 3.11
 
 
 class TaskTimeoutError(*_TimeoutBases):  # type: ignore[misc]
-    """The task ran longer than ``options(timeout=...)``; its worker process was replaced."""
+    """The task ran longer than ``options(timeout=...)``; its task process was replaced."""
 
 
 class TaskKilledError(ZMQExecError):
-    """``executor.kill(future)`` stopped the task; its worker process was replaced."""
+    """``executor.kill(future)`` stopped the task; its task process was replaced."""
 
 
 class NoWorkersError(ZMQExecError):

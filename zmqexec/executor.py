@@ -201,7 +201,7 @@ class ZMQExecutor(_Submitter):
                 raise ValueError("max_workers must be greater than 0")
         elif max_workers is not None:
             raise ValueError("max_workers must be None when joining a cluster by address: "
-                             "the cluster's agents decide how many worker processes there are")
+                             "the cluster's agents decide how many task processes there are")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
@@ -325,7 +325,7 @@ class ZMQExecutor(_Submitter):
         return fid, name
 
     def kill(self, future: Future) -> bool:
-        """Stop a running task: its worker process is killed and replaced, and the future
+        """Stop a running task: its task process is killed and replaced, and the future
         raises ``TaskKilledError``. A pending future is cancelled; False if already done."""
         if not isinstance(future, Future) or future.executor is not self:
             raise ValueError("kill() takes a future of this executor")

@@ -1,9 +1,9 @@
-"""The agent's handle on one task process: its pipes, its process, and the keys it holds.
+"""The agent's handle on one task process: its process and its two pipes.
 
 The agent gives a task process a numbered batch at a time (``give``) and reads its results
-in bulk (``read``); ``keys`` lists what the process was given, in order, so ``keys[0]`` is
-the task it is running (the first one it has sent no result for).  Cancels for the batch
-go on a pipe of their own (``cancel``), answered at once by the process.
+in bulk (``read``).  Cancels for the batch go on a pipe of their own (``cancel``), answered
+at once by the process.  Which keys a task process holds is the agent's decision, kept in
+``state.Slot``; this handle only moves bytes.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import select
 import signal
 import struct
 import sys
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set
 
+from ..wire.records import Task
 from .runner import pack, task_main
 
 _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
@@ -25,7 +25,6 @@ _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
 # result cost 20 us instead of 2.  A large result simply takes several reads.
 _READ_SIZE = 1 << 16
 CANCEL_MESSAGE = 4096  # bytes a cancel message may take on its pipe, length prefix included
-Task = Tuple[str, List[Any], List[Any]]  # key_wire, TASK row, payload frames
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -45,8 +44,8 @@ def default_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-class Child:
-    """The agent's handle on one task process and the keys it holds, running one first."""
+class TaskProcess:
+    """The agent's handle on one task process: start it, give it batches, read results."""
 
     def __init__(self, ctx: Any) -> None:
         self.conn, child_conn = multiprocessing.Pipe()
@@ -57,11 +56,9 @@ class Child:
         self.proc.start()
         child_conn.close()
         child_cancels.close()
+        self.pid: int = self.proc.pid
         self.batch = 0  # number of the last batch given (cancels name it)
-        self.keys: Deque[str] = deque()  # given, in order; keys[0] is running
-        self.since = 0.0  # when keys[0] started
-        self.stopping: Optional[Tuple[str, str]] = None  # (key, "timeout"|"killed")
-        self.fids: Set[str] = set()
+        self.fids: Set[str] = set()  # blobs this process has
         self.told: Set[str] = set()  # keys of this batch the process was asked to drop
         self.fd = self.conn.fileno()
         self._buf = bytearray()
@@ -103,7 +100,7 @@ class Child:
         even a stopped process (SIGSTOP) cannot make the agent block; a cancel that
         finds no room is not sent, and that task runs, its result dropped where nobody
         wants it any more."""
-        fresh = [kw for kw in kws if kw in self.keys and kw not in self.told]
+        fresh = [kw for kw in kws if kw not in self.told]
         empty = 4 + len(json.dumps([self.batch, []]))  # with Connection's length prefix
         chunk: List[str] = []
         size = empty
@@ -132,17 +129,18 @@ class Child:
         return True
 
     def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
+        """One numbered batch (a message, plus one per large frame), with the blobs this
+        process lacks: rows ``[k, client, fid, iid, nframes]``."""
         self.told.clear()  # (the keys of an earlier batch are all done)
         self.batch += 1
         fids, rows, frames = [], [], []
-        for kw, row, task_frames in tasks:
-            for fid in (row[3], row[4]):
+        for row, task_frames in tasks:
+            for fid in (row.fid, row.iid):
                 if fid and fid not in self.fids and fid in blobs:
                     self.fids.add(fid)
                     fids.append(fid)
-            rows.append([kw, row[2], row[3], row[4], len(task_frames)])
+            rows.append([row.kw, row.client, row.fid, row.iid, len(task_frames)])
             frames.extend(task_frames)
-            self.keys.append(kw)
         meta = {"b": self.batch, "f": fids, "t": rows}
         for message in pack(meta, [blobs[f] for f in fids] + frames):
             self.conn.send_bytes(message)

@@ -140,7 +140,7 @@ class TaskRunner:
                 self.initialized[client] = None
             except BaseException as exc:
                 error = InitializerError(
-                    f"the initializer failed in worker process {os.getpid()}: "
+                    f"the initializer failed in task process {os.getpid()}: "
                     f"{type(exc).__name__}: {exc}")
                 error.__cause__ = exc
                 self.initialized[client] = error

@@ -26,7 +26,7 @@ from .state import BrokerState
 log = logging.getLogger(__name__)
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-BATCH = 1000  # messages handled per wake-up before timers and sends get a turn
+RECV_BATCH = 1000  # messages handled per wake-up before timers and sends get a turn
 PACK_SLACK = 32 << 20  # a frame of small parts packed together may pass max_frame by this
 
 
@@ -81,7 +81,7 @@ class Broker:
                 events = dict(poller.poll(int(self.tick_interval * 1000)))
                 now = time.monotonic()
                 if sock in events:
-                    for _ in range(BATCH):
+                    for _ in range(RECV_BATCH):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:

@@ -14,8 +14,8 @@ DONE = ("finished", "error", "lost")
 PREFETCH_LIMIT = 1 << 16  # tasks an agent may ask to hold beyond its slots
 STOPPED = {  # DEATH "why" from an agent that killed a task process on purpose
     "timeout": ("TaskTimeoutError", "task {key!r} ran longer than its timeout of "
-                "{timeout:g} s on worker {worker}; its process was replaced"),
-    "killed": ("TaskKilledError", "task {key!r} was killed on worker {worker} "
+                "{timeout:g} s on agent {worker}; its task process was replaced"),
+    "killed": ("TaskKilledError", "task {key!r} was killed on agent {worker} "
                "(executor.kill); its process was replaced"),
 }
 

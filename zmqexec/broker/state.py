@@ -218,7 +218,7 @@ class BrokerState:
             self._free_credit(agent)
             self.table.fail(entry, "error", {"type": "SerializationError", "msg": (
                 f"client runs Python {versions[0]} / cloudpickle {versions[1]} but "
-                f"worker {agent.name} runs Python {agent.versions[0]} / cloudpickle "
+                f"agent {agent.name} runs Python {agent.versions[0]} / cloudpickle "
                 f"{agent.versions[1]}; install the same versions on clients and workers")})
             return
         blobs = []

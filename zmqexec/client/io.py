@@ -17,7 +17,7 @@ completion thread that unpickles results and completes futures.
 The tables both threads share (pending records, held outcomes, reference counts) and how
 futures complete live in ``state.ClientState``; ``ClientIO`` is its ``Outlet`` (it takes
 the state's commands and completions) and holds it as ``state``.  Under
-load the I/O thread packs many submits into one SUBMIT message (``BATCH``), and cancels
+load the I/O thread packs many submits into one SUBMIT message (``SUBMIT_BATCH``), and cancels
 and releases into one message each per loop turn; a lone submit still leaves at once.
 """
 from __future__ import annotations
@@ -69,8 +69,8 @@ from ..errors import (
 log = logging.getLogger(__name__)
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-BATCH = 1000  # tasks per SUBMIT message at most
-BATCH_BYTES = 8 << 20  # payload bytes per SUBMIT message, beyond one task
+SUBMIT_BATCH = 1000  # tasks per SUBMIT message at most
+SUBMIT_BATCH_BYTES = 8 << 20  # payload bytes per SUBMIT message, beyond one task
 # Commands that do not wake the I/O thread: they leave with the next command that does,
 # or within a poll timeout (0.1 s).  A dropped future's release is never urgent, and
 # waking for it cost a loop turn in the client and one in the broker per task.
@@ -330,8 +330,8 @@ class ClientIO:
             rows: List[SubmitRow] = []
             frames: List[Any] = []
             size, sent_bytes = 0, self._sent_bytes
-            room = min(BATCH, window - len(sent))  # tasks this message may take
-            while backlog and room and size < BATCH_BYTES and (
+            room = min(SUBMIT_BATCH, window - len(sent))  # tasks this message may take
+            while backlog and room and size < SUBMIT_BATCH_BYTES and (
                     sent_bytes < window_bytes or not rows):
                 rec = backlog.popleft()
                 if records.get(rec.kw) is not rec or rec.row is None:
