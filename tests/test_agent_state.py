@@ -242,3 +242,14 @@ def test_a_refusal_stops_the_agent_and_a_new_epoch_registers_again():
     assert [n for n, _, _ in sent(state)] == ["HELLO"]
     state.on_broker(P.Message(P.REFUSE, {"reason": "no"}))
     assert state.refused and state.stop
+
+
+def test_a_hello_forgets_prefetched_tasks_which_the_broker_requeues():
+    state = agent(nprocs=1)
+    tasks(state, "a", "b")
+    state.hand_out(now=1.0)
+    tasks(state, "c")
+    state.hello()
+    assert not state.waiting  # not named as running: the broker queues it again
+    [(name, meta, _)] = sent(state)
+    assert name == "HELLO" and meta["running"] == [kw("a"), kw("b")]
