@@ -38,8 +38,10 @@ def tasks(state: AgentState, *keys: str, timeout: float = 0.0, fid: str = "fn") 
 
 
 def sent(state: AgentState) -> List[Tuple[str, Dict[str, Any], Any]]:
+    """What the agent sends, as the broker decodes it."""
     out, state.out = state.out, []
-    return [(P.NAMES[cmd], meta, payload) for cmd, meta, payload in out]
+    decoded = [P.decode(P.encode(cmd, meta, list(payload))) for cmd, meta, payload in out]
+    return [(m.name, m.meta, m.payload) for m in decoded]
 
 
 def given(state: AgentState) -> Dict[int, List[str]]:
@@ -84,7 +86,8 @@ def test_a_started_notice_waits_for_a_result_to_ride_in_while_tasks_are_short():
     state.on_result(slot, kw("a"), "finished", b"r", now=1.001)
     state.flush(now=1.001)
     [(name, meta, payload)] = sent(state)
-    assert name == "RESULT" and meta["r"] == [[kw("a"), "finished", 1]] and "s" not in meta
+    assert name == "RESULT" and meta["r"] == [[kw("a"), "finished", 1, None]]
+    assert "s" not in meta
     assert payload == [b"r"]
 
 
@@ -110,7 +113,7 @@ def test_results_are_kept_until_acknowledged_and_sent_again_after_a_hello():
     state.on_broker(P.Message(P.RESET, {}))  # a new broker: register, resend b
     out = sent(state)
     assert [n for n, _, _ in out] == ["HELLO", "RESULT"]
-    assert out[1][1]["r"] == [[kw("b"), "finished", 1]] and out[1][2] == [b"rb"]
+    assert out[1][1]["r"] == [[kw("b"), "finished", 1, None]] and out[1][2] == [b"rb"]
 
 
 def test_the_prefetch_follows_measured_task_times():
@@ -230,7 +233,7 @@ def test_a_result_over_the_brokers_frame_cap_becomes_a_clear_error():
     state.hand_out(now=1.0)
     state.on_result(state.slots[100], kw("big"), "finished", b"x" * 11, now=1.1)
     rows, frames = state.results
-    assert rows == [[kw("big"), "error", 1]]
+    assert [tuple(row) for row in rows] == [(kw("big"), "error", 1, None)]
     ok, error = S.loads_result("error", frames[0])
     assert not ok and "over the broker's cap of 10 bytes" in str(error)
 

@@ -21,7 +21,7 @@ from zmqexec.wire import protocol as P
 from zmqexec.wire import serialization as S
 from zmqexec.agent.handle import TaskProcess
 from zmqexec.wire.records import Task, TaskRow
-from zmqexec.agent.runner import unpack_result
+from zmqexec.wire.pipe import unpack_result
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method")
 
@@ -211,7 +211,7 @@ def test_batches_given_the_moment_the_last_result_arrives_all_run(driver):
 @pytest.mark.parametrize("size", [0, 100, 16_380, 16_390, 3_000_000])
 def test_results_of_any_size_reach_the_agent_whole(driver, size):
     """Small records go in one write, large ones as length then body; the agent's reader
-    (``Child.read``) must see each exactly as ``Connection.send_bytes`` would frame it."""
+    (``TaskProcess.read``) must see each exactly as ``Connection.send_bytes`` would frame it."""
     keys = driver.give([driver.task(pause, 0, b"r" * size), driver.task(pause, 0, "next")])
     assert driver.results(2) == [(keys[0], "finished", b"r" * size),
                                  (keys[1], "finished", "next")]

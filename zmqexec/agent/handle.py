@@ -12,14 +12,13 @@ import multiprocessing
 import os
 import select
 import signal
-import struct
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Set
 
+from ..wire.pipe import RecordReader, pack, read_records
 from ..wire.records import Task
-from .runner import pack, task_main
+from .runner import task_main
 
-_SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")
 # One read takes at most this much: glibc serves a buffer of 128 KiB or more with mmap
 # (then shrinks it with mremap and frees it with munmap), which made each read of a lone
 # result cost 20 us instead of 2.  A large result simply takes several reads.
@@ -61,35 +60,11 @@ class TaskProcess:
         self.fids: Set[str] = set()  # blobs this process has
         self.told: Set[str] = set()  # keys of this batch the process was asked to drop
         self.fd = self.conn.fileno()
-        self._buf = bytearray()
+        self._reader = RecordReader()
 
     def read(self) -> Optional[List[bytes]]:
-        """The complete messages that have arrived (one read for many); None at EOF.
-
-        Reads the Pipe's descriptor directly with ``multiprocessing.Connection`` framing (a
-        4-byte signed length, -1 then an 8-byte length for huge messages), since a
-        ``recv_bytes`` per result would cost two system calls each.
-        """
-        data = os.read(self.fd, _READ_SIZE)
-        if not data:
-            return None
-        buf = self._buf
-        buf += data
-        out, at = [], 0
-        while len(buf) - at >= 4:
-            size = _SIZE.unpack_from(buf, at)[0]
-            head = 4
-            if size == -1:
-                if len(buf) - at < 12:
-                    break
-                size = _HUGE.unpack_from(buf, at + 4)[0]
-                head = 12
-            if len(buf) - at < head + size:
-                break
-            out.append(bytes(buf[at + head:at + head + size]))
-            at += head + size
-        del buf[:at]
-        return out
+        """The whole result records that have arrived (one read for many); None at EOF."""
+        return read_records(self.fd, self._reader, _READ_SIZE)
 
     def cancel(self, kws: Sequence[str]) -> None:
         """Ask the process to drop these keys of its batch if it has not started them.

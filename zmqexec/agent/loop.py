@@ -33,8 +33,8 @@ from .._version import __version__
 from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.curve import apply_client
+from ..wire.pipe import unpack_result
 from .handle import TaskProcess, default_start_method, describe_exit
-from .runner import unpack_result
 from .state import AgentState
 
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message

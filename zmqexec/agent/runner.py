@@ -1,35 +1,24 @@
-"""The task process: the only place a task is unpickled and run.
+"""The code that runs inside a task process: the only place a task is unpickled and run.
 
-The agent and a task process talk over one ``multiprocessing`` Pipe.  Each message is one
-packed buffer (``pack``/``unpack``): a JSON header and the frames it names, so a batch of
-tasks is one write and one read.  Agent to task process::
-
-    {"f": [fid...], "t": [[k, client, fid, iid, nframes]...]}  blobs, then task frames
-
-and task process to agent, one message per finished task, sent before the next starts so
-the agent always knows which task is running (the one it has no result for); it is a
-small binary record (``pack_result``), as there is one per task::
-
-    status (finished|error|dropped) | key | result pickle
-
-Cancels travel on a second pipe, agent to task process: ``[batch number, [k...]]`` in
-JSON.  A thread of the task process reads them at once and answers "dropped" for each
-task of that batch not started yet, so the answer does not wait for a long running task.
+A task process reads numbered batches from its pipe, runs each task it may still start,
+and writes one result record per task (``wire.pipe`` has the framing).  A thread of its
+own reads cancels from a second pipe and answers "dropped" for each task of the running
+batch not started yet, so the answer does not wait for a long running task.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import struct
 import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from ..wire import serialization as S
 from ..errors import InitializerError
+from ..wire import serialization as S
+from ..wire.pipe import HUGE_RECORD, pack_result, record_parts, unpack
 
 def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]:
     """Run one ``map`` chunk: one task, one message, many calls.
@@ -37,64 +26,6 @@ def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]
     It lives here, in the module every task process has imported, so the first chunk
     does not import the client's modules into the task process (about 40 ms)."""
     return [fn(*args) for args in chunk]
-
-
-_HEAD = struct.Struct("!II")  # JSON length, frame count
-_RESULT = struct.Struct("!BH")  # status code, key length
-_SIZE = struct.Struct("!i")  # multiprocessing.Connection's length prefix
-_HUGE_RECORD = 1 << 30  # from here on, Connection.send_bytes (its 8-byte length form)
-STATUSES = ("finished", "error", "dropped")
-_CODES = {name: code for code, name in enumerate(STATUSES)}
-
-
-def pack_result(kw: str, status: str, result: bytes = b"") -> bytes:
-    key = kw.encode()
-    return b"".join((_RESULT.pack(_CODES[status], len(key)), key, result))
-
-
-def unpack_result(data: bytes) -> Tuple[str, str, memoryview]:
-    """(key, status, result view) of a ``pack_result`` record."""
-    code, size = _RESULT.unpack_from(data)
-    at = _RESULT.size + size
-    return data[_RESULT.size:at].decode(), STATUSES[code], memoryview(data)[at:]
-
-
-def pack(meta: Dict[str, Any], frames: Sequence[Any]) -> List[Any]:
-    """Messages for one batch: lengths, JSON header and small frames in one buffer, then
-    each large frame (an out-of-band buffer) as a message of its own, never copied here.
-    A large frame's length is stored negated so ``unpack`` knows to read it separately.
-    """
-    head = json.dumps(meta, separators=(",", ":")).encode()
-    sizes = [memoryview(f).nbytes for f in frames]
-    large = [f for f, n in zip(frames, sizes) if n >= S.OUT_OF_BAND_MIN]
-    if large:
-        sizes = [-n if n >= S.OUT_OF_BAND_MIN else n for n in sizes]
-        frames = [f for f in frames if memoryview(f).nbytes < S.OUT_OF_BAND_MIN]
-    packed = b"".join([_HEAD.pack(len(head), len(sizes)),
-                       struct.pack(f"!{len(sizes)}q", *sizes), head, *frames])
-    return [packed, *large]
-
-
-def unpack(data: bytes) -> Tuple[Dict[str, Any], List[Any], List[Tuple[int, int]]]:
-    """The header, zero-copy views of the packed frames (None for a large one), and the
-    (index, size) of each large frame, which follows as a message of its own."""
-    view = memoryview(data)
-    nhead, count = _HEAD.unpack_from(view)
-    at = _HEAD.size
-    sizes = struct.unpack_from(f"!{count}q", view, at)
-    at += 8 * count
-    meta = json.loads(bytes(view[at:at + nhead]))
-    at += nhead
-    frames: List[Any] = []
-    large = []
-    for index, size in enumerate(sizes):
-        if size < 0:
-            frames.append(None)
-            large.append((index, -size))
-        else:
-            frames.append(view[at:at + size])
-            at += size
-    return meta, frames, large
 
 
 def _die_with_parent(parent: int) -> None:
@@ -237,16 +168,14 @@ class Inbox:
 
     def _write_record(self, kw: str, status: str, result: bytes = b"") -> None:
         """A record framed as ``Connection.send_bytes`` frames it (the agent reads the
-        descriptor directly, see ``Child.read``), in one write: the Connection's own
+        descriptor directly, see ``TaskProcess.read``), in one write: the Connection's own
         checks cost as much again as the write, once per task.  Hold ``_lock``."""
         record = pack_result(kw, status, result)
-        if len(record) >= _HUGE_RECORD:
+        if len(record) >= HUGE_RECORD:
             self.conn.send_bytes(record)
-        elif len(record) > 16384:  # a large result is not copied to prepend its size
-            self._write(_SIZE.pack(len(record)))
-            self._write(record)
         else:
-            self._write(_SIZE.pack(len(record)) + record)
+            for part in record_parts(record):
+                self._write(part)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -33,7 +33,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 from ..errors import MessageTooLargeError
 from ..wire import protocol as P
 from ..wire import serialization as S
-from ..wire.records import Task, TaskRow
+from ..wire.records import ResultRow, Task, TaskRow
 
 log = logging.getLogger(__name__)
 PREFETCH_WINDOW = 0.02
@@ -89,8 +89,8 @@ class AgentState:
         self.started: List[str] = []  # batched STARTED notice (rides in a RESULT)
         self.started_at = 0.0  # when ``started`` last became non-empty (STARTED_GRACE)
         self.dropped: List[str] = []  # batched DROPPED notice
-        self.results: Tuple[List[list], List[Any]] = ([], [])  # batched RESULT
-        self.unacked: Deque[Tuple[int, list, Any]] = deque()  # (row number, row, frame)
+        self.results: Tuple[List[ResultRow], List[Any]] = ([], [])  # batched RESULT
+        self.unacked: Deque[Tuple[int, ResultRow, Any]] = deque()  # (number, row, frame)
         self.unacked_bytes = self.sent_rows = 0
         self.rejoined: Set[str] = set()  # running since before our last HELLO
         self.epoch: Optional[str] = None
@@ -161,7 +161,7 @@ class AgentState:
                 f"the broker's cap of {self.max_frame} bytes: return something smaller "
                 "(write big data to shared storage and return its path)"))
         rows, frames = self.results
-        rows.append([kw, status, 1])
+        rows.append(ResultRow(kw, status, 1))
         frames.append(result)
         self.busy += now - slot.since
         self.ran += 1
@@ -295,7 +295,7 @@ class AgentState:
             self.dropped = []
         rows, frames = self.results
         if self.started and rows:  # a task that started and finished since the last turn
-            finished = {row[0] for row in rows}  # needs no "running" notice: its result
+            finished = {row.kw for row in rows}  # needs no "running" notice: its result
             self.started = [kw for kw in self.started if kw not in finished]  # says more
         if self.started and (not P.may_ride(self.started) if rows else
                              now is None or not self.grace(now)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
-from ..wire.records import TaskRow
+from ..wire.records import ResultRow, TaskRow
 
 from ..wire import protocol as P
 
@@ -22,7 +22,7 @@ class Outbox:
     def __init__(self) -> None:
         self.out: List[Tuple[bytes, Frames]] = []
         self._tasks: Dict[bytes, Tuple[List[str], Frames, List[TaskRow], Frames]] = {}
-        self._results: Dict[bytes, Tuple[List[list], Frames]] = {}
+        self._results: Dict[bytes, Tuple[List[ResultRow], Frames]] = {}
         self._states: Dict[bytes, List[list]] = {}
         self._cancels: Dict[bytes, List[str]] = {}
         self._kills: Dict[bytes, List[str]] = {}
@@ -52,7 +52,7 @@ class Outbox:
             batch = self._tasks[agent] = ([], [], [], [])
         return batch
 
-    def result(self, client: bytes, row: list, frames: Frames) -> None:
+    def result(self, client: bytes, row: ResultRow, frames: Frames) -> None:
         batch = self._results.get(client)
         if batch is None:
             batch = self._results[client] = ([], [])
@@ -61,14 +61,14 @@ class Outbox:
 
     def error(self, client: bytes, kw: str, kind: str, text: str) -> None:
         """A result the broker makes itself: an error named by class, never a pickle."""
-        self.result(client, [kw, "error", 0, {"type": kind, "msg": text}], [])
+        self.result(client, ResultRow(kw, "error", 0, {"type": kind, "msg": text}), [])
 
     def tell(self, client: bytes, entry: Any) -> None:
         """Send a client what is known of a key (an ``Entry``): its result if done, else
         its state."""
         if entry.result is not None:
             status, payload, error = entry.result
-            self.result(client, [entry.kw, status, len(payload), error], payload)
+            self.result(client, ResultRow(entry.kw, status, len(payload), error), payload)
         elif entry.state in ("queued", "dispatched"):
             self.state(client, entry.kw, "queued")
         elif entry.state == "running":
@@ -89,11 +89,11 @@ class Outbox:
         split = P.encode_split
         results = self._results
         riding: Dict[bytes, List[list]] = {}
-        for ident, rows in self._states.items():
-            if ident in results and P.may_ride([row[0] for row in rows]):
-                riding[ident] = rows  # in the RESULT below, applied before its rows
+        for ident, states in self._states.items():
+            if ident in results and P.may_ride([row[0] for row in states]):
+                riding[ident] = states  # in the RESULT below, applied before its rows
             else:
-                out.extend((ident, m) for m in split(P.STATE, {"r": rows}))
+                out.extend((ident, m) for m in split(P.STATE, {"r": states}))
         for ident, (rows, frames) in results.items():
             meta: Dict[str, Any] = {"r": rows}
             if ident in riding:

@@ -22,7 +22,7 @@ import logging
 from collections import Counter, OrderedDict
 from typing import Any, Dict, Iterator, Optional, Set
 
-from ..wire.records import SubmitRow
+from ..wire.records import ResultRow, SubmitRow
 from .outbox import Outbox
 from .queue import RunQueue
 from .records import DONE, Entry, Frames, Peer, frames_size
@@ -97,7 +97,7 @@ class KeyTable:
               error: Optional[Dict[str, Any]], hold: bool) -> None:
         entry.frames = []
         self.counts[state] += 1
-        row = [entry.kw, state, len(payload), error]
+        row = ResultRow(entry.kw, state, len(payload), error)
         for ident in entry.interests:
             self.outbox.result(ident, row, payload)
         if not entry.interests and not hold:

@@ -1,0 +1,132 @@
+"""The framing of the pipes between an agent and its task processes.
+
+The agent and a task process talk over one ``multiprocessing`` Pipe.  Each message is one
+packed buffer (``pack``/``unpack``): a JSON header and the frames it names, so a batch of
+tasks is one write and one read.  Agent to task process::
+
+    {"b": batch number, "f": [fid...], "t": [[k, client, fid, iid, nframes]...]}
+    blobs, then task frames (a large frame follows as a message of its own)
+
+and task process to agent, one record per finished task, sent before the next starts so
+the agent always knows which task is running (the one it has no result for); it is a
+small binary record (``pack_result``), as there is one per task::
+
+    status (finished|error|dropped) | key | result pickle
+
+Records are framed as ``multiprocessing.Connection.send_bytes`` frames them (a 4-byte
+signed length, or -1 and an 8-byte length for huge ones), written in one system call
+(``record_parts``) and read many at a time (``RecordReader``): a ``recv_bytes`` per
+result would cost two system calls each, and the Connection's own checks as much again.
+
+Cancels travel on a second pipe, agent to task process: ``[batch number, [k...]]`` in
+JSON, through ``Connection.send_bytes``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .serialization import OUT_OF_BAND_MIN
+
+_HEAD = struct.Struct("!II")  # JSON length, frame count
+_RESULT = struct.Struct("!BH")  # status code, key length
+_SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")  # Connection's length prefixes
+HUGE_RECORD = 1 << 30  # from here on, Connection.send_bytes (its 8-byte length form)
+STATUSES = ("finished", "error", "dropped")
+_CODES = {name: code for code, name in enumerate(STATUSES)}
+
+
+def pack(meta: Dict[str, Any], frames: Sequence[Any]) -> List[Any]:
+    """Messages for one batch: lengths, JSON header and small frames in one buffer, then
+    each large frame (an out-of-band buffer) as a message of its own, never copied here.
+    A large frame's length is stored negated so ``unpack`` knows to read it separately.
+    """
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    sizes = [memoryview(f).nbytes for f in frames]
+    large = [f for f, n in zip(frames, sizes) if n >= OUT_OF_BAND_MIN]
+    if large:
+        sizes = [-n if n >= OUT_OF_BAND_MIN else n for n in sizes]
+        frames = [f for f in frames if memoryview(f).nbytes < OUT_OF_BAND_MIN]
+    packed = b"".join([_HEAD.pack(len(head), len(sizes)),
+                       struct.pack(f"!{len(sizes)}q", *sizes), head, *frames])
+    return [packed, *large]
+
+
+def unpack(data: bytes) -> Tuple[Dict[str, Any], List[Any], List[Tuple[int, int]]]:
+    """The header, zero-copy views of the packed frames (None for a large one), and the
+    (index, size) of each large frame, which follows as a message of its own."""
+    view = memoryview(data)
+    nhead, count = _HEAD.unpack_from(view)
+    at = _HEAD.size
+    sizes = struct.unpack_from(f"!{count}q", view, at)
+    at += 8 * count
+    meta = json.loads(bytes(view[at:at + nhead]))
+    at += nhead
+    frames: List[Any] = []
+    large = []
+    for index, size in enumerate(sizes):
+        if size < 0:
+            frames.append(None)
+            large.append((index, -size))
+        else:
+            frames.append(view[at:at + size])
+            at += size
+    return meta, frames, large
+
+
+def pack_result(kw: str, status: str, result: bytes = b"") -> bytes:
+    key = kw.encode()
+    return b"".join((_RESULT.pack(_CODES[status], len(key)), key, result))
+
+
+def unpack_result(data: bytes) -> Tuple[str, str, memoryview]:
+    """(key, status, result view) of a ``pack_result`` record."""
+    code, size = _RESULT.unpack_from(data)
+    at = _RESULT.size + size
+    return data[_RESULT.size:at].decode(), STATUSES[code], memoryview(data)[at:]
+
+
+def record_parts(record: bytes) -> List[bytes]:
+    """A record with its length prefix, as the writes to make (one, or two for a large
+    record, which is not copied to prepend its size).  Records of ``HUGE_RECORD`` bytes
+    or more go through ``Connection.send_bytes`` instead."""
+    if len(record) > 16384:
+        return [_SIZE.pack(len(record)), record]
+    return [_SIZE.pack(len(record)) + record]
+
+
+class RecordReader:
+    """Splits what one read of a pipe returned into whole records, keeping a partial one
+    for the next read."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> List[bytes]:
+        buf = self._buf
+        buf += data
+        out, at = [], 0
+        while len(buf) - at >= 4:
+            size = _SIZE.unpack_from(buf, at)[0]
+            head = 4
+            if size == -1:
+                if len(buf) - at < 12:
+                    break
+                size = _HUGE.unpack_from(buf, at + 4)[0]
+                head = 12
+            if len(buf) - at < head + size:
+                break
+            out.append(bytes(buf[at + head:at + head + size]))
+            at += head + size
+        del buf[:at]
+        return out
+
+
+def read_records(fd: int, reader: RecordReader, size: int) -> Optional[List[bytes]]:
+    """The whole records one read of ``fd`` completes; None at EOF."""
+    data = os.read(fd, size)
+    if not data:
+        return None
+    return reader.feed(data)
