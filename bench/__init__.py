@@ -3,5 +3,5 @@ side in one run (and loky and Dask distributed when installed), reported as medi
 zmqexec/PPE ratios.  Run ``python -m bench --help``; ``bench/README.md`` explains it.
 
 Why a package beside ``zmqexec`` rather than tests: speed is measured here, never as a
-timed unit test (DESIGN §7); the test suite only runs ``python -m bench --smoke``.
+timed unit test; the test suite only runs ``python -m bench --smoke``.
 """

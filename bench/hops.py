@@ -9,8 +9,8 @@ code, so the latency table can be read against what the transport alone costs he
 - ``zmq 1``: DEALER <-> ROUTER echo over ipc (2 ZeroMQ hops per round trip)
 - ``zmq 2``: DEALER -> ROUTER relay -> DEALER echo over ipc (4 hops, zmqexec's broker path
   without the agent's pipe to its task process)
-- ``skeleton``: the whole DESIGN §2 path with no zmqexec code: a user thread hands a
-  message to an I/O thread (deque + wake pipe), which owns a DEALER to a broker process's
+- ``skeleton``: the whole remote path (client I/O thread, broker, agent, task process)
+  with no zmqexec code: a user thread hands a message to an I/O thread (deque + wake pipe), which owns a DEALER to a broker process's
   ROUTER; the broker routes it to an agent process's DEALER, the agent writes it to its
   task process's pipe, and the echo comes back the same way; the I/O thread hands it to
   the waiting user thread through a condition.  No real design of that shape can answer
@@ -249,7 +249,7 @@ def _chains(tmp: str, mp: Any) -> List[Chain]:
     for p in procs:
         p.start()
     client = _SkeletonClient(skeleton_addr)
-    chains.append(("skeleton of DESIGN §2 (threads, 4 zmq hops, a pipe)",
+    chains.append(("skeleton of the remote path (threads, 4 zmq hops, a pipe)",
                    lambda: client.round_trip(b"x" * 64), client.close))
 
     pool = ProcessPoolExecutor(2, mp_context=mp)

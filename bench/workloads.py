@@ -1,4 +1,4 @@
-"""The workloads of issue 3, each measured on a fresh executor of one kind.
+"""The benchmark workloads, each measured on a fresh executor of one kind.
 
 Why one function per workload, taking the adapter class: the runner interleaves the
 executors (zmqexec, PPE, loky, dask, zmqexec, PPE, ...) for each workload, and each
