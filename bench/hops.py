@@ -11,9 +11,10 @@ code, so the latency table can be read against what the transport alone costs he
   without the agent's pipe to its task process)
 - ``skeleton``: the whole remote path (client I/O thread, broker, agent, task process)
   with no zmqexec code: a user thread hands a message to an I/O thread (deque + wake
-  pipe), which owns a DEALER to a broker process's ROUTER; the broker routes it to an agent process's DEALER, the agent writes it to its
-  task process's pipe, and the echo comes back the same way; the I/O thread hands it to
-  the waiting user thread through a condition.  No real design of that shape can answer
+  pipe), which owns a DEALER to a broker process's ROUTER; the broker routes it to an
+  agent process's DEALER, the agent writes it to its task process's pipe, and the echo
+  comes back the same way; the I/O thread hands it to the waiting user thread through a
+  condition.  No real design of that shape can answer
   a lone task faster than this.
 - ``ProcessPoolExecutor`` and ``ZMQExecutor``: a real ``submit(noop).result()`` on each,
   with 2 workers, in the same run: the latency row of ``python -m bench`` next to its floor.
