@@ -116,7 +116,7 @@ class _Submitter(concurrent.futures.Executor):
             fs.append(fut)
         return _MapResults(fs, submit_next if buffersize else None, end, chunksize)
 
-    def gather(self, futures: Iterable[concurrent.futures.Future], *,
+    def gather(self, futures: "Iterable[concurrent.futures.Future[Any]]", *,
                timeout: Optional[float] = None) -> List[Any]:
         """All results in input order; the first error in input order is raised."""
         futures = list(futures)

@@ -239,7 +239,8 @@ class AgentState:
         elif cmd == P.BYE:
             log.info("broker said goodbye: %s", meta.get("reason", ""))
 
-    def take_tasks(self, fids: List[str], rows: List[list], payload: List[Any]) -> None:
+    def take_tasks(self, fids: List[str], rows: List[List[Any]], payload: List[Any]
+                   ) -> None:
         """A TASK batch: blobs first, then each task waits for a task process."""
         for fid, blob in zip(fids, payload):
             self.blobs[fid] = blob

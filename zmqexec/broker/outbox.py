@@ -23,7 +23,7 @@ class Outbox:
         self.out: List[Tuple[bytes, Frames]] = []
         self._tasks: Dict[bytes, Tuple[List[str], Frames, List[TaskRow], Frames]] = {}
         self._results: Dict[bytes, Tuple[List[ResultRow], Frames]] = {}
-        self._states: Dict[bytes, List[list]] = {}
+        self._states: Dict[bytes, List[List[str]]] = {}
         self._cancels: Dict[bytes, List[str]] = {}
         self._kills: Dict[bytes, List[str]] = {}
 
@@ -88,7 +88,7 @@ class Outbox:
         out = self.out
         split = P.encode_split
         results = self._results
-        riding: Dict[bytes, List[list]] = {}
+        riding: Dict[bytes, List[List[str]]] = {}
         for ident, states in self._states.items():
             if ident in results and P.may_ride([row[0] for row in states]):
                 riding[ident] = states  # in the RESULT below, applied before its rows

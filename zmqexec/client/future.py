@@ -103,7 +103,7 @@ class _Condition(threading.Condition):
         self._lock._acquire_restore(state)  # type: ignore[attr-defined]
 
     def _is_owned(self) -> bool:
-        return self._lock._is_owned()  # type: ignore[attr-defined]
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         if not self._waiters:
@@ -111,7 +111,7 @@ class _Condition(threading.Condition):
         return super().wait(timeout)
 
 
-def mark_running(fut: concurrent.futures.Future) -> None:
+def mark_running(fut: "concurrent.futures.Future[Any]") -> None:
     """``set_running_or_notify_cancel`` only where it applies (it logs CRITICAL elsewhere).
 
     PENDING -> RUNNING is set directly (one lock round instead of two, once per task):
@@ -128,7 +128,7 @@ _STATUS = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
            CANCELLED_AND_NOTIFIED: "cancelled"}
 
 
-class Future(concurrent.futures.Future):
+class Future(concurrent.futures.Future[Any]):
     """A handle on the result of the task with this ``key``.
 
     ``Future(key)`` attaches to a key submitted by any client of the same broker: with

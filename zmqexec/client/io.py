@@ -142,7 +142,7 @@ class ClientIO:
         self._completions.put(completion)
 
     def request_status(self, timeout: Optional[float]) -> Dict[str, Any]:
-        reply: concurrent.futures.Future = concurrent.futures.Future()
+        reply: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
         self.post(StatusRequest(reply))
         end = None if timeout is None else time.monotonic() + timeout
         while True:  # in slices, so a broken connection ends the wait
@@ -201,7 +201,7 @@ class ClientIO:
         self._cancels: List[str] = []
         self._releases: List[str] = []
         self._kills: List[str] = []
-        self._status_waiters: Deque[concurrent.futures.Future] = deque()
+        self._status_waiters: "Deque[concurrent.futures.Future[Dict[str, Any]]]" = deque()
         self._window, self._window_bytes = 0, 0  # no sends before WELCOME
         self._max_frame, self._max_message = 256 << 20, 4 << 30  # caps WELCOME announces
         now = self._last_heard = self._last_sent = time.monotonic()

@@ -9,7 +9,7 @@ that falls through to an ``else``.
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, List, NamedTuple, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Tuple, Union
 
 from ..wire.records import SubmitRow
 
@@ -69,7 +69,7 @@ class Unref(NamedTuple):
 
 
 class StatusRequest(NamedTuple):
-    reply: "concurrent.futures.Future[Any]"
+    reply: "concurrent.futures.Future[Dict[str, Any]]"
 
 
 class Close(NamedTuple):

@@ -91,7 +91,7 @@ def _settle_all(futures: List[Future], outcome: Outcome) -> None:
         raise interrupted
 
 
-def _settle(fut: concurrent.futures.Future, outcome: Outcome) -> None:
+def _settle(fut: "concurrent.futures.Future[Any]", outcome: Outcome) -> None:
     """Complete one future; one cancelled meanwhile is left alone, quietly."""
     try:
         if outcome[0]:

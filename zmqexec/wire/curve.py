@@ -93,7 +93,7 @@ def peer_keys(directory: str, role: str, name: Optional[str] = None
     return _load_public(os.path.join(directory, "broker.key")), public, secret
 
 
-def apply_client(sock: zmq.Socket, keys: Tuple[bytes, bytes, bytes]) -> None:
+def apply_client(sock: "zmq.Socket[Any]", keys: Tuple[bytes, bytes, bytes]) -> None:
     """Make ``sock`` a CurveZMQ client of the broker (before it connects)."""
     server, public, secret = keys
     sock.curve_serverkey = server
@@ -118,7 +118,7 @@ class BrokerKeys:
                             f"'zmqexec keygen {directory}'")
         self.auth: Any = None
 
-    def apply(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
+    def apply(self, ctx: "zmq.Context[Any]", sock: "zmq.Socket[Any]") -> None:
         """CurveZMQ server on ``sock``, with a ZAP handler that admits allowlisted keys."""
         from zmq.auth.thread import ThreadAuthenticator
 

@@ -8,7 +8,7 @@ builds the record from a valid list with ``from_wire``).
 """
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 
 def _timeout(value: Any) -> float:
@@ -71,4 +71,4 @@ class ResultRow(NamedTuple):
     kw: str
     status: str  # finished | error | lost
     nframes: int
-    error: Optional[dict] = None
+    error: Optional[Dict[str, Any]] = None

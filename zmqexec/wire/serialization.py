@@ -26,7 +26,8 @@ PYTHON_VERSION = "%d.%d" % sys.version_info[:2]
 CLOUDPICKLE_VERSION = cloudpickle.__version__
 
 def _dumps(obj: Any) -> bytes:
-    return cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+    data: bytes = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+    return data
 
 
 def _fast_dumps(obj: Any) -> bytes:
@@ -200,7 +201,7 @@ def loads_args(data: Any, buffers: Sequence[Any] = ()) -> Tuple[Tuple[Any, ...],
 
 
 def loads_function(data: Any) -> Callable[..., Any]:
-    fn = pickle.loads(data)
+    fn: Callable[..., Any] = pickle.loads(data)
     return fn
 
 
