@@ -53,6 +53,23 @@ def descendants(pid: int) -> Set[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not; Linux /proc, else os.kill)."""
+    if os.path.isdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:  # gone (or going)
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     """Poll ``predicate`` until true or ``timeout``; for state that has no event to wait on."""
     end = time.monotonic() + timeout

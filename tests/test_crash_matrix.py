@@ -14,7 +14,7 @@ import textwrap
 import crashers
 import gates
 import pytest
-from conftest import Cluster, run_python, wait_until
+from conftest import Cluster, alive, run_python, wait_until
 
 from zmqexec import SerializationError, WorkerLostError, ZMQExecutor
 
@@ -106,9 +106,7 @@ def test_a_death_while_unpickling_on_the_client_orphans_nothing(how):
     assert "survived" not in proc.stdout
     pids = [int(p) for p in proc.stdout.splitlines()[0].split()]
     assert len(pids) >= 3, proc.stdout  # broker, agent, task process
-    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and
-                                      open(f"/proc/{p}/stat").read().split()[2] != "Z"
-                                      for p in pids), timeout=15), pids
+    assert wait_until(lambda: not any(alive(p) for p in pids), timeout=15), pids
 
 
 @pytest.mark.parametrize("how", DEATHS)

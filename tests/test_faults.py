@@ -10,7 +10,7 @@ import time
 import cloudpickle
 import pytest
 from gates import wait_for_file
-from conftest import Cluster, free_port, wait_until
+from conftest import Cluster, alive, free_port, wait_until
 
 from zmqexec import NoWorkersError, TaskKilledError, TaskTimeoutError, ZMQExecutor
 
@@ -51,8 +51,7 @@ def test_a_task_past_its_timeout_fails_alone_and_is_not_retried(tmp_path):
         assert detected < 5, detected
         # its process was killed and replaced: new tasks run on a fresh one
         killed = int(log.read_text().split()[0])
-        assert wait_until(lambda: not os.path.exists(f"/proc/{killed}") or
-                          open(f"/proc/{killed}/stat").read().split()[2] == "Z", timeout=10)
+        assert wait_until(lambda: not alive(killed), timeout=10)
         assert killed not in {ex.submit(pid_of).result(timeout=TIMEOUT) for _ in range(20)}
         # tasks within their timeout are unaffected by it
         assert ex.options(timeout=30).submit(mark_and_hold, str(tmp_path / "ok"), 0.1
@@ -329,19 +328,24 @@ def test_a_lost_remote_broker_ends_pending_futures_and_exit_waits_only_broker_ti
                          heartbeat_interval=0.2) as ex:
             fut = ex.submit(time.sleep, 60)
             assert wait_until(fut.running, timeout=TIMEOUT)
-            proc = subprocess.Popen([sys.executable, "-c", EXIT_WAITS, cluster.address],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert proc.stdout.readline().strip() == "running"
-            cluster.broker.send_signal(signal.SIGKILL)
-            t0 = time.monotonic()
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            with pytest.raises(BrokerLostError, match="broker_timeout=1.5"):
-                fut.result(timeout=TIMEOUT)
-            lost_after = time.monotonic() - t0
-            assert fut.status == "lost"
-            assert proc.wait(TIMEOUT) == 0
-            exited_after = time.monotonic() - t0
+            with subprocess.Popen([sys.executable, "-c", EXIT_WAITS, cluster.address],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True) as proc:  # (its exit closes the pipes)
+                try:
+                    assert proc.stdout.readline().strip() == "running"
+                    cluster.broker.send_signal(signal.SIGKILL)
+                    t0 = time.monotonic()
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                    with pytest.raises(BrokerLostError, match="broker_timeout=1.5"):
+                        fut.result(timeout=TIMEOUT)
+                    lost_after = time.monotonic() - t0
+                    assert fut.status == "lost"
+                    assert proc.wait(TIMEOUT) == 0
+                    exited_after = time.monotonic() - t0
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
             ex.shutdown(wait=False)
     finally:
         cluster.close()

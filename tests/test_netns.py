@@ -111,6 +111,9 @@ def network() -> Iterator[netns.Network]:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe:
+                    pipe.close()
         net.close()
 
 
