@@ -1,0 +1,287 @@
+"""A client's half of the conversation with a broker, with no transport of its own.
+
+``Link`` turns the commands user threads post (submit, inform, cancel, kill, release,
+status) into broker messages, within the broker's credit window, and turns the broker's
+answers (RESULT, STATE, WELCOME, STATUS, ...) into completions.  It sends through a
+callable and is fed decoded messages, so the same rules serve a remote broker (the client
+I/O thread encodes, ``io.ClientIO``) and the embedded node (which hands the broker the
+message objects themselves, ``local.node``).
+
+Under load many submits leave as one SUBMIT message (``SUBMIT_BATCH``), cancels, releases
+and kills as one message each per turn; a lone submit still leaves at once.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Sequence, Set
+
+from ..errors import BrokenZMQExecutor, BrokerLostError, MessageTooLargeError, UnknownKeyError
+from ..wire import protocol as P
+from ..wire import serialization as S
+from ..wire.records import SubmitRow
+from .items import (
+    Broken,
+    Cancel,
+    Close,
+    Command,
+    Completion,
+    Inform,
+    Kill,
+    Pending,
+    Release,
+    Results,
+    Running,
+    Settle,
+    StatusRequest,
+    Submit,
+    Unref,
+)
+from .state import ClientState
+
+log = logging.getLogger(__name__)
+SUBMIT_BATCH = 1000  # tasks per SUBMIT message at most
+SUBMIT_BATCH_BYTES = 8 << 20  # payload bytes per SUBMIT message, beyond one task
+Send = Callable[[int, Dict[str, Any], Sequence[Any]], None]
+
+
+class Link:
+    """Submits within the credit window, attach timers, batched cancels and releases,
+    and what the broker's answers mean for this client's futures."""
+
+    def __init__(self, state: ClientState, blobs: Dict[str, bytes], send: Send,
+                 defer: Callable[[Completion], None], hello: Callable[[], None], *,
+                 attach_timeout: float) -> None:
+        self.state = state
+        self.blobs = blobs  # pickled functions and initializers by id, filled by submit
+        self.send = send
+        self.defer = defer
+        self.hello = hello  # register (again) with the broker
+        self.attach_timeout = attach_timeout
+        self.backlog: Deque[Pending] = deque()
+        self.sent: Dict[str, int] = {}  # key -> bytes, submitted and not yet answered
+        self.sent_bytes = 0
+        self.attaching: Dict[str, float] = {}  # informed keys not known yet -> deadline
+        self.sent_fids: Set[str] = set()  # blobs the broker has from this client
+        self.cancels: List[str] = []
+        self.releases: List[str] = []
+        self.kills: List[str] = []
+        self.status_waiters: "Deque[concurrent.futures.Future[Dict[str, Any]]]" = deque()
+        self.window, self.window_bytes = 0, 0  # no sends before WELCOME
+        self.max_frame, self.max_message = 256 << 20, 4 << 30  # caps WELCOME announces
+        self.slots = 0  # task processes at the broker, as its last word said
+        self.closing = False
+
+    @property
+    def finished(self) -> bool:
+        """Closing, and nothing left to wait for."""
+        return self.closing and (self.state.broken is not None or not self.state.records)
+
+    # ---- commands from user threads -------------------------------------------------------
+    def apply(self, commands: List[Command]) -> None:
+        """Apply what user threads queued; CANCEL and RELEASE leave as one batch each.
+
+        Releases leave before submits: a release names a key with no pending record, so
+        a key dropped and submitted again is released first, not after its new submit."""
+        unrefs: List[str] = []
+        for command in commands:
+            if isinstance(command, Submit):
+                self.backlog.append(command.record)
+            elif isinstance(command, Unref):
+                unrefs.append(command.kw)
+            elif isinstance(command, Release):
+                self.releases.append(command.kw)
+            elif isinstance(command, Kill):
+                if command.kw in self.sent:
+                    self.kills.append(command.kw)
+            elif isinstance(command, Cancel):
+                kw = command.kw
+                if kw in self.sent:
+                    self.sent_bytes -= self.sent.pop(kw)
+                    self.cancels.append(kw)
+                elif self.attaching.pop(kw, None) is not None:
+                    self.releases.append(kw)
+            elif isinstance(command, (Inform, StatusRequest)):
+                self.unref(unrefs)  # keep the channel ordered: what came earlier leaves first
+                unrefs = []
+                self.flush_batches()
+                self.pump()
+                if isinstance(command, Inform):
+                    self.attaching[command.kw] = time.monotonic() + self.attach_timeout
+                    self.send(P.INFORM, {"k": command.kw}, ())
+                else:
+                    self.status_waiters.append(command.reply)
+                    self.send(P.STATUS, {}, ())
+            elif isinstance(command, Close):
+                self.closing = True
+            # Wake: nothing to do; the owner looks at its state again
+        if unrefs:
+            self.unref(unrefs)
+        self.flush_batches()
+        self.pump()
+
+    def flush_batches(self) -> None:
+        if self.cancels:
+            self.send(P.CANCEL, {"ks": self.cancels}, ())
+            self.cancels = []
+        if self.releases:
+            self.send(P.RELEASE, {"ks": self.releases}, ())
+            self.releases = []
+        if self.kills:
+            self.send(P.KILL, {"ks": self.kills}, ())
+            self.kills = []
+
+    def unref(self, kws: List[str]) -> None:
+        """Futures of these keys were dropped; release keys no local future holds."""
+        state = self.state
+        with state.lock:
+            self.releases.extend(kw for kw in kws if state.drop_ref(kw))
+
+    def pump(self) -> None:
+        """Send backlogged submits as batches while the broker's credit window allows."""
+        backlog, sent, records, sent_fids = self.backlog, self.sent, self.state.records, \
+            self.sent_fids
+        window, window_bytes, max_frame = self.window, self.window_bytes, self.max_frame
+        while backlog and len(sent) < window and (
+                self.sent_bytes < window_bytes or not sent):
+            fids: List[str] = []
+            rows: List[SubmitRow] = []
+            frames: List[Any] = []
+            size, sent_bytes = 0, self.sent_bytes
+            room = min(SUBMIT_BATCH, window - len(sent))  # tasks this message may take
+            while backlog and room and size < SUBMIT_BATCH_BYTES and (
+                    sent_bytes < window_bytes or not rows):
+                rec = backlog.popleft()
+                if records.get(rec.kw) is not rec or rec.row is None:
+                    continue  # cancelled before it left this client
+                if rec.nbytes > max_frame and self._too_large(rec):
+                    continue
+                room -= 1
+                sent[rec.kw] = rec.nbytes
+                sent_bytes += rec.nbytes
+                size += rec.nbytes
+                if self.attaching:
+                    self.attaching.pop(rec.kw, None)  # our own submit makes the key known
+                row = rec.row
+                if row.fid not in sent_fids or row.iid and row.iid not in sent_fids:
+                    for fid in (row.fid, row.iid):
+                        if fid and fid not in sent_fids:
+                            sent_fids.add(fid)
+                            fids.append(fid)
+                rows.append(row)
+                frames += rec.frames
+            self.sent_bytes = sent_bytes
+            if rows:
+                blobs = [self.blobs[fid] for fid in fids]
+                self.send(P.SUBMIT, {"f": fids, "t": rows}, blobs + frames)
+
+    def _too_large(self, rec: Pending) -> bool:
+        """Fail a task the broker would refuse for its size, before sending it; cut an
+        out-of-band buffer over the frame cap into frames under it."""
+        largest = max(map(len, rec.frames))
+        if largest <= self.max_frame and rec.nbytes <= self.max_message:
+            return False
+        if rec.nbytes <= self.max_message and len(rec.frames[0]) <= self.max_frame:
+            assert rec.row is not None
+            rec.frames = S.split_frames(rec.frames, self.max_frame)
+            rec.row = rec.row._replace(nframes=len(rec.frames))
+            return False
+        what = (f"{rec.nbytes} bytes, over the broker's cap of {self.max_message} per "
+                "task" if rec.nbytes > self.max_message else f"a pickle of {largest} "
+                f"bytes, over the broker's cap of {self.max_frame} bytes per frame")
+        self.defer(Settle(rec.kw, (False, MessageTooLargeError(
+            f"task {P.key_from_wire(rec.kw)!r} has {what}: pass a path or a smaller "
+            "argument, or start the broker with a larger --max-frame/--max-message"))))
+        return True
+
+    # ---- the broker's answers -------------------------------------------------------------
+    def on_message(self, msg: P.Message) -> None:
+        cmd, meta = msg.cmd, msg.meta
+        if cmd == P.RESULT:
+            if "st" in meta:  # a STATE notice riding along: it comes first
+                self._on_states(meta["st"])
+            sent, attaching = self.sent, self.attaching
+            for row in meta["r"]:
+                kw = row[0]
+                if kw in sent:
+                    self.sent_bytes -= sent.pop(kw)
+                if attaching:
+                    attaching.pop(kw, None)
+            rows, payload = meta["r"], msg.payload
+            if self.state.awaited:  # a thread waits in result(): straight there
+                rows, payload = self.state.divert(rows, payload)
+            if rows:
+                self.defer(Results(rows, payload))
+        elif cmd == P.STATE:
+            self._on_states(meta["r"])
+        elif cmd in (P.WELCOME, P.HEARTBEAT):
+            self.slots = int(meta.get("slots", self.slots))
+            if cmd == P.WELCOME:
+                self.window = int(meta.get("window", 1024))
+                self.window_bytes = int(meta.get("window_bytes", 1 << 28))
+                self.max_frame = int(meta.get("max_frame", self.max_frame))
+                self.max_message = int(meta.get("max_message", self.max_message))
+                self.pump()
+        elif cmd == P.STATUS:
+            if self.status_waiters:
+                self.status_waiters.popleft().set_result(meta)
+        elif cmd == P.RESET:
+            self.reregister()
+        elif cmd == P.REFUSE:
+            self.defer(Broken(BrokenZMQExecutor(meta["reason"])))
+        elif cmd == P.BYE:
+            log.info("the broker said goodbye: %s", meta.get("reason", ""))
+
+    def _on_states(self, rows: List[List[str]]) -> None:
+        """``[key, queued|running]`` rows: the key is known; running ones are marked so."""
+        running = []
+        for kw, state in rows:
+            self.attaching.pop(kw, None)
+            if state == "running":
+                running.append(kw)
+        if running:
+            self.defer(Running(running))
+
+    def reregister(self) -> None:
+        """The broker forgot this client: HELLO again, resubmit, re-inform.
+
+        A task that may have started is resubmitted only if it may run again
+        (``retries > 0``); with ``retries=0`` it fails with BrokerLostError instead.
+        """
+        log.warning("the broker forgot this client: registering again")
+        self.hello()
+        self.sent_fids.clear()  # a new broker has none of our blobs
+        resend = [self.state.records.get(kw) for kw in self.sent]
+        self.sent.clear()
+        self.sent_bytes = 0
+        for rec in reversed(resend):
+            if rec is None or rec.row is None:
+                continue
+            if rec.row.retries == 0:
+                self.defer(Settle(rec.kw, (False, BrokerLostError(
+                    f"the broker lost task {P.key_from_wire(rec.kw)!r} and retries=0 "
+                    "forbids running it twice"))))
+            else:
+                self.backlog.appendleft(rec)
+        now = time.monotonic()
+        for kw in list(self.attaching):
+            self.attaching[kw] = now + self.attach_timeout
+            self.send(P.INFORM, {"k": kw}, ())
+
+    def check_attaching(self, now: float) -> None:
+        """Keys informed but unknown past ``attach_timeout`` end with UnknownKeyError."""
+        for kw, deadline in list(self.attaching.items()):
+            if now >= deadline:
+                del self.attaching[kw]
+                self.releases.append(kw)
+                error = UnknownKeyError(f"the broker does not know key {P.key_from_wire(kw)!r} "
+                                        f"(waited attach_timeout={self.attach_timeout:g} s)")
+                self.defer(Settle(kw, (False, error)))
+
+    def close_waiters(self) -> None:
+        """The connection is gone: status requests still waiting fail."""
+        for waiter in self.status_waiters:
+            waiter.set_exception(BrokenZMQExecutor("the executor closed"))
+        self.status_waiters.clear()
