@@ -104,8 +104,9 @@ class Adapter:
 
 class ZMQ(Adapter):
     key, label = "zmqexec", "zmqexec"
-    note = ("`ZMQExecutor(max_workers=2)`, embedded broker and agent; "
-            "task processes = the agent's children")
+    note = ("`ZMQExecutor(max_workers=2)`, the embedded node (broker and agent state on a "
+            "thread of the client: their CPU counts as the client's); task processes "
+            "forked by its zygote")
 
     @classmethod
     def version(cls) -> str:
@@ -125,10 +126,9 @@ class ZMQ(Adapter):
         super().warm(tasks, sample)
 
     def cpu_roles(self) -> Dict[str, List[int]]:
-        cluster = self.ex._cluster
-        return {"client": [os.getpid()], "broker": [cluster.broker.pid],
-                "agent": [cluster.agent.pid],
-                "task processes": procstat.children(cluster.agent.pid)}
+        node = self.ex._io
+        return {"client": [os.getpid()], "zygote": [node.zygote.pid],
+                "task processes": list(node.processes)}
 
 
 class PPE(Adapter):

@@ -16,7 +16,7 @@ DOCS = os.path.join(ROOT, "docs")
 DIAGRAM_ROLES = {
     "ZMQExecutor", "Future", "ClientState", "ClientIO", "Broker", "BrokerState", "KeyTable",
     "RunQueue", "Outbox", "Agent", "AgentState", "TaskProcess", "task_main", "TaskRunner",
-    "LocalCluster",
+    "Node",
 }
 CAMEL = re.compile(r"[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*")
 SNAKE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")

@@ -448,39 +448,35 @@ def mark_then_wait(log, gate, value):
     return wait_for_file(gate, value, 60)
 
 
-def test_a_dead_embedded_broker_is_restarted_once_then_pending_futures_are_lost(tmp_path):
-    log, gate = tmp_path / "runs", tmp_path / "gate"
-    ex = ZMQExecutor(1)
-    fut = ex.submit(mark_then_wait, str(log), str(gate), "survived")
-    assert wait_until(fut.running, timeout=30)
-    os.kill(ex._cluster.broker.pid, signal.SIGKILL)
-    assert wait_until(lambda: ex._cluster.broker_restarts == 1, timeout=30)
-    gate.touch()
-    assert fut.result(timeout=30) == "survived"
-    assert log.read_text().split() == ["run"]  # matched by key, not run again
-    assert ex.submit(add, 1, 2).result(timeout=30) == 3
-    fut = ex.submit(wait_for_file, str(tmp_path / "never"), None, 60)
-    assert wait_until(fut.running, timeout=30)
-    os.kill(ex._cluster.broker.pid, signal.SIGKILL)  # a second death is final
-    with pytest.raises(zmqexec.BrokerLostError, match="again after a restart"):
-        fut.result(timeout=30)
-    assert fut.status == "lost"
-    with pytest.raises(zmqexec.BrokerLostError):
-        ex.submit(add, 1, 2)
-    ex.shutdown()
+def test_the_embedded_cluster_starts_no_broker_or_agent_process(tmp_path):
+    """The node is a thread: the client's descendants are its task processes and the
+    zygotes that fork them (at most two helpers), none of them a zmqexec command."""
+    before = set(descendants(os.getpid()))
+    with ZMQExecutor(2) as ex:
+        assert ex.submit(add, 1, 2).result(timeout=30) == 3
+        ours = set(descendants(os.getpid())) - before
+        task_pids = set(ex._io.processes)
+        assert len(task_pids) == 2 and task_pids <= ours
+        helpers = ours - task_pids
+        assert 1 <= len(helpers) <= 2, helpers
+        for pid in ours:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert b"zmqexec broker" not in f.read().replace(b"\0", b" ")
+    assert wait_until(lambda: not set(descendants(os.getpid())) - before, timeout=10)
 
 
-def test_a_dead_embedded_agent_is_replaced_and_its_task_runs_again(tmp_path):
+def test_a_killed_zygote_is_replaced_and_the_running_task_runs_again(tmp_path):
     ran = tmp_path / "ran"
-    with ZMQExecutor(1, heartbeat_interval=0.2, heartbeat_timeout=1.0) as ex:
+    with ZMQExecutor(1) as ex:
         gate = tmp_path / "gate"
         fut = ex.submit(gated_append, str(gate), str(ran), "x")
         assert wait_until(fut.running, timeout=30)
-        old = ex._cluster.agent.pid
+        old = ex._io.zygote.pid
         os.kill(old, signal.SIGKILL)
         gate.touch()
         assert fut.result(timeout=30) == "x"
-        assert ex._cluster.agent.pid != old and ex._cluster.agent_restarts == 1
+        assert ex._io.zygote.pid != old
+        assert ex.submit(add, 2, 3).result(timeout=30) == 5
 
 
 def describe_payload(data):
@@ -538,7 +534,7 @@ def test_large_arguments_go_through_shared_memory_files_freed_with_the_future(tm
     import numpy
 
     with ZMQExecutor(1) as ex:
-        spill_dir = ex._cluster.spill.dir
+        spill_dir = ex._io.spill.dir
         gate = tmp_path / "gate"
         fut = ex.submit(gated_sum, str(gate), numpy.ones(2 << 20, dtype=numpy.uint8))
         assert len(os.listdir(spill_dir)) == 1  # written at submit: the snapshot
@@ -566,7 +562,7 @@ KILLED_CLIENT = textwrap.dedent("""
     ex = ZMQExecutor(1)
     ex.submit(pow, 2, 2).result(timeout=30)
     ex.submit(len, numpy.ones(1 << 21, dtype=numpy.uint8))
-    print(ex._cluster.dir, ex._cluster.spill.dir, flush=True)
+    print(ex._io.dir, ex._io.spill.dir, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
 

@@ -138,17 +138,17 @@ def rss_mib(pid: int) -> float:
 @long_soak
 @pytest.mark.timeout(1800)
 def test_a_million_tasks_keep_memory_bounded_and_a_second_client_is_served():
-    """1,000,000 tasks from one client through map(buffersize=): client and broker memory
-    stay flat (credit window, buffersize), a second client is served meanwhile (clients
-    take turns), and the broker drops no message."""
+    """1,000,000 tasks from one client through map(buffersize=): the client's memory (the
+    embedded node's broker state included) stays flat (credit window, buffersize), a
+    second client is served meanwhile (clients take turns), and the broker drops no
+    message."""
     n = 1_000_000
     with ZMQExecutor(2) as ex:
-        broker = ex._cluster.broker.pid
         ex.wait_for_workers(2, timeout=30)
         samples = []
         it = ex.map(abs, range(n), buffersize=20_000)
         total = 0
-        base = (rss_mib(os.getpid()), rss_mib(broker))
+        base = rss_mib(os.getpid())
         with ZMQExecutor(address=ex.address) as second:
             for i, value in enumerate(it):
                 total += value
@@ -157,13 +157,12 @@ def test_a_million_tasks_keep_memory_bounded_and_a_second_client_is_served():
                     assert second.submit(pow, 2, 10).result(timeout=30) == 1024
                     waited = time.monotonic() - t0
                 if i % 100_000 == 0:
-                    samples.append((rss_mib(os.getpid()), rss_mib(broker)))
+                    samples.append(rss_mib(os.getpid()))
             status = second.status()
         assert total == n * (n - 1) // 2
-    client_growth = max(s[0] for s in samples) - base[0]
-    broker_growth = max(s[1] for s in samples) - base[1]
-    assert client_growth < 64 and broker_growth < 64, samples
+    client_growth = max(samples) - base
+    assert client_growth < 96, samples
     assert not status["dropped"], status["dropped"]
     assert waited < 5
-    print(f"1,000,000 tasks: client RSS +{client_growth:.1f} MiB, broker RSS "
-          f"+{broker_growth:.1f} MiB; a second client's task waited {waited * 1000:.0f} ms")
+    print(f"1,000,000 tasks: client RSS (node included) +{client_growth:.1f} MiB; a second "
+          f"client's task waited {waited * 1000:.0f} ms")

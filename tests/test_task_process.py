@@ -64,7 +64,7 @@ class Driver:
     """Plays the agent: gives batches of calls and reads the results back."""
 
     def __init__(self) -> None:
-        self.child = TaskProcess(multiprocessing.get_context("fork"))
+        self.child = TaskProcess.start(multiprocessing.get_context("fork"))
         self.blobs: Dict[str, bytes] = {}
         self.count = 0
 

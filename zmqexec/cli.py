@@ -89,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-timeout", type=float, metavar="S",
                    help="drop a client silent this long (default: what the client asks, "
                         "at least 60 s)")
-    p.add_argument("--parent-fd", help=argparse.SUPPRESS)
 
     p = sub.add_parser("worker", parents=[common], help="run a worker agent",
                        description="Run an agent that connects to a broker and runs tasks "
@@ -102,12 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name of this agent (and of its key pair)")
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="seconds running tasks may finish after SIGTERM")
+    p.add_argument("--max-tasks-per-child", type=int, metavar="N",
+                   help="replace a task process after it ran N tasks (default: never)")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--heartbeat-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.add_argument("--prefetch", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--start-method", help=argparse.SUPPRESS)
-    p.add_argument("--parent-fd", help=argparse.SUPPRESS)
-    p.add_argument("--cleanup", action="append", default=[], help=argparse.SUPPRESS)
 
     p = sub.add_parser("status", parents=[common], help="show a broker's status",
                        description="Show a broker's agents and task counts.")
@@ -130,15 +128,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
                                                  else "WARNING")
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-
-
-def parent_watch_fd(value: Optional[str]) -> Optional[int]:
-    """The read end of the pipe only the embedding client holds (EOF means it died)."""
-    if value is None:
-        return None
-    fd = int(value)
-    os.set_blocking(fd, False)
-    return fd
 
 
 def _peer_keys(role: str, directory: Optional[str], name: Optional[str] = None) -> Any:
@@ -178,7 +167,7 @@ def run_broker(args: argparse.Namespace) -> int:
     if exposed and keys is None:
         log.warning("INSECURE: listening on %s without keys: anyone who can reach it can "
                     "run code on every worker", ", ".join(exposed))
-    elif keys is None and args.parent_fd is None and any(b.startswith("tcp") for b in binds):
+    elif keys is None and any(b.startswith("tcp") for b in binds):
         log.warning("no keys: every local user can submit tasks to this broker")
     state = BrokerState(max_held_bytes=args.max_held_bytes,
                         max_queued_bytes=args.max_queued_bytes,
@@ -187,16 +176,14 @@ def run_broker(args: argparse.Namespace) -> int:
     if keys is not None:
         state.key_roles = keys.role_of
     try:
-        broker = Broker(binds, state=state, parent_fd=parent_watch_fd(args.parent_fd),
-                        keys=keys)
+        broker = Broker(binds, state=state, keys=keys)
     except Exception as exc:
         sys.stderr.write(f"zmqexec broker: cannot bind {', '.join(binds)}: {exc}\n")
         return 1
-    broker.install_signal_handlers(ignore_sigint=args.parent_fd is not None)
-    if args.parent_fd is None:  # embedded brokers keep the client's stdout clean
-        for addr in broker.addresses:
-            sys.stdout.write(f"zmqexec broker listening on {addr}\n")
-        sys.stdout.flush()
+    broker.install_signal_handlers()
+    for addr in broker.addresses:
+        sys.stdout.write(f"zmqexec broker listening on {addr}\n")
+    sys.stdout.flush()
     broker.run()
     return 0
 
@@ -207,19 +194,19 @@ def run_worker(args: argparse.Namespace) -> int:
     keys = _peer_keys("worker", args.keys, args.name)
     if isinstance(keys, int):
         return keys
-    extra = os.environ.pop("ZMQEXEC_SYS_PATH", None)
-    if extra:  # the embedding client's sys.path, so its local modules import here too
-        sys.path[:0] = [p for p in json.loads(extra) if p not in sys.path]
     if args.nprocs < 1:
         sys.stderr.write("zmqexec worker: --nprocs must be at least 1\n")
+        return 2
+    if args.max_tasks_per_child is not None and args.max_tasks_per_child < 1:
+        sys.stderr.write("zmqexec worker: --max-tasks-per-child must be at least 1\n")
         return 2
     agent = Agent(args.address, args.nprocs, name=args.name, prefetch=args.prefetch,
                   heartbeat_interval=args.heartbeat_interval,
                   heartbeat_timeout=args.heartbeat_timeout,
-                  parent_fd=parent_watch_fd(args.parent_fd), start_method=args.start_method,
-                  cleanup=args.cleanup, drain_timeout=args.drain_timeout, keys=keys)
+                  drain_timeout=args.drain_timeout, keys=keys,
+                  max_tasks_per_child=args.max_tasks_per_child)
     signal.signal(signal.SIGTERM, agent.drain)
-    signal.signal(signal.SIGINT, signal.SIG_IGN if args.parent_fd is not None else agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
     agent.run()
     return 1 if agent.refused else 0
 

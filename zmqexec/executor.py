@@ -18,15 +18,17 @@ import os
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple,
+                    Union)
 
 from .wire import serialization as S
 from .client.io import ClientIO
 from .client.future import Future, register_executor, unregister_executor
 from .wire.curve import peer_keys
-from .local.cluster import LocalCluster
+from .local.node import Node
 from .wire.protocol import key_to_wire
 from .wire.records import SubmitRow
 from .client.items import Kill
@@ -182,6 +184,28 @@ class _MapResults(Iterator[Any]):
         self.close()
 
 
+def _check_start(mp_context: Any, max_tasks_per_child: Optional[int], embedded: bool
+                 ) -> bool:
+    """ProcessPoolExecutor's checks of ``mp_context`` and ``max_tasks_per_child``; True if
+    task processes should start from a fresh interpreter ('spawn' or 'forkserver')."""
+    if not embedded:
+        if mp_context is not None or max_tasks_per_child is not None:
+            warnings.warn("mp_context and max_tasks_per_child are ignored when joining a "
+                          "cluster: they belong to its agents (zmqexec worker "
+                          "--max-tasks-per-child N)", stacklevel=3)
+        return False
+    method = mp_context.get_start_method() if mp_context is not None else None
+    if max_tasks_per_child is not None:
+        if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child <= 0:
+            raise ValueError("max_tasks_per_child must be >= 1")
+        if method == "fork":
+            raise ValueError("max_tasks_per_child is incompatible with the 'fork' "
+                             "multiprocessing start method; supply a different mp_context.")
+    return method in ("spawn", "forkserver")
+
+
 class ZMQExecutor(_Submitter):
     """A concurrent.futures Executor whose tasks run on zmqexec workers."""
 
@@ -204,8 +228,7 @@ class ZMQExecutor(_Submitter):
                              "the cluster's agents decide how many task processes there are")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if max_tasks_per_child is not None:
-            raise NotImplementedError("max_tasks_per_child is not supported yet")
+        fresh = _check_start(mp_context, max_tasks_per_child, self._embedded)
         if no_workers_timeout is not None and (isinstance(no_workers_timeout, bool) or
                                                not isinstance(no_workers_timeout, (int, float))
                                                or not no_workers_timeout > 0):
@@ -233,23 +256,25 @@ class ZMQExecutor(_Submitter):
         self._pid = os.getpid()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
-        self._cluster: Optional[LocalCluster] = None
-        if max_workers is not None:
-            start_method = mp_context.get_start_method() if mp_context is not None else None
-            self._cluster = LocalCluster(max_workers, start_method=start_method,
-                                         heartbeat_interval=heartbeat_interval,
-                                         heartbeat_timeout=heartbeat_timeout)
-            address = self._cluster.address
-        # large arguments through shared memory: every task process is on this machine
-        self._spill = self._cluster.spill.spill if self._cluster else None
-        assert address is not None
         self._workers = max_workers
-        self.address = address
-        self._io = ClientIO(address, self._blobs, heartbeat_interval=heartbeat_interval,
-                            broker_timeout=broker_timeout, attach_timeout=attach_timeout,
-                            no_workers_timeout=no_workers_timeout, keys=curve,
-                            check=self._cluster.check if self._cluster else None,
-                            on_close=self._cluster.close if self._cluster else None)
+        self._spill: Optional[Callable[[List[Any]], List[Any]]] = None
+        self._io: Union[Node, ClientIO]
+        if max_workers is not None:
+            self._io = node = Node(max_workers, self._blobs, attach_timeout=attach_timeout,
+                                   heartbeat_interval=heartbeat_interval,
+                                   heartbeat_timeout=heartbeat_timeout,
+                                   no_workers_timeout=no_workers_timeout,
+                                   max_tasks_per_child=max_tasks_per_child, fresh=fresh)
+            self.address = node.address
+            # large arguments through shared memory: every task process is on this machine
+            self._spill = node.spill.spill
+        else:
+            assert address is not None
+            self.address = address
+            self._io = ClientIO(address, self._blobs, heartbeat_interval=heartbeat_interval,
+                                broker_timeout=broker_timeout,
+                                attach_timeout=attach_timeout,
+                                no_workers_timeout=no_workers_timeout, keys=curve)
         self._client = self._io.state
         _live.add(self)
         register_executor(self)

@@ -13,7 +13,7 @@ import os
 import select
 import signal
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..wire.pipe import RecordReader, pack, read_records
 from ..wire.records import Task
@@ -44,23 +44,52 @@ def default_start_method() -> str:
 
 
 class TaskProcess:
-    """The agent's handle on one task process: start it, give it batches, read results."""
+    """The agent's handle on one task process: start it, give it batches, read results.
 
-    def __init__(self, ctx: Any) -> None:
-        self.conn, child_conn = multiprocessing.Pipe()
-        child_cancels, self.cancels = multiprocessing.Pipe(duplex=False)
-        self.proc = ctx.Process(target=task_main,
-                                args=(child_conn, child_cancels, os.getpid()),
-                                name="zmqexec-task", daemon=True)
-        self.proc.start()
-        child_conn.close()
-        child_cancels.close()
-        self.pid: int = self.proc.pid
+    An agent process starts its task processes with ``multiprocessing`` (``start``: the
+    process's sentinel says when it ends); the embedded node has a zygote fork them
+    (``from_zygote``: the zygote says when it ends, and kills it on request)."""
+
+    def __init__(self) -> None:
+        self.conn, self._child_conn = multiprocessing.Pipe()
+        self._child_cancels, self.cancels = multiprocessing.Pipe(duplex=False)
+        self.proc: Any = None  # the multiprocessing.Process, when it has one
+        self.pid = 0  # known once started
+        self.context = -1  # the version of the client's context it has (the node's)
         self.batch = 0  # number of the last batch given (cancels name it)
         self.fids: Set[str] = set()  # blobs this process has
         self.told: Set[str] = set()  # keys of this batch the process was asked to drop
         self.fd = self.conn.fileno()
         self._reader = RecordReader()
+
+    @classmethod
+    def start(cls, ctx: Any) -> "TaskProcess":
+        """A task process started by a ``multiprocessing`` context (an agent process)."""
+        self = cls()
+        self.proc = ctx.Process(target=task_main,
+                                args=(self._child_conn, self._child_cancels, os.getpid()),
+                                name="zmqexec-task", daemon=True)
+        self.proc.start()
+        self.pid = self.proc.pid
+        self._close_child_ends()
+        return self
+
+    @classmethod
+    def from_zygote(cls, zygote: Any) -> "TaskProcess":
+        """A task process a zygote forks; its pid comes later (``started``)."""
+        self = cls()
+        zygote.spawn(self._child_conn.fileno(), self._child_cancels.fileno())
+        self._close_child_ends()
+        return self
+
+    def _close_child_ends(self) -> None:
+        self._child_conn.close()
+        self._child_cancels.close()
+
+    def close(self) -> None:
+        """Close our ends of its pipes (it then reads EOF and exits, if it still runs)."""
+        self.conn.close()
+        self.cancels.close()
 
     def read(self) -> Optional[List[bytes]]:
         """The whole result records that have arrived (one read for many); None at EOF."""
@@ -103,9 +132,11 @@ class TaskProcess:
         self.cancels.send_bytes(json.dumps([self.batch, chunk]).encode())
         return True
 
-    def give(self, tasks: List[Task], blobs: Dict[str, Any]) -> None:
+    def give(self, tasks: List[Task], blobs: Dict[str, Any],
+             context: Optional[Tuple[int, Any]] = None) -> None:
         """One numbered batch (a message, plus one per large frame), with the blobs this
-        process lacks: rows ``[k, client, fid, iid, nframes]``."""
+        process lacks: rows ``[k, client, fid, iid, nframes]``; ``context``: the client's
+        (version, [sys.path, cwd, environment]) for a process that has an older one."""
         self.told.clear()  # (the keys of an earlier batch are all done)
         self.batch += 1
         fids, rows, frames = [], [], []
@@ -116,6 +147,9 @@ class TaskProcess:
                     fids.append(fid)
             rows.append([row.kw, row.client, row.fid, row.iid, len(task_frames)])
             frames.extend(task_frames)
-        meta = {"b": self.batch, "f": fids, "t": rows}
+        meta: Dict[str, Any] = {"b": self.batch, "f": fids, "t": rows}
+        if context is not None and context[0] != self.context:
+            self.context = context[0]
+            meta["x"] = context[1]
         for message in pack(meta, [blobs[f] for f in fids] + frames):
             self.conn.send_bytes(message)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -49,18 +48,15 @@ class Agent:
 
     def __init__(self, address: str, nprocs: int, *, name: Optional[str] = None,
                  prefetch: Optional[int] = None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 10.0, parent_fd: Optional[int] = None,
-                 start_method: Optional[str] = None, cleanup: Sequence[str] = (),
-                 drain_timeout: float = 60.0, keys: Optional[Tuple[bytes, bytes, bytes]] = None
-                 ) -> None:
+                 heartbeat_timeout: float = 10.0, start_method: Optional[str] = None,
+                 drain_timeout: float = 60.0, keys: Optional[Tuple[bytes, bytes, bytes]] = None,
+                 max_tasks_per_child: Optional[int] = None) -> None:
         self.address = address
         self.nprocs = nprocs
         self.ident = uuid.uuid4().hex
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.interval = heartbeat_interval
         self.timeout = heartbeat_timeout
-        self.parent_fd = parent_fd
-        self.cleanup = list(cleanup)  # an embedding client's directories, if it dies first
         self.keys = keys  # CurveZMQ: (broker public, our public, our secret)
         self.state = AgentState(nprocs, {
             "role": "worker", "id": self.ident, "proto": P.PROTOCOL_VERSION,
@@ -69,10 +65,9 @@ class Agent:
             "pid": os.getpid(), "name": self.name, "slots": nprocs,
             "hb": heartbeat_interval, "ttl": heartbeat_timeout},
             prefetch=prefetch, name=self.name, drain_timeout=drain_timeout,
-            now=time.monotonic())
+            now=time.monotonic(), max_tasks=max_tasks_per_child)
         self.mp = multiprocessing.get_context(start_method or default_start_method())
         self.processes: Dict[int, TaskProcess] = {}  # by pid
-        self._orphaned = False
 
     @property
     def refused(self) -> bool:
@@ -91,8 +86,6 @@ class Agent:
         """Connect, register, and serve until stopped or the parent goes away."""
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
-        if self.parent_fd is not None:
-            self.poller.register(self.parent_fd, zmq.POLLIN)
         for _ in range(self.nprocs):
             self._spawn()
         self._connect()
@@ -102,7 +95,7 @@ class Agent:
             self._shutdown()
 
     def _spawn(self) -> None:
-        process = TaskProcess(self.mp)
+        process = TaskProcess.start(self.mp)
         self.processes[process.pid] = process
         self.state.add_slot(process.pid)
         self.poller.register(process.fd, zmq.POLLIN)
@@ -179,6 +172,13 @@ class Agent:
                 process = self.processes.get(slot.pid)
                 if process is not None:
                     process.proc.kill()
+        if state.retires:
+            retires, state.retires = state.retires, []
+            for slot in retires:  # EOF on its pipe: it exits, and is replaced
+                process = self.processes.get(slot.pid)
+                if process is not None:
+                    self.poller.unregister(process.fd)
+                    process.close()
 
     def _on_data(self, process: TaskProcess) -> bool:
         """Take the results a task process sent; False at its end (EOF)."""
@@ -198,14 +198,14 @@ class Agent:
     def _on_exit(self, process: TaskProcess) -> None:
         del self.processes[process.pid]
         slot = self.state.slots.get(process.pid)
-        while slot is not None and slot.keys and process.conn.poll(0) and \
-                self._on_data(process):
+        while slot is not None and slot.keys and not process.conn.closed and \
+                process.conn.poll(0) and self._on_data(process):
             pass  # results sent just before dying count (poll: a grandchild may hold the pipe)
         process.proc.join()
-        self.poller.unregister(process.fd)
+        if not process.conn.closed:  # (a retired one's was closed already)
+            self.poller.unregister(process.fd)
         self.poller.unregister(process.proc.sentinel)
-        process.conn.close()
-        process.cancels.close()
+        process.close()
         if slot is not None:
             self.state.on_exit(slot, describe_exit(process.proc.exitcode))
         if not self.state.stop:
@@ -217,7 +217,8 @@ class Agent:
         while not state.stop:
             by_fd.clear()
             for process in self.processes.values():
-                by_fd[process.fd] = (True, process)
+                if not process.conn.closed:
+                    by_fd[process.fd] = (True, process)
                 by_fd[process.proc.sentinel] = (False, process)
             now = time.monotonic()
             wait = state.check_timeouts(now)
@@ -236,9 +237,6 @@ class Agent:
                         self._on_broker(frames)
                         if not int(sock.getsockopt(EVENTS)) & POLLIN:
                             break  # cheaper than a recv that raises zmq.Again
-                elif what == self.parent_fd:
-                    log.info("parent process is gone: stopping")
-                    state.stop = self._orphaned = True
                 elif what in by_fd:
                     data, process = by_fd[what]
                     if self.processes.get(process.pid) is not process:
@@ -281,10 +279,6 @@ class Agent:
             process.proc.kill()
         for process in self.processes.values():
             process.proc.join(5)
-        # an embedded cluster stops as a whole: nobody waits for our goodbye then
-        self.sock.close(linger=0 if self._orphaned else 500)
+        self.sock.close(linger=500)
         self.ctx.term()
-        if self._orphaned:
-            for path in self.cleanup:
-                shutil.rmtree(path, ignore_errors=True)
         log.info("agent %s stopped", self.name)

@@ -183,6 +183,21 @@ class Inbox:
             view = view[os.write(self._fd, view):]
 
 
+def adopt_context(path: List[str], cwd: str, env: Dict[str, str]) -> None:
+    """Take the client's ``sys.path``, working directory and environment as they were
+    when it submitted (the embedded node sends them when they change): code that extends
+    ``sys.path`` or changes directory after creating the executor works, as with
+    ProcessPoolExecutor, whose workers fork later."""
+    sys.path[:] = path
+    try:
+        os.chdir(cwd)
+    except OSError:
+        pass  # a directory removed since: tasks run where they are
+    if env != os.environ:
+        os.environ.clear()
+        os.environ.update(env)
+
+
 def task_main(conn: Connection, cancels: Connection, parent: int) -> None:
     """Body of a task process: take a batch, run each task, send each result."""
     _die_with_parent(parent)
@@ -195,6 +210,8 @@ def task_main(conn: Connection, cancels: Connection, parent: int) -> None:
         if batch is None:
             return
         meta, frames = batch
+        if "x" in meta:
+            adopt_context(*meta["x"])
         fids = meta["f"]
         for fid, blob in zip(fids, frames):
             runner.blobs[fid] = bytes(blob)

@@ -3,9 +3,11 @@
 The agent process's loop (``loop.Agent``) feeds ``AgentState`` what happens — a message
 from the broker (``on_broker``), a result or a death of a task process (``on_result``,
 ``on_exit``), the clock (``turn``) — and carries out what it decides, which it reads from
-four lists: ``out`` (messages for the broker, in order), ``gives`` (batches of tasks for a
-task process), ``cancels`` (keys a task process should drop if not started) and ``kills``
-(task processes to kill).  A ``Slot`` is the state's record of one task process, by pid.
+five lists: ``out`` (messages for the broker, in order), ``gives`` (batches of tasks for a
+task process), ``cancels`` (keys a task process should drop if not started), ``kills``
+(task processes to kill) and ``retires`` (task processes that ran ``max_tasks`` tasks:
+their pipes close, they exit, and are replaced).  A ``Slot`` is the state's record of
+one task process, by pid.
 
 Decisions made here:
 
@@ -56,10 +58,11 @@ class Slot:
     """The agent's record of one task process: the keys it was given, in order, so
     ``keys[0]`` is the one it runs (the first it has sent no result for)."""
 
-    __slots__ = ("pid", "keys", "since", "stopping")
+    __slots__ = ("pid", "keys", "since", "stopping", "given")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.given = 0  # tasks given to it so far (max_tasks)
         self.keys: Deque[str] = deque()
         self.since = 0.0  # when keys[0] started
         self.stopping: Optional[Tuple[str, str]] = None  # (key, "timeout"|"killed")
@@ -69,9 +72,12 @@ class AgentState:
     """Credits, hand-out, results, deaths, timeouts, kills and drain of one agent."""
 
     def __init__(self, nprocs: int, hello: Dict[str, Any], *, prefetch: Optional[int] = None,
-                 name: str = "agent", drain_timeout: float = 60.0, now: float = 0.0) -> None:
+                 name: str = "agent", drain_timeout: float = 60.0, now: float = 0.0,
+                 max_tasks: Optional[int] = None, keep_unacked: bool = True) -> None:
         if nprocs < 1:
             raise ValueError("nprocs must be at least 1")
+        self.max_tasks = max_tasks  # per task process, then it is replaced (None: no limit)
+        self.keep_unacked = keep_unacked  # False in the embedded node: no broker restarts
         self.nprocs = nprocs
         self.hello_fields = hello  # what every HELLO says besides its changing fields
         self.name = name
@@ -103,6 +109,7 @@ class AgentState:
         self.gives: List[Tuple[Slot, List[Task]]] = []
         self.cancels: List[Tuple[Slot, List[str]]] = []
         self.kills: List[Slot] = []
+        self.retires: List[Slot] = []
 
     # ---- task processes -----------------------------------------------------------------
     def add_slot(self, pid: int) -> Slot:
@@ -116,7 +123,9 @@ class AgentState:
         """Give waiting tasks to idle task processes, an even share each, in batches."""
         if self.draining or not self.waiting:
             return
-        idle = [s for s in self.slots.values() if not s.keys]
+        limit = self.max_tasks
+        idle = [s for s in self.slots.values()
+                if not s.keys and (limit is None or s.given < limit)]
         if not idle:
             return
         most = min(MAX_SLOT_BATCH, max(1, int(SLOT_WINDOW / self.task_time)))
@@ -124,6 +133,9 @@ class AgentState:
         while idle and waiting:
             share = max(1, min(most, len(waiting) // len(idle)))
             slot = idle.pop()
+            if limit is not None:
+                share = min(share, limit - slot.given)
+            slot.given += share
             slot.since = now
             tasks = [waiting.popitem(last=False)[1] for _ in range(min(share, len(waiting)))]
             slot.keys.extend(task.row.kw for task in tasks)
@@ -144,6 +156,7 @@ class AgentState:
                 if first and slot.keys:
                     slot.since = now
                     self._mark_started(slot.keys[0], now)
+                self._retire_if_spent(slot)
             return
         if not slot.keys or slot.keys[0] != kw:
             log.error("task process %d sent an unexpected result", slot.pid)
@@ -168,6 +181,15 @@ class AgentState:
         slot.since = now
         if slot.keys:
             self._mark_started(slot.keys[0], now)  # it starts the next one right away
+        elif self.max_tasks is not None:
+            self._retire_if_spent(slot)
+
+    def _retire_if_spent(self, slot: Slot) -> None:
+        """A task process that was given ``max_tasks`` tasks and finished them goes."""
+        if self.max_tasks is not None and not slot.keys and slot.given >= self.max_tasks \
+                and slot.stopping is None:
+            slot.stopping = ("", "retired")
+            self.retires.append(slot)
 
     def on_exit(self, slot: Slot, exit: str) -> None:
         """A task process ended (its last results were read first): report the task it
@@ -311,6 +333,8 @@ class AgentState:
                 meta["p"] = self.prefetch = prefetch
             self._send(P.RESULT, meta, frames)
             self.results = ([], [])
+            if not self.keep_unacked:
+                return
             seq, unacked = self.sent_rows, self.unacked  # kept until a heartbeat acks them
             for row, frame in zip(rows, frames):
                 seq += 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import zmq
 
@@ -34,46 +34,26 @@ class Broker:
     """A ROUTER socket bound to one or more addresses, driving a BrokerState."""
 
     def __init__(self, binds: Sequence[str], *, state: Optional[BrokerState] = None,
-                 parent_fd: Optional[int] = None, tick: float = 0.05,
-                 keys: Optional[Any] = None) -> None:
+                 tick: float = 0.05, keys: Optional[Any] = None) -> None:
         self.state = state or BrokerState()
-        self.parent_fd = parent_fd
         self.tick_interval = tick
         self._stop = False
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        if any("[" in addr for addr in binds):  # an IPv6 literal; else keep IPv4 endpoints
-            self.sock.setsockopt(zmq.IPV6, 1)
-        self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by credit windows, never by drops
-        self.sock.setsockopt(zmq.RCVHWM, 0)
-        # the last line of defence: senders check the announced caps first, so only a
-        # peer that ignores them is disconnected (with room for a frame of packed parts)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, self.state.limits["max_frame"] + PACK_SLACK)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.keys = keys  # keys.BrokerKeys: CurveZMQ, and the role of each peer's key
-        if keys is not None:
-            keys.apply(self.ctx, self.sock)
-        self.addresses: List[str] = []
-        for addr in binds:
-            self.sock.bind(addr)
-            self.addresses.append(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.keys = keys  # curve.BrokerKeys: CurveZMQ, and the role of each peer's key
+        self.sock, self.addresses = router(self.ctx, binds, self.state, keys)
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to end (safe from a signal handler)."""
         self._stop = True
 
-    def install_signal_handlers(self, ignore_sigint: bool = False) -> None:
+    def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else self.stop)
+        signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> None:
-        """Serve until stopped, the parent goes away, or a signal arrives."""
+        """Serve until stopped or a signal arrives."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        if self.parent_fd is not None:
-            poller.register(self.parent_fd, zmq.POLLIN)
         state, sock = self.state, self.sock
         next_tick = 0.0
         try:
@@ -90,9 +70,6 @@ class Broker:
                                      str(frames[0].get("User-Id")) if self.keys else None)
                         if not int(sock.getsockopt(EVENTS)) & POLLIN:
                             break  # cheaper than a recv that raises zmq.Again
-                if self.parent_fd is not None and self.parent_fd in events:
-                    log.info("parent process is gone: stopping")
-                    break
                 if now >= next_tick:
                     state.tick(now)
                     next_tick = now + self.tick_interval
@@ -107,13 +84,40 @@ class Broker:
             log.info("broker stopped")
 
     def _flush(self) -> None:
-        for ident, frames in self.state.flush():
-            try:
-                self.sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EHOSTUNREACH:  # it left (a client after its BYE): routine
-                    self.state.dropped["send failed: peer unreachable"] += 1
-                    log.debug("peer %s is gone: message dropped", ident.hex()[:8])
-                else:
-                    self.state.drop(f"send failed: {exc}", ident)
+        send_all(self.sock, self.state)
 
+
+def router(ctx: "zmq.Context[Any]", binds: Sequence[str], state: BrokerState,
+           keys: Optional[Any] = None) -> Tuple["zmq.Socket[Any]", List[str]]:
+    """The broker's ROUTER, bound to ``binds``: the socket and its real addresses."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    if any("[" in addr for addr in binds):  # an IPv6 literal; else keep IPv4 endpoints
+        sock.setsockopt(zmq.IPV6, 1)
+    sock.setsockopt(zmq.SNDHWM, 0)  # bounded by credit windows, never by drops
+    sock.setsockopt(zmq.RCVHWM, 0)
+    # the last line of defence: senders check the announced caps first, so only a
+    # peer that ignores them is disconnected (with room for a frame of packed parts)
+    sock.setsockopt(zmq.MAXMSGSIZE, state.limits["max_frame"] + PACK_SLACK)
+    sock.setsockopt(zmq.LINGER, 1000)
+    if keys is not None:
+        keys.apply(ctx, sock)
+    addresses: List[str] = []
+    for addr in binds:
+        sock.bind(addr)
+        addresses.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    return sock, addresses
+
+
+def send_all(sock: "zmq.Socket[Any]", state: BrokerState) -> None:
+    """Send what the state decided, never blocking; a peer that is gone is counted."""
+    for ident, frames in state.flush():
+        try:
+            sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:  # it left (a client after its BYE): routine
+                state.dropped["send failed: peer unreachable"] += 1
+                log.debug("peer %s is gone: message dropped", ident.hex()[:8])
+            else:
+                state.drop(f"send failed: {exc}", ident)

@@ -4,10 +4,14 @@ Handlers add rows as they decide (a task for an agent, a result or state for a c
 ``flush()`` turns each peer's rows into one message after the loop has handled everything
 that was waiting.  Under load that packs hundreds of tasks or results into one message;
 a lone task still leaves in the same loop turn, so batching costs it no latency.
+
+Peers in ``local`` live in the same process (the embedded node's own client and agent):
+their messages are not encoded but kept as ``Message`` objects in ``delivered``, which
+the node hands over directly.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 from ..wire.records import ResultRow, TaskRow
 
@@ -21,6 +25,8 @@ class Outbox:
 
     def __init__(self) -> None:
         self.out: List[Tuple[bytes, Frames]] = []
+        self.local: Set[bytes] = set()
+        self.delivered: List[Tuple[bytes, P.Message]] = []
         self._tasks: Dict[bytes, Tuple[List[str], Frames, List[TaskRow], Frames]] = {}
         self._results: Dict[bytes, Tuple[List[ResultRow], Frames]] = {}
         self._states: Dict[bytes, List[List[str]]] = {}
@@ -30,7 +36,10 @@ class Outbox:
     def send(self, ident: bytes, cmd: int, meta: Dict[str, Any],
              payload: Sequence[Any] = ()) -> None:
         """A message that is not batched (HELLO replies, heartbeats, status)."""
-        self.out.append((ident, P.encode(cmd, meta, payload)))
+        if ident in self.local:
+            self.delivered.append((ident, P.Message(cmd, meta, list(payload))))
+        else:
+            self.out.append((ident, P.encode(cmd, meta, payload)))
 
     def task(self, agent: bytes, row: TaskRow, frames: Frames,
              blobs: Sequence[Tuple[str, Any]] = ()) -> None:
@@ -84,29 +93,40 @@ class Outbox:
         self._kills.setdefault(agent, []).append(kw)
 
     def flush(self) -> List[Tuple[bytes, Frames]]:
-        """Everything to send now, states before results so a key never goes backwards."""
-        out = self.out
-        split = P.encode_split
+        """Everything to send now, states before results so a key never goes backwards;
+        what is for local peers goes to ``delivered`` instead."""
+        emit = self._emit
         results = self._results
         riding: Dict[bytes, List[List[str]]] = {}
         for ident, states in self._states.items():
             if ident in results and P.may_ride([row[0] for row in states]):
                 riding[ident] = states  # in the RESULT below, applied before its rows
             else:
-                out.extend((ident, m) for m in split(P.STATE, {"r": states}))
+                emit(ident, P.STATE, {"r": states})
         for ident, (rows, frames) in results.items():
             meta: Dict[str, Any] = {"r": rows}
             if ident in riding:
                 meta["st"] = riding[ident]
-            out.extend((ident, m) for m in split(P.RESULT, meta, frames))
+            emit(ident, P.RESULT, meta, frames)
         for ident, kws in self._cancels.items():
-            out.extend((ident, m) for m in split(P.CANCEL, {"ks": kws}))
+            emit(ident, P.CANCEL, {"ks": kws})
         for ident, kws in self._kills.items():
-            out.extend((ident, m) for m in split(P.KILL, {"ks": kws}))
+            emit(ident, P.KILL, {"ks": kws})
         for ident, (fids, blobs, tasks, frames) in self._tasks.items():
-            out.extend((ident, m) for m in split(P.TASK, {"f": fids, "t": tasks},
-                                                 blobs + frames))
-        self.out = []
+            emit(ident, P.TASK, {"f": fids, "t": tasks}, blobs + frames)
+        out, self.out = self.out, []
         self._states, self._results, self._cancels, self._tasks = {}, {}, {}, {}
         self._kills = {}
         return out
+
+    def _emit(self, ident: bytes, cmd: int, meta: Dict[str, Any],
+              payload: Sequence[Any] = ()) -> None:
+        if ident in self.local:
+            self.delivered.append((ident, P.Message(cmd, meta, list(payload))))
+        else:
+            self.out.extend((ident, m) for m in P.encode_split(cmd, meta, payload))
+
+    def take_delivered(self) -> List[Tuple[bytes, P.Message]]:
+        """The messages for local peers since the last call."""
+        delivered, self.delivered = self.delivered, []
+        return delivered

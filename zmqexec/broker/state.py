@@ -83,6 +83,16 @@ class BrokerState:
                 log.exception("error handling %s from %s", msg.name, ident.hex()[:8])
             self.drop(reason, ident, exc)
 
+    def deliver(self, ident: bytes, msg: P.Message, now: float) -> None:
+        """Apply a message from a peer in this process (the embedded node's own client and
+        agent): already a ``Message``, never encoded; what the broker sends that peer
+        goes to ``outbox.delivered``.  A bug here is raised, not dropped: it is ours."""
+        self.now = now
+        if self.started is None:
+            self.started = now
+        self.outbox.local.add(ident)
+        self._apply(ident, msg, now, None)
+
     def _apply(self, ident: bytes, msg: P.Message, now: float, user: Optional[str]) -> None:
         peer = self.peers.get(ident)
         if self.key_roles is not None:
@@ -245,6 +255,7 @@ class BrokerState:
     def _forget(self, peer: Peer, reason: str) -> None:
         """A peer left or expired: requeue its tasks, release its interests and blobs."""
         self.peers.pop(peer.ident, None)
+        self.outbox.local.discard(peer.ident)
         if peer.role == "client":
             kept = set().union(*(p.fids for p in self.peers.values() if p.role == "client"))
             for fid in peer.fids - kept:

@@ -1,0 +1,363 @@
+"""The zygote: a single-threaded process that forks task processes on request.
+
+Why: a fork from a process whose threads run can deadlock the child (a lock another
+thread held at the moment of the fork stays held forever in the child; Python 3.12+
+warns, and 3.14's ProcessPoolExecutor left fork for it).  The embedded node is a thread,
+so its task processes, and their replacements after a death, a timeout or a kill, come
+from a zygote instead: a process with one thread that does nothing but fork.
+
+A client process has one **root** zygote.  While the process is still single-threaded
+(a script creating its first executor) the root is forked from it, so task processes
+inherit the modules it has imported, as with the 'fork' start method; a process whose
+threads already run (a second executor's first one, Jupyter) starts the root by exec
+(``python -m zmqexec.agent.zygote``) instead.  Each executor asks the root for a zygote
+of its own (a fork of the root: single-threaded too), which forks its task processes and
+reports their deaths; so executors never share a control channel.
+
+The control channel is a Unix stream socket; each message is one fixed-size record
+``op (1 byte) | a (int64) | b (int64)``, with file descriptors attached where the op
+takes them (SCM_RIGHTS):
+
+=====  =================  ==============================================================
+op     direction          meaning
+=====  =================  ==============================================================
+``S``  client -> zygote   fork a task process; fds: its task pipe and its cancel pipe
+``Z``  client -> root     fork a zygote of its own for a client; fd: its control socket
+``K``  client -> zygote   SIGKILL child ``a`` if it is still one (the zygote reaps, so a
+                          pid it has not reported dead cannot have been reused)
+``C``  client -> zygote   remove directory (``a`` bytes of UTF-8 path follow) when the
+                          client goes: an embedded node's ipc and shared memory folders
+``P``  zygote -> client   the child just forked has pid ``a`` (one per S or Z, in order)
+``X``  zygote -> client   child ``a`` ended; ``b`` is its exit code, or -signal
+=====  =================  ==============================================================
+
+When the client goes (its end of the control socket closes, even by SIGKILL), the zygote
+kills its children and exits; task processes also die with their zygote.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import List, Optional, Sequence, Set, Tuple
+
+log = logging.getLogger(__name__)
+RECORD = struct.Struct("!cqq")
+_root: Optional["_Root"] = None
+_root_lock = threading.Lock()
+
+
+def single_threaded() -> bool:
+    """Whether this process runs one Python thread now: the threads whose locks (the
+    logging module's, a user's) a forked child could find held forever."""
+    return threading.active_count() == 1
+
+
+def _send(sock: socket.socket, op: bytes, a: int = 0, b: int = 0,
+          fds: Sequence[int] = ()) -> None:
+    data = RECORD.pack(op, a, b)
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+def _recv(sock: socket.socket, maxfds: int) -> Tuple[Optional[Tuple[bytes, int, int]],
+                                                      List[int]]:
+    """One record and its fds; (None, []) at EOF.  Reads exactly one record, so the fds
+    that came with it are its own."""
+    data, fds, _, _ = socket.recv_fds(sock, RECORD.size, maxfds)
+    while data and len(data) < RECORD.size:  # (a stream may split a record)
+        more = sock.recv(RECORD.size - len(data))
+        if not more:
+            return None, fds
+        data += more
+    if not data:
+        return None, fds
+    op, a, b = RECORD.unpack(data)
+    return (op, a, b), fds
+
+
+# ---- the zygote process -------------------------------------------------------------------
+def serve(control: socket.socket, root: bool) -> None:
+    """Fork on request until the client goes; report each child's end (not the root's:
+    its children are zygotes, each with its own client)."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
+    children: Set[int] = set()
+    cleanup: List[str] = []
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is control:
+                    record, fds = _recv(control, 2)
+                    if record is None:
+                        return
+                    if record[0] == b"C":
+                        cleanup.append(_recv_exactly(control, record[1]).decode())
+                        continue
+                    _handle(control, record, fds, children, (selector, wake_r, wake_w))
+                else:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+            _reap(control, children, report=not root)
+    finally:
+        for pid in children if not root else ():  # (a root's children are zygotes,
+            try:  # each watching its own client)
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = sock.recv(size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _handle(control: socket.socket, record: Tuple[bytes, int, int], fds: List[int],
+            children: Set[int], own: Tuple[selectors.BaseSelector, int, int]) -> None:
+    op, a, _ = record
+    if op == b"K":
+        if a in children:
+            try:
+                os.kill(a, signal.SIGKILL)
+            except OSError:
+                pass
+        return
+    if op not in (b"S", b"Z"):
+        for fd in fds:
+            os.close(fd)
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: a task process, or a zygote for another client
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            own[0].close()
+            os.close(own[1])
+            os.close(own[2])
+            control.close()
+            if op == b"S":
+                _task_process(fds)
+            else:
+                serve(socket.socket(fileno=fds[0]), root=False)
+        finally:
+            os._exit(0)
+    for fd in fds:
+        os.close(fd)
+    children.add(pid)
+    _send(control, b"P", pid)
+
+
+def _task_process(fds: List[int]) -> None:
+    from .runner import task_main  # (imported by the zygote already: forks are fast)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    task_main(Connection(fds[0]), Connection(fds[1], writable=False), os.getppid())
+
+
+def _reap(control: socket.socket, children: Set[int], report: bool) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        if report:
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            try:
+                _send(control, b"X", pid, code)
+            except OSError:
+                return
+
+
+def main() -> None:
+    """``python -m zmqexec.agent.zygote FD``: a root zygote started by exec."""
+    from . import runner  # noqa: F401  (task processes fork with it imported)
+
+    serve(socket.socket(fileno=int(sys.argv[1])), root=True)
+
+
+# ---- the client's side --------------------------------------------------------------------
+class ZygoteLink:
+    """The client's end of one zygote's control socket."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.root: Optional["_Root"] = None  # the root that forked it
+        self._buf = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def spawn(self, task_fd: int, cancel_fd: int) -> None:
+        """Ask for a task process on these pipe ends; its pid comes as a P record."""
+        _send(self.sock, b"S", fds=(task_fd, cancel_fd))
+
+    def cleanup(self, path: str) -> None:
+        """Have the zygote remove ``path`` if this client dies without doing so."""
+        data = path.encode()
+        self.sock.setblocking(True)
+        try:
+            _send(self.sock, b"C", len(data))
+            self.sock.sendall(data)
+        finally:
+            self.sock.setblocking(False)
+
+    def kill(self, pid: int) -> None:
+        try:
+            _send(self.sock, b"K", pid)
+        except OSError:
+            pass
+
+    def read(self) -> Optional[List[Tuple[bytes, int, int]]]:
+        """The records that have arrived (P and X); None at EOF (the zygote died)."""
+        try:
+            data = self.sock.recv(RECORD.size * 256)
+        except BlockingIOError:
+            return []
+        if not data:
+            return None
+        data = self._buf + data
+        whole = len(data) - len(data) % RECORD.size
+        self._buf = data[whole:]
+        return [RECORD.unpack_from(data, at) for at in range(0, whole, RECORD.size)]
+
+    def close(self) -> None:
+        """The zygote kills its task processes and exits."""
+        self.sock.close()
+
+
+class _Root:
+    """This process's root zygote, while some executor uses it."""
+
+    def __init__(self, fresh: bool = False) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.proc: Optional["subprocess.Popen[bytes]"] = None
+        if single_threaded() and not fresh:
+            from . import runner  # noqa: F401  (task processes fork with it imported)
+
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    ours.close()
+                    serve(theirs, root=True)
+                finally:
+                    os._exit(0)
+        else:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "zmqexec.agent.zygote", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+            pid = self.proc.pid
+        theirs.close()
+        self.link = ZygoteLink(ours, pid)
+        self.users = 0
+
+    def close(self) -> None:
+        """EOF on its control socket ends it; it is this process's child: reap it."""
+        self.link.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            return
+        for _ in range(500):
+            try:
+                if os.waitpid(self.link.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
+        os.kill(self.link.pid, signal.SIGKILL)
+        os.waitpid(self.link.pid, 0)
+
+
+def new_zygote(fresh: bool = False) -> ZygoteLink:
+    """A zygote of an executor's own, forked by this process's root zygote (which starts
+    if none runs); ``fresh``: by a root started by exec for this executor alone, so task
+    processes start from a fresh interpreter ('spawn' or 'forkserver' asked for).
+    ``release_zygote`` when the executor is done with it."""
+    global _root
+    with _root_lock:
+        if fresh:
+            root = _Root(fresh=True)
+        else:
+            if _root is None:
+                _root = _Root()
+            root = _root
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _send(root.link.sock, b"Z", fds=(theirs.fileno(),))
+            record, _ = _recv(root.link.sock, 0)
+        except OSError as exc:
+            ours.close()
+            raise RuntimeError(f"the zygote process is gone: {exc}") from exc
+        finally:
+            theirs.close()
+        if record is None or record[0] != b"P":
+            ours.close()
+            raise RuntimeError("the zygote process did not answer")
+        root.users += 1
+    ours.setblocking(False)
+    link = ZygoteLink(ours, record[1])
+    link.root = root
+    return link
+
+
+def release_zygote(link: ZygoteLink) -> None:
+    """Close an executor's zygote (its task processes go with it); a root goes with the
+    last executor that used it."""
+    global _root
+    link.close()
+    root = link.root
+    if root is None:
+        return
+    with _root_lock:
+        root.users -= 1
+        if root.users > 0:
+            return
+        if root is _root:
+            _root = None
+    root.close()
+
+
+def _after_fork_in_child() -> None:
+    global _root
+    _root = None  # a forked client has no root of its own yet (its parent's is not its)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+if __name__ == "__main__":
+    main()
