@@ -174,11 +174,10 @@ class Agent:
                     process.proc.kill()
         if state.retires:
             retires, state.retires = state.retires, []
-            for slot in retires:  # EOF on its pipe: it exits, and is replaced
-                process = self.processes.get(slot.pid)
-                if process is not None:
-                    self.poller.unregister(process.fd)
-                    process.close()
+            for slot in retires:  # idle, its tasks done: it ends, and is replaced (not by
+                process = self.processes.get(slot.pid)  # EOF: forked siblings hold
+                if process is not None:  # copies of its pipe)
+                    process.proc.terminate()
 
     def _on_data(self, process: TaskProcess) -> bool:
         """Take the results a task process sent; False at its end (EOF)."""
@@ -198,12 +197,11 @@ class Agent:
     def _on_exit(self, process: TaskProcess) -> None:
         del self.processes[process.pid]
         slot = self.state.slots.get(process.pid)
-        while slot is not None and slot.keys and not process.conn.closed and \
-                process.conn.poll(0) and self._on_data(process):
+        while slot is not None and slot.keys and process.conn.poll(0) and \
+                self._on_data(process):
             pass  # results sent just before dying count (poll: a grandchild may hold the pipe)
         process.proc.join()
-        if not process.conn.closed:  # (a retired one's was closed already)
-            self.poller.unregister(process.fd)
+        self.poller.unregister(process.fd)
         self.poller.unregister(process.proc.sentinel)
         process.close()
         if slot is not None:
@@ -217,8 +215,7 @@ class Agent:
         while not state.stop:
             by_fd.clear()
             for process in self.processes.values():
-                if not process.conn.closed:
-                    by_fd[process.fd] = (True, process)
+                by_fd[process.fd] = (True, process)
                 by_fd[process.proc.sentinel] = (False, process)
             now = time.monotonic()
             wait = state.check_timeouts(now)

@@ -268,8 +268,8 @@ class AgentState:
             self.blobs[fid] = blob
         at = len(fids)
         waiting, rejoined = self.waiting, self.rejoined
-        for wire_row in rows:
-            row = TaskRow.from_wire(wire_row)
+        for wire_row in rows:  # (rows from the embedded node's broker are records already)
+            row = wire_row if type(wire_row) is TaskRow else TaskRow.from_wire(wire_row)
             frames = payload[at:at + row.nframes]
             at += row.nframes
             if rejoined and row.kw in rejoined:

@@ -95,6 +95,10 @@ class Outbox:
     def flush(self) -> List[Tuple[bytes, Frames]]:
         """Everything to send now, states before results so a key never goes backwards;
         what is for local peers goes to ``delivered`` instead."""
+        if not (self._results or self._tasks or self._states or self._cancels or
+                self._kills):
+            out, self.out = self.out, []
+            return out
         emit = self._emit
         results = self._results
         riding: Dict[bytes, List[List[str]]] = {}

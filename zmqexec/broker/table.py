@@ -134,7 +134,10 @@ class KeyTable:
     # ---- who wants a key ------------------------------------------------------------------
     def want(self, ident: bytes, entry: Entry) -> None:
         entry.interests.add(ident)
-        self.wanted_by.setdefault(ident, set()).add(entry.kw)
+        keys = self.wanted_by.get(ident)
+        if keys is None:
+            keys = self.wanted_by[ident] = set()
+        keys.add(entry.kw)
 
     def unwant(self, ident: bytes, entry: Entry) -> None:
         """Drop one client's interest; an entry nobody wants is freed if it holds no task

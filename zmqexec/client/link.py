@@ -85,6 +85,8 @@ class Link:
 
         Releases leave before submits: a release names a key with no pending record, so
         a key dropped and submitted again is released first, not after its new submit."""
+        if not commands and not self.backlog:
+            return
         unrefs: List[str] = []
         for command in commands:
             if isinstance(command, Submit):

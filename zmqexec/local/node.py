@@ -154,21 +154,20 @@ class Node:
         broker, agent, link, outbox = self.broker, self.agent, self.link, self.broker.outbox
         now = self.now
         while True:
+            agent.hand_out(now)
+            agent.flush(now)
             if agent.out:
                 out, agent.out = agent.out, []
                 for cmd, meta, payload in out:
                     broker.deliver(AGENT, P.Message(cmd, meta, list(payload)), now)
             send_all(self.sock, broker)  # (flushes the outbox: local messages too)
-            delivered = outbox.take_delivered()
-            if not delivered:
+            if not outbox.delivered:
                 break
-            for ident, msg in delivered:
+            for ident, msg in outbox.take_delivered():
                 if ident == CLIENT:
                     link.on_message(msg)
                 elif ident == AGENT:
                     agent.on_broker(msg)
-            agent.hand_out(now)
-            agent.flush(now)
         self._carry_out()
 
     def _carry_out(self) -> None:
@@ -207,15 +206,17 @@ class Node:
 
     def _snapshot(self) -> Tuple[int, Any]:
         """The client's sys.path, working directory and environment, versioned: task
-        processes get them with a batch when they change."""
+        processes get them with a batch when they change.  Compared as the environment's
+        own bytes (decoding every variable cost more than the rest of a lone task)."""
         try:
             cwd = os.getcwd()
         except OSError:
             cwd = ""
-        seen = (list(sys.path), cwd, os.environ.copy())
+        environ = getattr(os.environ, "_data", None)
+        seen = (list(sys.path), cwd, dict(environ) if environ is not None else None)
         if seen != self._context_seen:
             self._context_seen = seen
-            self.context = (self.context[0] + 1, [seen[0], seen[1], dict(seen[2])])
+            self.context = (self.context[0] + 1, [seen[0], seen[1], dict(os.environ)])
         return self.context
 
     # ---- task processes -----------------------------------------------------------------------
@@ -234,6 +235,9 @@ class Node:
                 self.processes[pid] = process
                 self.poller.register(process.fd, zmq.POLLIN)
                 self.agent.add_slot(pid)
+                if not self._joined and not self.starting:
+                    self._joined = True
+                    self.agent.hello()
             elif op == b"X":
                 self._on_exit(pid, code)
 
@@ -293,8 +297,8 @@ class Node:
             self.poller.register(self.mailbox.wake_fd, zmq.POLLIN)
             self.poller.register(self.zygote.fileno(), zmq.POLLIN)
             self._client_hello()
-            self.agent.hello()
-            for _ in range(self.nprocs):
+            self._joined = False  # the agent says HELLO once its task processes exist,
+            for _ in range(self.nprocs):  # as an agent process does: its slots are real
                 self._spawn()
             self._route()
         except BaseException as exc:
@@ -345,8 +349,6 @@ class Node:
                     if process is not None:
                         self._on_data(process)
             link.apply(self.mailbox.take(woken))
-            agent.hand_out(now)
-            agent.flush(now)
             if now >= next_tick:
                 next_tick = now + TICK
                 broker.tick(now)

@@ -23,11 +23,11 @@ JSON, through ``Connection.send_bytes``.
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .protocol import dumps, loads
 from .serialization import OUT_OF_BAND_MIN
 
 _HEAD = struct.Struct("!II")  # JSON length, frame count
@@ -43,7 +43,7 @@ def pack(meta: Dict[str, Any], frames: Sequence[Any]) -> List[Any]:
     each large frame (an out-of-band buffer) as a message of its own, never copied here.
     A large frame's length is stored negated so ``unpack`` knows to read it separately.
     """
-    head = json.dumps(meta, separators=(",", ":")).encode()
+    head = dumps(meta).encode()
     sizes = [memoryview(f).nbytes for f in frames]
     large = [f for f, n in zip(frames, sizes) if n >= OUT_OF_BAND_MIN]
     if large:
@@ -62,7 +62,7 @@ def unpack(data: bytes) -> Tuple[Dict[str, Any], List[Any], List[Tuple[int, int]
     at = _HEAD.size
     sizes = struct.unpack_from(f"!{count}q", view, at)
     at += 8 * count
-    meta = json.loads(bytes(view[at:at + nhead]))
+    meta = loads(bytes(view[at:at + nhead]).decode())
     at += nhead
     frames: List[Any] = []
     large = []

@@ -151,7 +151,7 @@ _c_encode = _make_encoder and _make_encoder(
 _c_scan = _make_scanner and _make_scanner(_decoder)
 
 
-def _dumps(obj: Any) -> str:
+def dumps(obj: Any) -> str:
     """Compact JSON text; the C encoder made once (``JSONEncoder.encode`` makes one per
     call, which cost half of a small header's encoding).  No cycle check: headers and
     keys are plain trees of lists, dicts, strings and numbers."""
@@ -160,9 +160,9 @@ def _dumps(obj: Any) -> str:
     return "".join(_c_encode(obj, 0))
 
 
-def _loads(text: str) -> Any:
+def loads(text: str) -> Any:
     """``json.loads`` for headers: the C scanner directly in the usual case (a header as
-    ``_dumps`` writes it), the stdlib's full decoder for anything else and its errors."""
+    ``dumps`` writes it), the stdlib's full decoder for anything else and its errors."""
     if _c_scan is not None:
         try:
             value, end = _c_scan(text, 0)
@@ -214,9 +214,9 @@ def encode(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> List[
                 big.append(part)
         if small:
             meta = dict(meta, z=sizes)
-            head = MAGIC + bytes((PROTOCOL_VERSION, cmd)) + _dumps(meta).encode()
+            head = MAGIC + bytes((PROTOCOL_VERSION, cmd)) + dumps(meta).encode()
             return [head, *payload[:nblobs], b"".join(small), *big]
-    head = MAGIC + bytes((PROTOCOL_VERSION, cmd)) + _dumps(meta).encode()
+    head = MAGIC + bytes((PROTOCOL_VERSION, cmd)) + dumps(meta).encode()
     return [head, *payload]
 
 
@@ -325,7 +325,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("header too large")
     try:
-        meta = _loads(raw[4:].decode()) if len(raw) > 4 else {}
+        meta = loads(raw[4:].decode()) if len(raw) > 4 else {}
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (nested too deep)
         raise ProtocolError(f"header is not JSON: {exc}") from None
     if not isinstance(meta, dict):
@@ -396,7 +396,7 @@ def key_to_wire(key: Any) -> str:
         pass
     else:
         raise TypeError(f"a key must be a str or a tuple of str/int, not {key!r}")
-    wire = _dumps(key)
+    wire = dumps(key)
     if len(wire) > MAX_KEY_LENGTH:
         raise ValueError(f"key is longer than {MAX_KEY_LENGTH} characters when encoded")
     return wire
