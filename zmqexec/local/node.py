@@ -102,6 +102,8 @@ class Node:
         self.completion_thread = self.completions.thread
         self.link = Link(self.state, blobs, self._client_send, self.defer, self._client_hello,
                          attach_timeout=attach_timeout)
+        self._joined = False  # the agent says HELLO once its task processes exist, as an
+        # agent process does: the slots it announces are real
         self._ready = threading.Event()
         self._failed: Optional[BaseException] = None
         self.io_thread = threading.Thread(target=self._main, name="zmqexec-node", daemon=True)
@@ -297,8 +299,7 @@ class Node:
             self.poller.register(self.mailbox.wake_fd, zmq.POLLIN)
             self.poller.register(self.zygote.fileno(), zmq.POLLIN)
             self._client_hello()
-            self._joined = False  # the agent says HELLO once its task processes exist,
-            for _ in range(self.nprocs):  # as an agent process does: its slots are real
+            for _ in range(self.nprocs):  # (the agent says HELLO once they exist)
                 self._spawn()
             self._route()
         except BaseException as exc:
