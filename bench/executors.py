@@ -131,6 +131,44 @@ class ZMQ(Adapter):
                 "task processes": list(node.processes)}
 
 
+class ZMQRemote(ZMQ):
+    key, label = "remote", "zmqexec remote"
+    note = ("`ZMQExecutor(address=...)` with `zmqexec broker` and one `zmqexec worker "
+            "--nprocs 2` started by the command line on loopback: the remote path")
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+
+        from zmqexec import ZMQExecutor
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        cmd = [sys.executable, "-m", "zmqexec"]
+        self.broker = subprocess.Popen([*cmd, "broker", "--bind", "tcp://127.0.0.1:0"],
+                                       stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                       env=env)
+        assert self.broker.stdout is not None
+        address = self.broker.stdout.readline().decode().split()[-1]
+        self.agent = subprocess.Popen([*cmd, "worker", address, "--nprocs", str(WORKERS)],
+                                      stdin=subprocess.DEVNULL, env=env)
+        self.ex = ZMQExecutor(address=address)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for proc in (self.agent, self.broker):
+                proc.terminate()
+            for proc in (self.agent, self.broker):
+                proc.wait(30)
+            if self.broker.stdout is not None:
+                self.broker.stdout.close()
+
+    def cpu_roles(self) -> Dict[str, List[int]]:
+        return {"client": [os.getpid()], "broker": [self.broker.pid],
+                "agent": [self.agent.pid],
+                "task processes": procstat.children(self.agent.pid)}
+
+
 class PPE(Adapter):
     key, label = "ppe", "PPE"
     note = "`concurrent.futures.ProcessPoolExecutor(2)`, default start method"
@@ -254,7 +292,7 @@ class Dask(Adapter):
                 "task processes": workers + [p for p in nannies if p and p != os.getpid()]}
 
 
-ALL = [ZMQ, PPE, Loky, Dask]
+ALL = [ZMQ, PPE, ZMQRemote, Loky, Dask]
 BY_KEY = {cls.key: cls for cls in ALL}
 
 

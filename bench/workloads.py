@@ -180,7 +180,7 @@ def startup(cls: type, ctx: Context) -> Dict[str, float]:
     return {"first": t1 - t0, "shutdown": t3 - t2}
 
 
-CPU_ROLES = ("client", "zygote", "task processes")
+CPU_ROLES = ("client", "broker", "agent", "zygote", "task processes")
 
 
 def cpu(cls: type, ctx: Context) -> Dict[str, float]:
