@@ -51,7 +51,8 @@ def check_report(report: str, executors: tuple) -> None:
 def test_smoke_gives_every_workload_a_number_or_a_reason() -> None:
     report = run_smoke()
     loky = importlib.util.find_spec("loky") is not None
-    check_report(report, ("zmqexec", "PPE", "loky") if loky else ("zmqexec", "PPE"))
+    base = ("zmqexec", "PPE", "zmqexec remote")
+    check_report(report, (*base, "loky") if loky else base)
     assert "ratio" in report and "zmqexec vs PPE" in report
 
 
