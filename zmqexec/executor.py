@@ -93,7 +93,7 @@ class _Submitter(concurrent.futures.Executor):
             raise ValueError("buffersize must be None or > 0.")
         end = None if timeout is None else time.monotonic() + timeout
         prefix = self._opts.get("key")
-        args_iter: Iterator[Any] = zip(*iterables)
+        args_iter: Iterator[Any] = zip(*iterables, strict=False)
         if chunksize > 1:
             flat = args_iter
             args_iter = iter(lambda: list(itertools.islice(flat, chunksize)), [])

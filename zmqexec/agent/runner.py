@@ -213,7 +213,7 @@ def task_main(conn: Connection, cancels: Connection, parent: int) -> None:
         if "x" in meta:
             adopt_context(*meta["x"])
         fids = meta["f"]
-        for fid, blob in zip(fids, frames):
+        for fid, blob in zip(fids, frames, strict=False):
             runner.blobs[fid] = bytes(blob)
         at = len(fids)
         task_frames: List[Any] = []

@@ -261,10 +261,10 @@ class AgentState:
         elif cmd == P.BYE:
             log.info("broker said goodbye: %s", meta.get("reason", ""))
 
-    def take_tasks(self, fids: List[str], rows: List[List[Any]], payload: List[Any]
+    def take_tasks(self, fids: List[str], rows: List[Any], payload: List[Any]
                    ) -> None:
         """A TASK batch: blobs first, then each task waits for a task process."""
-        for fid, blob in zip(fids, payload):
+        for fid, blob in zip(fids, payload, strict=False):
             self.blobs[fid] = blob
         at = len(fids)
         waiting, rejoined = self.waiting, self.rejoined
@@ -336,7 +336,7 @@ class AgentState:
             if not self.keep_unacked:
                 return
             seq, unacked = self.sent_rows, self.unacked  # kept until a heartbeat acks them
-            for row, frame in zip(rows, frames):
+            for row, frame in zip(rows, frames, strict=False):
                 seq += 1
                 unacked.append((seq, row, frame))
                 self.unacked_bytes += len(frame)

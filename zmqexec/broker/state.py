@@ -301,7 +301,7 @@ class BrokerState:
         """A batch of tasks: register each key and queue it; blobs come first."""
         frames = msg.payload
         fids = msg.meta["f"]
-        for fid, blob in zip(fids, frames):
+        for fid, blob in zip(fids, frames, strict=False):
             self.blobs[fid] = blob
             client.fids.add(fid)
         at = len(fids)

@@ -45,7 +45,7 @@ def pack(meta: Dict[str, Any], frames: Sequence[Any]) -> List[Any]:
     """
     head = dumps(meta).encode()
     sizes = [memoryview(f).nbytes for f in frames]
-    large = [f for f, n in zip(frames, sizes) if n >= OUT_OF_BAND_MIN]
+    large = [f for f, n in zip(frames, sizes, strict=False) if n >= OUT_OF_BAND_MIN]
     if large:
         sizes = [-n if n >= OUT_OF_BAND_MIN else n for n in sizes]
         frames = [f for f in frames if memoryview(f).nbytes < OUT_OF_BAND_MIN]
