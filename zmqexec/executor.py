@@ -284,7 +284,7 @@ class ZMQExecutor(_Submitter):
         """Current slot count (dask sizes its pool from it)."""
         if self._workers is not None:
             return self._workers
-        return max(1, self._io.slots)
+        return max(1, self._io.link.slots)
 
     def _check_usable(self) -> None:
         if os.getpid() != self._pid:
@@ -375,7 +375,7 @@ class ZMQExecutor(_Submitter):
         """The broker's status document (the schema of ``zmqexec status --json``)."""
         self._check_usable()
         doc = self._io.request_status(timeout)
-        self._io.slots = int(doc["slots"])  # fresher than the last heartbeat
+        self._io.link.slots = int(doc["slots"])  # fresher than the last heartbeat
         return doc
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -13,11 +13,14 @@ import os
 import select
 import signal
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from ..wire.pipe import RecordReader, pack, read_records
+from ..wire.pipe import RecordReader, pack, read_records, unpack_result
 from ..wire.records import Task
 from .runner import task_main
+
+if TYPE_CHECKING:
+    from .state import AgentState, Slot
 
 # One read takes at most this much: glibc serves a buffer of 128 KiB or more with mmap
 # (then shrinks it with mremap and frees it with munmap), which made each read of a lone
@@ -95,6 +98,22 @@ class TaskProcess:
         """The whole result records that have arrived (one read for many); None at EOF."""
         return read_records(self.fd, self._reader, _READ_SIZE)
 
+    def read_into(self, state: "AgentState", now: float) -> bool:
+        """Hand the agent's state the results that have arrived; False at EOF (its end
+        is reported apart: by its sentinel, or by its zygote)."""
+        try:
+            messages = self.read()
+        except OSError:
+            messages = None
+        if messages is None:
+            return False
+        slot = state.slots.get(self.pid)
+        if slot is not None:
+            on_result = state.on_result
+            for message in messages:
+                on_result(slot, *unpack_result(message), now)
+        return True
+
     def cancel(self, kws: Sequence[str]) -> None:
         """Ask the process to drop these keys of its batch if it has not started them.
 
@@ -153,3 +172,41 @@ class TaskProcess:
             meta["x"] = context[1]
         for message in pack(meta, [blobs[f] for f in fids] + frames):
             self.conn.send_bytes(message)
+
+
+def carry_out(state: "AgentState", processes: Dict[int, TaskProcess], *,
+              kill: Callable[["Slot"], None], retire: Callable[[TaskProcess], None],
+              context: Optional[Callable[[], Tuple[int, Any]]] = None) -> None:
+    """Do to the task processes what the agent's state decided: batches, cancels, kills
+    and retirements (``kill`` and ``retire`` say how, by whoever started them;
+    ``context``: the client's context to send with batches, in the embedded node)."""
+    if state.gives:
+        gives, state.gives = state.gives, []
+        now = context() if context is not None else None
+        for slot, tasks in gives:
+            process = processes.get(slot.pid)
+            if process is not None:
+                try:
+                    process.give(tasks, state.blobs, now)
+                except OSError:  # it died under us: its end is reported
+                    pass
+    if state.cancels:
+        cancels, state.cancels = state.cancels, []
+        for slot, kws in cancels:
+            process = processes.get(slot.pid)
+            if process is not None:
+                try:
+                    process.cancel(kws)
+                except OSError:
+                    pass
+    if state.kills:
+        kills, state.kills = state.kills, []
+        for slot in kills:
+            if slot.pid in processes:
+                kill(slot)
+    if state.retires:
+        retires, state.retires = state.retires, []
+        for slot in retires:
+            process = processes.get(slot.pid)
+            if process is not None:
+                retire(process)

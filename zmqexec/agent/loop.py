@@ -32,9 +32,9 @@ from .._version import __version__
 from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.curve import apply_client
-from ..wire.pipe import unpack_result
-from .handle import TaskProcess, default_start_method, describe_exit
-from .state import AgentState
+from ..wire.sockets import received
+from .handle import TaskProcess, carry_out, default_start_method, describe_exit
+from .state import AgentState, Slot
 
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -144,55 +144,24 @@ class Agent:
         return True
 
     def _carry_out(self) -> None:
-        """Do what the state decided: messages, batches, cancels and kills."""
+        """Do what the state decided: messages, then what task processes must do."""
         state = self.state
         if state.out:
             out, state.out = state.out, []
             for cmd, meta, payload in out:
                 self._send(cmd, meta, payload)
-        if state.gives:
-            gives, state.gives = state.gives, []
-            for slot, tasks in gives:
-                try:
-                    self.processes[slot.pid].give(tasks, state.blobs)
-                except (OSError, KeyError):  # it died under us; its sentinel reports it
-                    pass
-        if state.cancels:
-            cancels, state.cancels = state.cancels, []
-            for slot, kws in cancels:
-                process = self.processes.get(slot.pid)
-                if process is not None:
-                    try:
-                        process.cancel(kws)
-                    except OSError:
-                        pass
-        if state.kills:
-            kills, state.kills = state.kills, []
-            for slot in kills:
-                process = self.processes.get(slot.pid)
-                if process is not None:
-                    process.proc.kill()
-        if state.retires:
-            retires, state.retires = state.retires, []
-            for slot in retires:  # idle, its tasks done: it ends, and is replaced (not by
-                process = self.processes.get(slot.pid)  # EOF: forked siblings hold
-                if process is not None:  # copies of its pipe)
-                    process.proc.terminate()
+        carry_out(state, self.processes, kill=self._kill, retire=self._retire)
+
+    def _kill(self, slot: Slot) -> None:
+        self.processes[slot.pid].proc.kill()
+
+    def _retire(self, process: TaskProcess) -> None:
+        """Idle, its tasks done: it ends and is replaced (by SIGTERM, not by EOF: its
+        forked siblings hold copies of its pipe)."""
+        process.proc.terminate()
 
     def _on_data(self, process: TaskProcess) -> bool:
-        """Take the results a task process sent; False at its end (EOF)."""
-        try:
-            messages = process.read()
-        except OSError:
-            messages = None
-        if messages is None:
-            return False  # it died; the sentinel reports the death
-        slot, now, on_result = self.state.slots.get(process.pid), time.monotonic(), \
-            self.state.on_result
-        if slot is not None:
-            for message in messages:
-                on_result(slot, *unpack_result(message), now)
-        return True
+        return process.read_into(self.state, time.monotonic())
 
     def _on_exit(self, process: TaskProcess) -> None:
         del self.processes[process.pid]
@@ -226,14 +195,8 @@ class Agent:
             sock = self.sock
             for what, _ in events:
                 if what is sock:
-                    for _ in range(RECV_BATCH):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in received(sock):
                         self._on_broker(frames)
-                        if not int(sock.getsockopt(EVENTS)) & POLLIN:
-                            break  # cheaper than a recv that raises zmq.Again
                 elif what in by_fd:
                     data, process = by_fd[what]
                     if self.processes.get(process.pid) is not process:

@@ -21,6 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import zmq
 
+from ..wire.sockets import received
 from .state import BrokerState
 
 log = logging.getLogger(__name__)
@@ -61,15 +62,9 @@ class Broker:
                 events = dict(poller.poll(int(self.tick_interval * 1000)))
                 now = time.monotonic()
                 if sock in events:
-                    for _ in range(RECV_BATCH):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in received(sock):
                         state.handle(frames[0].bytes, frames[1:], now,
                                      str(frames[0].get("User-Id")) if self.keys else None)
-                        if not int(sock.getsockopt(EVENTS)) & POLLIN:
-                            break  # cheaper than a recv that raises zmq.Again
                 if now >= next_tick:
                     state.tick(now)
                     next_tick = now + self.tick_interval

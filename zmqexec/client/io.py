@@ -20,7 +20,6 @@ socket: it encodes, decodes, says HELLO, sends heartbeats and notices a silent b
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import socket
@@ -36,15 +35,13 @@ from ..errors import BrokenZMQExecutor, BrokerLostError, ZMQExecError
 from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.curve import apply_client
-from .items import Broken, Close, StatusRequest
-from .link import Link
+from ..wire.sockets import received
+from .items import Broken, Close
+from .link import Link, request_status
 from .state import ClientState
 from .threads import Completions, Mailbox
 
 log = logging.getLogger(__name__)
-# plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
-EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-RECV_BATCH = 1000  # messages read per wake-up before commands get a turn
 
 
 class ClientIO:
@@ -75,28 +72,9 @@ class ClientIO:
         self.io_thread = threading.Thread(target=self._io_main, name="zmqexec-io", daemon=True)
         self.io_thread.start()
 
-    @property
-    def slots(self) -> int:
-        return self.link.slots
-
-    @slots.setter
-    def slots(self, value: int) -> None:
-        self.link.slots = value
-
     # ---- called from user threads --------------------------------------------------------------
     def request_status(self, timeout: Optional[float]) -> Dict[str, Any]:
-        reply: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
-        self.post(StatusRequest(reply))
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:  # in slices, so a broken connection ends the wait
-            try:
-                left = 0.5 if end is None else min(0.5, max(0.0, end - time.monotonic()))
-                return reply.result(left)
-            except concurrent.futures.TimeoutError:
-                if self.state.broken is not None:
-                    raise self.state.broken from None
-                if end is not None and time.monotonic() >= end:
-                    raise
+        return request_status(self.post, self.state, timeout)
 
     def close(self) -> None:
         """Finish once every record is done (or the connection is broken), then disconnect."""
@@ -149,14 +127,8 @@ class ClientIO:
                 events = dict(poller.poll(int(min(self.interval, 0.1) * 1000)))
                 link.apply(mailbox.take(mailbox.wake_fd in events))
                 if sock in events:
-                    for _ in range(RECV_BATCH):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in received(sock):
                         self._on_frames(frames)
-                        if not int(sock.getsockopt(EVENTS)) & POLLIN:
-                            break  # cheaper than a recv that raises zmq.Again
                     link.pump()  # answers freed window space
                 now = time.monotonic()
                 if now - self._last_sent >= self.interval:

@@ -16,7 +16,7 @@ import concurrent.futures
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Sequence, Set
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set
 
 from ..errors import BrokenZMQExecutor, BrokerLostError, MessageTooLargeError, UnknownKeyError
 from ..wire import protocol as P
@@ -45,6 +45,24 @@ log = logging.getLogger(__name__)
 SUBMIT_BATCH = 1000  # tasks per SUBMIT message at most
 SUBMIT_BATCH_BYTES = 8 << 20  # payload bytes per SUBMIT message, beyond one task
 Send = Callable[[int, Dict[str, Any], Sequence[Any]], None]
+
+
+def request_status(post: Callable[[Command], None], state: ClientState,
+                   timeout: Optional[float]) -> Dict[str, Any]:
+    """Ask the broker for its status document and wait for it (a user thread), in slices,
+    so a broken connection ends the wait."""
+    reply: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
+    post(StatusRequest(reply))
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            left = 0.5 if end is None else min(0.5, max(0.0, end - time.monotonic()))
+            return reply.result(left)
+        except concurrent.futures.TimeoutError:
+            if state.broken is not None:
+                raise state.broken from None
+            if end is not None and time.monotonic() >= end:
+                raise
 
 
 class Link:

@@ -26,7 +26,6 @@ when tasks are submitted (sent with a batch when they change).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import shutil
@@ -40,26 +39,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import zmq
 
 from .._version import __version__
-from ..agent.handle import TaskProcess, describe_exit
-from ..agent.state import AgentState
+from ..agent.handle import TaskProcess, carry_out, describe_exit
+from ..agent.state import AgentState, Slot
 from ..agent.zygote import ZygoteLink, new_zygote, release_zygote
 from ..broker.loop import router, send_all
 from ..broker.state import BrokerState
-from ..client.items import Broken, Close, StatusRequest
-from ..client.link import Link
+from ..client.items import Broken, Close
+from ..client.link import Link, request_status
 from ..client.state import ClientState
 from ..client.threads import Completions, Mailbox
 from ..errors import BrokenZMQExecutor
 from ..wire import protocol as P
 from ..wire import serialization as S
-from ..wire.pipe import unpack_result
+from ..wire.sockets import received
 from ..wire.shm import Spill
 
 log = logging.getLogger(__name__)
-EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 CLIENT, AGENT = b"\x00node-client", b"\x00node-agent"  # never a remote routing id (uuid)
 TICK = 0.05  # seconds between the broker's timer turns
-RECV_BATCH = 1000
 FOREVER = float("inf")  # a local peer is never silent: it lives and dies with the node
 
 
@@ -112,28 +109,9 @@ class Node:
         if self._failed is not None:
             raise self._failed
 
-    @property
-    def slots(self) -> int:
-        return self.link.slots
-
-    @slots.setter
-    def slots(self, value: int) -> None:
-        self.link.slots = value
-
     # ---- called from user threads ------------------------------------------------------------
     def request_status(self, timeout: Optional[float]) -> Dict[str, Any]:
-        reply: "concurrent.futures.Future[Dict[str, Any]]" = concurrent.futures.Future()
-        self.post(StatusRequest(reply))
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                left = 0.5 if end is None else min(0.5, max(0.0, end - time.monotonic()))
-                return reply.result(left)
-            except concurrent.futures.TimeoutError:
-                if self.state.broken is not None:
-                    raise self.state.broken from None
-                if end is not None and time.monotonic() >= end:
-                    raise
+        return request_status(self.post, self.state, timeout)
 
     def close(self) -> None:
         """Finish once every record is done (or the executor is broken), then stop."""
@@ -173,38 +151,17 @@ class Node:
         self._carry_out()
 
     def _carry_out(self) -> None:
-        agent = self.agent
-        if agent.gives:
-            gives, agent.gives = agent.gives, []
-            context = self._snapshot()
-            for slot, tasks in gives:
-                process = self.processes.get(slot.pid)
-                if process is None:
-                    continue
-                try:
-                    process.give(tasks, agent.blobs, context)
-                except OSError:  # it died under us: the zygote reports it
-                    pass
-        if agent.cancels:
-            cancels, agent.cancels = agent.cancels, []
-            for slot, kws in cancels:
-                process = self.processes.get(slot.pid)
-                if process is not None:
-                    try:
-                        process.cancel(kws)
-                    except OSError:
-                        pass
-        if agent.kills:
-            kills, agent.kills = agent.kills, []
-            for slot in kills:
-                self.zygote.kill(slot.pid)
-        if agent.retires:
-            retires, agent.retires = agent.retires, []
-            for slot in retires:  # EOF on its pipe: it exits; the zygote reports it
-                process = self.processes.get(slot.pid)
-                if process is not None and not process.conn.closed:
-                    self.poller.unregister(process.fd)
-                    process.close()
+        carry_out(self.agent, self.processes, kill=self._kill, retire=self._retire,
+                  context=self._snapshot)
+
+    def _kill(self, slot: Slot) -> None:
+        self.zygote.kill(slot.pid)  # (the zygote reaps: a pid it has not reported lives)
+
+    def _retire(self, process: TaskProcess) -> None:
+        """EOF on its pipe: it exits, and the zygote reports its end."""
+        if not process.conn.closed:
+            self.poller.unregister(process.fd)
+            process.close()
 
     def _snapshot(self) -> Tuple[int, Any]:
         """The client's sys.path, working directory and environment, versioned: task
@@ -274,18 +231,7 @@ class Node:
             self._spawn()
 
     def _on_data(self, process: TaskProcess) -> bool:
-        try:
-            messages = process.read()
-        except OSError:
-            messages = None
-        if messages is None:
-            return False  # its end: the zygote reports it
-        slot = self.agent.slots.get(process.pid)
-        if slot is not None:
-            on_result, now = self.agent.on_result, time.monotonic()
-            for message in messages:
-                on_result(slot, *unpack_result(message), now)
-        return True
+        return process.read_into(self.agent, time.monotonic())
 
     # ---- the node thread ----------------------------------------------------------------------
     def _main(self) -> None:
@@ -335,14 +281,8 @@ class Node:
                 if what == wake_fd:
                     woken = True
                 elif what is sock:
-                    for _ in range(RECV_BATCH):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
+                    for frames in received(sock):
                         broker.handle(frames[0].bytes, frames[1:], now, None)
-                        if not int(sock.getsockopt(EVENTS)) & POLLIN:
-                            break
                 elif what == self.zygote.fileno():
                     self._on_zygote()
                 else:
