@@ -1,6 +1,6 @@
 """``python -m bench --smoke`` runs every workload and reports a number or a reason.
 
-Speed itself is never asserted here (DESIGN §7: measured times go to bench/, not to
+Speed itself is never asserted here (measured times go to bench/, not to
 tests); this only keeps the benchmark runnable, so that its numbers can be trusted to
 come from code that still works.
 """

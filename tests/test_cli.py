@@ -1,4 +1,4 @@
-"""The command line (DESIGN §3, §4), run as real processes: ``python -m zmqexec ...``."""
+"""The command line, run as real processes: ``python -m zmqexec ...``."""
 from __future__ import annotations
 
 import json

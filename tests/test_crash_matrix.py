@@ -1,4 +1,4 @@
-"""The crash matrix of DESIGN §7: every way a task can fail, at every stage of its life.
+"""The crash matrix: every way a task can fail, at every stage of its life.
 
 {raise, sys.exit, os._exit, SIGKILL, segfault} x {task unpickle on the worker, run,
 result pickle on the worker, result unpickle on the client}.  Worker-side deaths are

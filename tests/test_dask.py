@@ -1,4 +1,4 @@
-"""Dask collections on zmqexec (issue 6, DESIGN §5): the executor as dask's scheduler."""
+"""Dask collections on zmqexec: the executor as dask's scheduler."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""ZMQExecutor keeps the concurrent.futures contract (DESIGN §1.1) on the embedded default."""
+"""ZMQExecutor keeps the concurrent.futures contract on the embedded default."""
 from __future__ import annotations
 
 import concurrent.futures as cf

@@ -1,4 +1,4 @@
-"""Faults injected for real (issue 4, DESIGN §1.1 and §1.4): timeouts and kills of running
+"""Faults injected for real: timeouts and kills of running
 tasks, tasks that wait for workers, and what each leaves behind."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""zmqexec.Future: keys, pure sharing, attach by key, release, status, await (DESIGN §1.2)."""
+"""zmqexec.Future: keys, pure sharing, attach by key, release, status, await."""
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,4 @@
-"""Hostile input (issue 5): the wire decoder under hypothesis, a live broker under 10,000+
+"""Hostile input: the wire decoder under hypothesis, a live broker under 10,000+
 random, truncated and out-of-order messages over a real socket, and another OS user at
 an embedded executor's door."""
 from __future__ import annotations

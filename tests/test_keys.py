@@ -1,4 +1,4 @@
-"""CurveZMQ keys (issue 5, DESIGN §3): the keygen layout and permission checks, a keyed
+"""CurveZMQ keys: the keygen layout and permission checks, a keyed
 cluster that serves key holders only, roles decided by the broker's allowlist folders,
 and nothing unpickled for a peer that is not authenticated."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-host faults over real TCP (issue 4): a broker, two agent hosts and a client, each
+"""Multi-host faults over real TCP: a broker, two agent hosts and a client, each
 in its own network namespace on one virtual switch (``netns.Network``, needs root), with
 CurveZMQ keys on every link (a client without them is refused).
 

@@ -1,4 +1,4 @@
-"""The newcomer's path through the README (issue 6), step by step on one machine: make
+"""The newcomer's path through the README, step by step on one machine: make
 keys, start a broker and two agents with the command line, watch them with
 ``zmqexec status --watch``, and run a dask array computation on the cluster (the quick
 start itself is run by test_examples.py)."""

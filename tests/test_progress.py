@@ -1,4 +1,4 @@
-"""zmqexec.progress (issue 6, DESIGN §5): futures in completion order or a map in order,
+"""zmqexec.progress: futures in completion order or a map in order,
 with a tqdm bar when tqdm is installed and a rate-limited log line when it is not."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Remote mode (DESIGN §1.1, §1.4, §2): clients join a broker and agents started with the CLI."""
+"""Remote mode: clients join a broker and agents started with the CLI."""
 from __future__ import annotations
 
 import json

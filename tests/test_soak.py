@@ -1,4 +1,4 @@
-"""Soak (issue 4): many tasks while a chaos thread SIGKILLs the task process that has just
+"""Soak: many tasks while a chaos thread SIGKILLs the task process that has just
 started a task, again and again. Every future must have its value, and the number of
 executions (counted through a side file) must lie between the number of tasks and that
 plus the kills times the slots.
