@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Set
 import pytest
 
 from zmqexec import ZMQExecutor
+from zmqexec.agent.zygote import shared_root_pid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -81,21 +82,30 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
 
 
 def started_since(before: Set[int]) -> Set[int]:
-    """Children of this process not in ``before``, with all their descendants."""
+    """Processes below this one that are not in ``before`` (the descendants there were).
+
+    The process's shared root zygote lives as long as the process (executors fork their
+    zygotes from it), so it is no leak; what tests start below it still is.  The subtree
+    of a process that was there before (a module's executor's zygote) is exempt: its task
+    processes come and go as tests kill them."""
     if not os.path.isdir("/proc"):
         return set()
-    new = set(_children().get(os.getpid(), [])) - before
-    return new.union(*(descendants(pid) for pid in new)) if new else set()
+    root = shared_root_pid()
+    tree, new, todo = _children(), set(), [os.getpid()]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child in before and child != root:
+                continue
+            if child not in before and child != root:
+                new.add(child)
+            todo.append(child)
+    return new
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
-    """Processes a test started (and their trees) must be gone when it ends.
-
-    Children of longer-lived fixtures (a module's executor) are exempt; their task
-    processes come and go as tests kill them.
-    """
-    before = set(_children().get(os.getpid(), [])) if os.path.isdir("/proc") else set()
+    """Processes a test started (and their trees) must be gone when it ends."""
+    before = descendants(os.getpid())
     yield
     if not wait_until(lambda: not started_since(before), timeout=10):
         leaked = started_since(before)

@@ -256,3 +256,18 @@ def test_a_hello_forgets_prefetched_tasks_which_the_broker_requeues():
     assert not state.waiting  # not named as running: the broker queues it again
     [(name, meta, _)] = sent(state)
     assert name == "HELLO" and meta["running"] == [kw("a"), kw("b")]
+
+
+def test_a_task_process_being_started_gets_its_share_of_the_waiting_tasks():
+    """While a replacement starts, the idle one does not take the whole queue: a batch
+    would run behind its first task while the new process idles."""
+    state = agent(nprocs=2)
+    del state.slots[101]  # it died; its replacement is starting
+    state.starting = 1
+    tasks(state, "a", "b")
+    state.hand_out(now=1.0)
+    assert given(state) == {100: [kw("a")]} and list(state.waiting) == [kw("b")]
+    state.starting = 0
+    state.add_slot(102)
+    state.hand_out(now=1.1)
+    assert given(state) == {102: [kw("b")]}

@@ -88,6 +88,7 @@ class AgentState:
         self.busy, self.ran, self.period = 0.0, 0, now  # this period's sums
         self.max_frame = 256 << 20  # the broker's cap per frame, from its WELCOME
         self.slots: Dict[int, Slot] = {}
+        self.starting = 0  # task processes asked for and not started yet (they get a share)
         self.waiting: "OrderedDict[str, Task]" = OrderedDict()  # prefetched, not yet given
         self.blobs: Dict[str, Any] = {}  # pickled functions and initializers by id
         self.timeouts: Dict[str, float] = {}  # key -> seconds it may run (options(timeout=))
@@ -131,7 +132,7 @@ class AgentState:
         most = min(MAX_SLOT_BATCH, max(1, int(SLOT_WINDOW / self.task_time)))
         waiting = self.waiting
         while idle and waiting:
-            share = max(1, min(most, len(waiting) // len(idle)))
+            share = max(1, min(most, len(waiting) // (len(idle) + self.starting)))
             slot = idle.pop()
             if limit is not None:
                 share = min(share, limit - slot.given)

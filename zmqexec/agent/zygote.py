@@ -6,7 +6,8 @@ warns, and 3.14's ProcessPoolExecutor left fork for it).  The embedded node is a
 so its task processes, and their replacements after a death, a timeout or a kill, come
 from a zygote instead: a process with one thread that does nothing but fork.
 
-A client process has one **root** zygote.  While the process is still single-threaded
+A client process has one **root** zygote, shared by its executors and kept until the
+process ends.  While the process is still single-threaded
 (a script creating its first executor) the root is forked from it, so task processes
 inherit the modules it has imported, as with the 'fork' start method; a process whose
 threads already run (a second executor's first one, Jupyter) starts the root by exec
@@ -36,6 +37,7 @@ kills its children and exits; task processes also die with their zygote.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import selectors
@@ -257,7 +259,7 @@ class ZygoteLink:
 
 
 class _Root:
-    """This process's root zygote, while some executor uses it."""
+    """A root zygote: this process's shared one, or a fresh-interpreter one of an executor."""
 
     def __init__(self, fresh: bool = False) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -280,7 +282,6 @@ class _Root:
             pid = self.proc.pid
         theirs.close()
         self.link = ZygoteLink(ours, pid)
-        self.users = 0
 
     def close(self) -> None:
         """EOF on its control socket ends it; it is this process's child: reap it."""
@@ -305,51 +306,74 @@ class _Root:
 
 def new_zygote(fresh: bool = False) -> ZygoteLink:
     """A zygote of an executor's own, forked by this process's root zygote (which starts
-    if none runs); ``fresh``: by a root started by exec for this executor alone, so task
-    processes start from a fresh interpreter ('spawn' or 'forkserver' asked for).
-    ``release_zygote`` when the executor is done with it."""
+    if none runs, or again if it was killed); ``fresh``: by a root started by exec for
+    this executor alone, so task processes start from a fresh interpreter ('spawn' or
+    'forkserver' asked for).  ``release_zygote`` when the executor is done with it."""
     global _root
     with _root_lock:
-        if fresh:
-            root = _Root(fresh=True)
-        else:
-            if _root is None:
-                _root = _Root()
-            root = _root
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            _send(root.link.sock, b"Z", fds=(theirs.fileno(),))
-            record, _ = _recv(root.link.sock, 0)
-        except OSError as exc:
-            ours.close()
-            raise RuntimeError(f"the zygote process is gone: {exc}") from exc
-        finally:
-            theirs.close()
-        if record is None or record[0] != b"P":
-            ours.close()
-            raise RuntimeError("the zygote process did not answer")
-        root.users += 1
+        for _ in range(2):
+            if fresh:
+                root = _Root(fresh=True)
+            else:
+                if _root is None:
+                    _root = _Root()
+                root = _root
+            link = _ask_root(root)
+            if link is not None:
+                link.root = root
+                return link
+            root.close()  # it died: a new one once
+            if root is _root:
+                _root = None
+    raise RuntimeError("the zygote process that forks task processes did not answer")
+
+
+def _ask_root(root: "_Root") -> Optional[ZygoteLink]:
+    """A new zygote from ``root``; None if the root is gone."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _send(root.link.sock, b"Z", fds=(theirs.fileno(),))
+        record, _ = _recv(root.link.sock, 0)
+    except OSError:
+        record = None
+    finally:
+        theirs.close()
+    if record is None or record[0] != b"P":
+        ours.close()
+        return None
     ours.setblocking(False)
-    link = ZygoteLink(ours, record[1])
-    link.root = root
-    return link
+    return ZygoteLink(ours, record[1])
 
 
 def release_zygote(link: ZygoteLink) -> None:
-    """Close an executor's zygote (its task processes go with it); a root goes with the
-    last executor that used it."""
-    global _root
+    """Close an executor's zygote (its task processes go with it).  A fresh-interpreter
+    root goes with its executor; the process's shared root stays for the executors to
+    come, so they fork from the small image it was taken from (forking a process that
+    has grown large costs a copy of its page tables per fork), and ends with the process
+    (its control socket closes then)."""
     link.close()
     root = link.root
-    if root is None:
+    if root is None or root is _root:
         return
-    with _root_lock:
-        root.users -= 1
-        if root.users > 0:
-            return
-        if root is _root:
-            _root = None
     root.close()
+
+
+def _close_shared_root() -> None:
+    """At interpreter exit (after the executors have shut down): end the shared root."""
+    global _root
+    with _root_lock:
+        root, _root = _root, None
+    if root is not None:
+        root.close()
+
+
+atexit.register(_close_shared_root)
+
+
+def shared_root_pid() -> Optional[int]:
+    """The pid of this process's shared root zygote, if one runs."""
+    root = _root
+    return root.link.pid if root is not None else None
 
 
 def _after_fork_in_child() -> None:

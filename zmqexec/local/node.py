@@ -181,6 +181,7 @@ class Node:
     # ---- task processes -----------------------------------------------------------------------
     def _spawn(self) -> None:
         self.starting.append(TaskProcess.from_zygote(self.zygote))
+        self.agent.starting = len(self.starting)
 
     def _on_zygote(self) -> None:
         records = self.zygote.read()
@@ -190,6 +191,7 @@ class Node:
         for op, pid, code in records:
             if op == b"P" and self.starting:
                 process = self.starting.pop(0)
+                self.agent.starting = len(self.starting)
                 process.pid = pid
                 self.processes[pid] = process
                 self.poller.register(process.fd, zmq.POLLIN)
@@ -210,6 +212,7 @@ class Node:
         self.zygote = new_zygote(self.fresh)
         self.poller.register(self.zygote.fileno(), zmq.POLLIN)
         lost, self.starting = self.starting, []
+        self.agent.starting = 0
         for pid in list(self.processes):
             self._on_exit(pid, None)
         for _ in lost:
