@@ -473,11 +473,13 @@ def test_a_killed_zygote_is_replaced_and_the_running_task_runs_again(tmp_path):
         gate = tmp_path / "gate"
         fut = ex.submit(gated_append, str(gate), str(ran), "x")
         assert wait_until(fut.running, timeout=30)
-        old = ex._io.zygote.pid
+        old, running = ex._io.zygote.pid, set(ex._io.processes)
         os.kill(old, signal.SIGKILL)
+        # a new zygote, and new task processes: the old ones died with their zygote
+        assert wait_until(lambda: ex._io.zygote.pid != old and ex._io.processes and
+                          not running & set(ex._io.processes), timeout=30)
         gate.touch()
-        assert fut.result(timeout=30) == "x"
-        assert ex._io.zygote.pid != old
+        assert fut.result(timeout=30) == "x"  # run again on a new task process
         assert ex.submit(add, 2, 3).result(timeout=30) == 5
 
 
