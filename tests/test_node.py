@@ -133,3 +133,33 @@ def test_remote_mode_leaves_start_options_to_the_agents():
         assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [2, 2], pids
     finally:
         cluster.close()
+
+
+SIGTERM_CLIENT = textwrap.dedent("""
+    import os, signal, sys, time
+    from zmqexec import ZMQExecutor
+    marker = sys.argv[1]
+    def handler(signum, frame):  # the client's own: never to run in a zygote
+        open(marker, "a").write(f"{os.getpid()}\\n")
+    signal.signal(signal.SIGTERM, handler)
+    with ZMQExecutor(1) as ex:
+        assert ex.submit(pow, 2, 2).result(timeout=60) == 4
+        zygote = ex._io.zygote.pid
+        os.kill(zygote, signal.SIGTERM)
+        end = time.monotonic() + 30
+        while ex._io.zygote.pid == zygote and time.monotonic() < end:
+            time.sleep(0.01)
+        assert ex.submit(pow, 2, 3).result(timeout=60) == 8
+        print(zygote, ex._io.zygote.pid)
+""")
+
+
+def test_a_zygote_does_not_run_the_clients_signal_handlers(tmp_path):
+    """SIGTERM ends a zygote (which is then replaced) instead of running the handler the
+    client installed before the zygote was forked from it."""
+    marker = tmp_path / "handled"
+    out = subprocess.run([sys.executable, "-c", SIGTERM_CLIENT, str(marker)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    old, new = out.stdout.split()
+    assert old != new and not marker.exists()

@@ -99,6 +99,7 @@ def serve(control: socket.socket, root: bool) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler the client installed
     children: Set[int] = set()
     cleanup: List[str] = []
     selector = selectors.DefaultSelector()
