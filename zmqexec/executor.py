@@ -3,9 +3,10 @@
 ::
 
     submit(fn, *args) -> serialization.dumps_args -> Future._new -> ClientState.submit
-      -> ClientIO (I/O thread) -> SUBMIT -> broker ... RESULT -> completion thread -> Future
+      -> Node thread (embedded) or ClientIO's I/O thread (remote) -> broker ... RESULT
+      -> the thread waiting in result(), or the completion thread -> Future
 
-The executor owns the embedded cluster (``local.LocalCluster``) when it has no address,
+The executor owns the embedded cluster (``local.node.Node``) when it has no address,
 and holds every Future that is not done through ``ClientState.records``, so a discarded
 future still runs and its callbacks still fire, as in the stdlib.
 """

@@ -14,7 +14,7 @@ The first frame says which frames are paths: ``b"M"`` + a JSON list of their ind
 confused).  A file lives as long as its ``SpillRef`` frame: the client's pending record
 holds the frames until the key's future completes, so a retried or resubmitted task still
 finds its file, and dropping the record deletes it.  The directory is removed by
-``Spill.close``, or by the embedded agent if the client dies first.
+``Spill.close``, or by the zygote if the client dies first.
 """
 from __future__ import annotations
 
