@@ -263,7 +263,6 @@ class ZMQExecutor(_Submitter):
         if max_workers is not None:
             self._io = node = Node(max_workers, self._blobs, attach_timeout=attach_timeout,
                                    heartbeat_interval=heartbeat_interval,
-                                   heartbeat_timeout=heartbeat_timeout,
                                    no_workers_timeout=no_workers_timeout,
                                    max_tasks_per_child=max_tasks_per_child, fresh=fresh)
             self.address = node.address

@@ -48,7 +48,7 @@ class Agent:
 
     def __init__(self, address: str, nprocs: int, *, name: Optional[str] = None,
                  prefetch: Optional[int] = None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 10.0, start_method: Optional[str] = None,
+                 heartbeat_timeout: float = 10.0,
                  drain_timeout: float = 60.0, keys: Optional[Tuple[bytes, bytes, bytes]] = None,
                  max_tasks_per_child: Optional[int] = None) -> None:
         self.address = address
@@ -66,7 +66,7 @@ class Agent:
             "hb": heartbeat_interval, "ttl": heartbeat_timeout},
             prefetch=prefetch, name=self.name, drain_timeout=drain_timeout,
             now=time.monotonic(), max_tasks=max_tasks_per_child)
-        self.mp = multiprocessing.get_context(start_method or default_start_method())
+        self.mp = multiprocessing.get_context(default_start_method())
         self.processes: Dict[int, TaskProcess] = {}  # by pid
 
     @property

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import zmq
 
@@ -50,16 +50,12 @@ class ClientIO:
     def __init__(self, address: str, blobs: Dict[str, bytes], *,
                  heartbeat_interval: float, broker_timeout: float,
                  attach_timeout: float, no_workers_timeout: Optional[float] = None,
-                 keys: Optional[Tuple[bytes, bytes, bytes]] = None,
-                 check: Optional[Callable[[], Optional[str]]] = None,
-                 on_close: Optional[Callable[[], None]] = None) -> None:
+                 keys: Optional[Tuple[bytes, bytes, bytes]] = None) -> None:
         self.address = address
         self.interval = heartbeat_interval
         self.broker_timeout = broker_timeout
         self.no_workers_timeout = no_workers_timeout
         self.keys = keys  # CurveZMQ: (broker public, our public, our secret)
-        self.check = check
-        self.on_close = on_close
         self.ident = uuid.uuid4()
         self.mailbox = Mailbox()
         self.post = self.mailbox.post
@@ -150,8 +146,6 @@ class ClientIO:
             ctx.term()
             self.completions.close()
             link.close_waiters()
-            if self.on_close is not None:
-                self.on_close()
 
     def _on_frames(self, frames: List[Any]) -> None:
         try:
@@ -167,9 +161,5 @@ class ClientIO:
             self.defer(Broken(BrokerLostError(
                 f"no word from the broker at {self.address} for "
                 f"{now - self._last_heard:.1f} s (broker_timeout={self.broker_timeout:g})")))
-        if self.check is not None and self.state.broken is None:
-            problem = self.check()
-            if problem:
-                self.defer(Broken(BrokerLostError(problem)))
         self.link.check_attaching(now)
 

@@ -64,7 +64,7 @@ class Node:
     """The embedded cluster: BrokerState + AgentState on one thread of the client."""
 
     def __init__(self, nprocs: int, blobs: Dict[str, bytes], *, attach_timeout: float,
-                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0,
+                 heartbeat_interval: float = 1.0,
                  no_workers_timeout: Optional[float] = None,
                  max_tasks_per_child: Optional[int] = None, fresh: bool = False) -> None:
         self.nprocs = nprocs
