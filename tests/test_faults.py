@@ -349,6 +349,8 @@ def test_a_lost_remote_broker_ends_pending_futures_and_exit_waits_only_broker_ti
             ex.shutdown(wait=False)
     finally:
         cluster.close()
-    assert 1.4 < lost_after < 5, lost_after
+    # The broker's last word came at most one heartbeat (0.2 s) before it was killed at t0,
+    # so the loss is declared between broker_timeout - heartbeat_interval and a few seconds.
+    assert 1.5 - 0.2 - 0.05 < lost_after < 5, lost_after
     assert exited_after < 2.0 + 3, exited_after  # broker_timeout=2 plus interpreter teardown
     print(f"BrokerLostError after {lost_after:.2f} s; exit after {exited_after:.2f} s")
