@@ -182,9 +182,27 @@ def test_cancel_drops_waiting_tasks_and_asks_for_given_ones():
     tasks(state, "a", "b")
     state.hand_out(now=1.0)
     tasks(state, "c")
-    state.cancel([kw("c"), kw("b"), kw("unknown")])
+    state.cancel([kw("c"), kw("b"), kw("a"), kw("unknown")])
     assert state.dropped == [kw("c")]
+    # the first of a batch was handed to an idle task process: it counts as started; a
+    # key held nowhere has ended here
+    assert sorted(state.kept) == sorted([kw("a"), kw("unknown")])
     assert [(s.pid, kws) for s, kws in state.cancels] == [(100, [kw("b")])]
+    state.on_result(state.slots[100], kw("b"), "kept", b"", now=1.1)  # the process's answer
+    state.flush()
+    assert [(n, sorted(m["ks"])) for n, m, _ in sent(state) if n != "STARTED"] == [
+        ("DROPPED", [kw("c")]), ("KEPT", sorted([kw("a"), kw("unknown"), kw("b")]))]
+    assert list(state.slots[100].keys) == [kw("a"), kw("b")]  # both still to report
+
+
+def test_a_cancel_lets_idle_task_processes_take_work_first():
+    """As ProcessPoolExecutor's call queue: a task an idle process could take is not
+    cancelled from under it."""
+    state = agent(nprocs=2)
+    tasks(state, "a", "b", "c")
+    state.on_broker(P.Message(P.CANCEL, {"ks": [kw("a"), kw("b"), kw("c")]}), now=1.0)
+    assert set(given(state)) == {100, 101}
+    assert len(state.kept) == 2  # the first of each batch
 
 
 def test_drain_gives_back_prefetched_tasks_and_stops_when_running_ones_finish():

@@ -201,6 +201,72 @@ def test_cancel_drops_a_queued_task_and_recalls_a_prefetched_one(h):
     assert kw("queued") not in h.state.table and kw("fetched") not in h.state.table
 
 
+def answers(h: Harness) -> Dict[str, bool]:
+    """The CANCELLED answers sent, by key."""
+    return {k: m.meta["c"] for _, m in h.take_cmd(P.CANCELLED) for k in m.meta["ks"]}
+
+
+def test_a_cancel_is_answered_by_whoever_holds_the_task(h):
+    """Queued: cancelled by the broker; started: kept; out on an agent: the agent's
+    answer decides (DROPPED: cancelled, KEPT or a RESULT: kept)."""
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=2)
+    for key in ("run", "dropped", "kept", "queued", "done"):
+        h.submit(C1, key)
+    h.send(A1, P.STARTED, {"ks": [kw("run")]})
+    h.take()
+    h.send(C1, P.CANCEL, {"ks": [kw("run"), kw("dropped"), kw("kept"), kw("queued"),
+                                 kw("never-submitted")]})
+    out = h.take()
+    assert [m.meta["ks"] for i, m in out if m.cmd == P.CANCEL and i == A1] == \
+        [[kw("dropped"), kw("kept")]]
+    assert {k: m.meta["c"] for _, m in out if m.cmd == P.CANCELLED for k in m.meta["ks"]} \
+        == {kw("run"): False, kw("queued"): True, kw("never-submitted"): False}
+    h.send(A1, P.DROPPED, {"ks": [kw("dropped")]})
+    h.send(A1, P.KEPT, {"ks": [kw("kept")]})
+    assert answers(h) == {kw("dropped"): True, kw("kept"): False}
+    assert kw("dropped") not in h.state.table and kw("kept") in h.state.table
+    h.send(A1, P.KEPT, {"ks": [kw("kept")]})  # a second answer changes nothing
+    h.result(A1, "kept")
+    assert [row[0] for _, row, _ in h.results()] == [kw("kept")]  # and no answer again
+
+
+def test_a_cancel_is_kept_when_the_result_or_a_death_comes_first(h):
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=2, prefetch=0)
+    h.submit(C1, "finishes")
+    h.submit(C1, "dies")
+    h.take()
+    h.send(C1, P.CANCEL, {"ks": [kw("finishes"), kw("dies")]})
+    h.take()
+    h.result(A1, "finishes")
+    h.send(A1, P.DEATH, {"k": kw("dies"), "exit": "SIGKILL"})
+    assert answers(h) == {kw("finishes"): False, kw("dies"): False}
+
+
+def test_a_cancel_of_a_task_another_client_wants_is_kept(h):
+    h.hello(C1, "client")
+    h.hello(C2, "client")
+    h.submit(C1, "shared", pure=True)
+    h.submit(C2, "shared", pure=True)
+    h.send(C1, P.CANCEL, {"ks": [kw("shared")]})
+    assert answers(h) == {kw("shared"): False}
+    assert h.state.table.get(kw("shared")).state == "queued"
+
+
+def test_a_lost_agent_keeps_the_cancels_it_was_asked(h):
+    """It may have started them: they are queued again and still wanted."""
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    h.submit(C1, "out")
+    h.take()
+    h.send(C1, P.CANCEL, {"ks": [kw("out")]})
+    h.take()
+    h.send(A1, P.BYE, {"reason": "gone"})
+    assert answers(h) == {kw("out"): False}
+    assert h.state.table.get(kw("out")).state == "queued"
+
+
 def test_results_are_held_for_attaching_clients_until_released(h):
     h.hello(C1, "client")
     h.hello(C2, "client")

@@ -18,7 +18,7 @@ from typing import Any, List
 import pytest
 
 from conftest import ROOT, wait_until
-from zmqexec.client.items import Results
+from zmqexec.client.items import Cancel, Results
 from zmqexec.client.state import ClientState
 from zmqexec.wire.records import SubmitRow
 from zmqexec.client.future import Future
@@ -59,14 +59,20 @@ class DoorLock:
 
 class Outlet:
     """The thread that owns the connection, reduced to lists: what was posted to it and
-    what it was given for the completion thread."""
+    what it was given for the completion thread.  A cancel is answered at once, as the
+    owner thread does for a submit that has not left the client yet."""
 
     def __init__(self) -> None:
         self.posted: List[Any] = []
         self.handed_back: List[Any] = []
+        self.io_thread = threading.Thread(target=lambda: None)  # (never the caller)
+        self.state: Any = None
 
     def post(self, command: Any) -> None:
         self.posted.append(command)
+        if isinstance(command, Cancel):
+            for kw in command.request.kws:
+                command.request.answer(kw, True, self.state.take_cancelled(kw), self.defer)
 
     def defer(self, completion: Any) -> None:
         self.handed_back.append(completion)
@@ -78,6 +84,7 @@ class State(ClientState):
     def __init__(self) -> None:
         self.outlet_lists = Outlet()
         super().__init__(self.outlet_lists)
+        self.outlet_lists.state = self
         self.lock = DoorLock()  # type: ignore[assignment]
 
     def completion_thread_turn(self) -> None:

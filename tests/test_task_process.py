@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import pytest
 
@@ -81,7 +81,9 @@ class Driver:
         self.child.give(tasks, self.blobs)
         return [task.kw for task in tasks]
 
-    def results(self, count: int, timeout: float = 10) -> List[Tuple[str, str, Any]]:
+    def results(self, count: int, timeout: float = 10, kept: Optional[List[str]] = None
+                ) -> List[Tuple[str, str, Any]]:
+        """The next ``count`` records; with ``kept``, "kept" answers go there instead."""
         out: List[Tuple[str, str, Any]] = []
         end = time.monotonic() + timeout
         while len(out) < count:
@@ -89,7 +91,11 @@ class Driver:
                 f"only {len(out)} of {count} results within {timeout} s: {out}"
             for message in self.child.read() or []:
                 kw, status, data = unpack_result(message)
-                value = S.loads_result(status, bytes(data))[1] if status != "dropped" else None
+                if kept is not None and status == "kept":
+                    kept.append(kw)
+                    continue
+                value = S.loads_result(status, bytes(data))[1] \
+                    if status not in ("dropped", "kept") else None
                 out.append((kw, status, value))
         return out
 
@@ -114,7 +120,8 @@ def test_a_cancel_sent_while_a_task_runs_drops_the_next_ones_not_the_running_one
                         driver.task(pause, 0, "second"), driver.task(pause, 0, "third")])
     wait_started(started)
     driver.child.cancel([keys[0], keys[1]])
-    assert driver.results(1) == [(keys[1], "dropped", None)]  # the first still runs
+    # the first runs on, and says so at once; the second is dropped
+    assert driver.results(2) == [(keys[0], "kept", None), (keys[1], "dropped", None)]
     open(gate, "w").close()
     assert driver.results(2) == [(keys[0], "finished", "first"), (keys[2], "finished", "third")]
 
@@ -173,17 +180,24 @@ def test_a_dropped_task_is_answered_before_any_later_result(tmp_path):
     finally:
         sys.setswitchinterval(interval)
     try:
+        dropped: Set[str] = set()
+        all_kept: Set[str] = set()
         for round in range(300):
             keys = driver.give([driver.task(pause, 0, "first"), driver.task(pause, 0, "mid"),
                                 driver.task(pause, 0, "last")])
             driver.child.cancel(keys[:2])
-            got = driver.results(3)
+            kept: List[str] = []
+            got = driver.results(3, kept=kept)
             waiting = list(keys)
             for kw, status, _ in got:
                 if status == "dropped":
                     waiting.remove(kw)
+                    assert kw not in kept, (round, got, kept)  # one answer, exclusively
                 else:
                     assert kw == waiting.pop(0), (round, got)
+            dropped.update(kw for kw, st, _ in got if st == "dropped")
+            all_kept.update(kept)
+        assert not dropped & all_kept  # never both answers for one task
     finally:
         driver.close()
 

@@ -27,7 +27,8 @@ from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Option
 
 from .wire import serialization as S
 from .client.io import ClientIO
-from .client.future import Future, register_executor, unregister_executor
+from .client.cancels import cancel_futures
+from .client.future import CANCEL_WAIT, Future, register_executor, unregister_executor
 from .wire.curve import peer_keys
 from .local.node import Node
 from .wire.protocol import key_to_wire
@@ -119,6 +120,12 @@ class _Submitter(concurrent.futures.Executor):
             fs.append(fut)
         return _MapResults(fs, submit_next if buffersize else None, end, chunksize)
 
+    def cancel(self, futures: "Iterable[concurrent.futures.Future[Any]]"
+               ) -> "List[concurrent.futures.Future[Any]]":
+        """Cancel many futures in one exchange (as Dask's ``Client.cancel``): the ones
+        cancelled, which will never start."""
+        return cancel_futures(list(futures))
+
     def gather(self, futures: "Iterable[concurrent.futures.Future[Any]]", *,
                timeout: Optional[float] = None) -> List[Any]:
         """All results in input order; the first error in input order is raised."""
@@ -158,7 +165,7 @@ class _MapResults(Iterator[Any]):
             try:
                 value = fut.result(None if self._end is None else self._end - time.monotonic())
             except BaseException:
-                fut.cancel()
+                self._fs.appendleft(fut)
                 self.close()
                 raise
             del fut  # yielded results are not referenced any more
@@ -175,14 +182,17 @@ class _MapResults(Iterator[Any]):
             return 0  # buffersize: the input may be endless
         return len(self._fs) * self._chunksize
 
-    def close(self) -> None:
-        """Cancel every result not taken yet."""
-        while self._fs:
-            self._fs.popleft().cancel()
+    def close(self, wait: Optional[float] = CANCEL_WAIT) -> None:
+        """Cancel every result not taken yet, in one exchange (``wait``: seconds to wait
+        for the answers; those that started run on)."""
         self._more = None
+        if self._fs:
+            fs: "List[concurrent.futures.Future[Any]]" = list(self._fs)
+            self._fs.clear()
+            cancel_futures(fs, wait)
 
     def __del__(self) -> None:
-        self.close()
+        self.close(0)  # (garbage collection must not wait for the answers)
 
 
 def _check_start(mp_context: Any, max_tasks_per_child: Optional[int], embedded: bool
@@ -391,8 +401,7 @@ class ZMQExecutor(_Submitter):
         if cancel_futures:
             with self._client.lock:
                 futures = [f for rec in self._client.records.values() for f in rec.futures]
-            for fut in futures:
-                fut.cancel()
+            self._client.cancel(futures, CANCEL_WAIT)  # what had not started, in one exchange
         if first:
             unregister_executor(self)
             self._io.close()

@@ -224,7 +224,7 @@ class Agent:
             log.warning("dropped a malformed message from the broker: %s", exc)
             return
         self.last_heard = time.monotonic()
-        self.state.on_broker(msg)
+        self.state.on_broker(msg, self.last_heard)
         if msg.cmd == P.TASK:
             self.state.hand_out(self.last_heard)
 

@@ -152,12 +152,14 @@ class Inbox:
                 number, kws = json.loads(cancels.recv_bytes())
             except (EOFError, OSError, ValueError, TypeError):
                 return
-            with self._lock:  # "dropped" is written in the same hold that decides it: a
+            with self._lock:  # the answer is written in the same hold that decides it: a
                 if number == self._batch:  # later task's result must never come first
                     for kw in kws:  # (the agent takes results in order, drops in any)
                         if kw in self._pending:
                             self._pending.discard(kw)
                             self._write_record(kw, "dropped")
+                        else:  # started, or done (its result is on the pipe already)
+                            self._write_record(kw, "kept")
                 elif number > self._batch:
                     self._early.setdefault(number, set()).update(kws)
 

@@ -19,6 +19,9 @@ Decisions made here:
   ``SLOT_WINDOW`` seconds of work, as one batch;
 - **started notices** wait up to ``STARTED_GRACE`` for a result to ride in while tasks are
   short (one message per lone task, not two);
+- **cancels**: a prefetched task is dropped; the first task of a task process's batch
+  counts as started (it was handed to an idle process) and is *kept*; a later one is the
+  task process's to answer, dropped or kept, exclusively (``KEPT`` tells the broker);
 - **deaths**: the running task is reported with the exit status (``DEATH``), the rest of
   the batch is given back free (``DROPPED``); **timeouts** and **kills** stop a task
   process on purpose and report the key with the reason (never retried);
@@ -96,6 +99,7 @@ class AgentState:
         self.started: List[str] = []  # batched STARTED notice (rides in a RESULT)
         self.started_at = 0.0  # when ``started`` last became non-empty (STARTED_GRACE)
         self.dropped: List[str] = []  # batched DROPPED notice
+        self.kept: List[str] = []  # batched KEPT notice: cancels that found a task started
         self.results: Tuple[List[ResultRow], List[Any]] = ([], [])  # batched RESULT
         self.unacked: Deque[Tuple[int, ResultRow, Any]] = deque()  # (number, row, frame)
         self.unacked_bytes = self.sent_rows = 0
@@ -145,6 +149,11 @@ class AgentState:
 
     def on_result(self, slot: Slot, kw: str, status: str, result: Any, now: float) -> None:
         """A task process sent a result, or said it dropped a task before starting it."""
+        if status == "kept":  # a cancel came after it started (or ended): it runs on
+            if slot.keys and slot.keys[0] == kw and kw in self.killing:
+                self._stop_slot(slot, "killed")  # a kill that reached its batch late
+            self.kept.append(kw)
+            return
         if status == "dropped":  # a cancel reached it before it started
             if kw in slot.keys:
                 first = slot.keys[0] == kw
@@ -234,12 +243,14 @@ class AgentState:
             self.unacked_bytes = 0
             self.flush()
 
-    def on_broker(self, msg: P.Message) -> None:
-        """Apply one message from the broker."""
+    def on_broker(self, msg: P.Message, now: float = 0.0) -> None:
+        """Apply one message from the broker (``now``: for a CANCEL, which first lets idle
+        task processes take waiting tasks)."""
         cmd, meta = msg.cmd, msg.meta
         if cmd == P.TASK:
             self.take_tasks(meta["f"], meta["t"], msg.payload)
         elif cmd == P.CANCEL:
+            self.hand_out(now)  # as ProcessPoolExecutor's call queue: idle ones take work
             self.cancel(meta["ks"])
         elif cmd == P.KILL:
             self.kill(meta["ks"])
@@ -283,18 +294,26 @@ class AgentState:
                 self.timeouts[row.kw] = row.timeout
 
     def cancel(self, kws: List[str]) -> None:
-        """Drop prefetched tasks; ask task processes to drop given ones not started."""
-        rest = []
+        """Drop prefetched tasks; the first of a batch is kept (handed to an idle task
+        process, it counts as started); the task process answers for the others.  A key
+        held nowhere has ended here (its result left): kept."""
+        rest = set()
         for kw in kws:
             if self.waiting.pop(kw, None) is not None:
                 self.dropped.append(kw)
             else:
-                rest.append(kw)
+                rest.add(kw)
         if rest:
             for slot in self.slots.values():
-                mine = [kw for kw in rest if kw in slot.keys]
+                if not slot.keys or rest.isdisjoint(slot.keys):
+                    continue
+                mine = [kw for kw in slot.keys if kw in rest]
+                rest.difference_update(mine)
+                if mine[0] == slot.keys[0]:
+                    self.kept.append(mine.pop(0))
                 if mine:
                     self.cancels.append((slot, mine))
+            self.kept.extend(rest)
 
     def _acked(self, count: Any) -> None:
         """The broker has received ``count`` RESULT rows since our HELLO: forget them."""
@@ -317,6 +336,9 @@ class AgentState:
                 self.timeouts.pop(kw, None)
             self._send(P.DROPPED, {"ks": self.dropped})
             self.dropped = []
+        if self.kept:
+            self._send(P.KEPT, {"ks": self.kept})
+            self.kept = []
         rows, frames = self.results
         if self.started and rows:  # a task that started and finished since the last turn
             finished = {row.kw for row in rows}  # needs no "running" notice: its result

@@ -21,7 +21,8 @@ Frames = List[Any]
 
 
 class Outbox:
-    """Per-peer batches of TASK, RESULT, STATE and CANCEL rows, and single messages."""
+    """Per-peer batches of TASK, RESULT, STATE, CANCEL and KILL rows, cancel answers,
+    and single messages."""
 
     def __init__(self) -> None:
         self.out: List[Tuple[bytes, Frames]] = []
@@ -32,6 +33,7 @@ class Outbox:
         self._states: Dict[bytes, List[List[str]]] = {}
         self._cancels: Dict[bytes, List[str]] = {}
         self._kills: Dict[bytes, List[str]] = {}
+        self._answers: Dict[bytes, Tuple[List[str], List[str]]] = {}  # cancelled, kept
 
     def send(self, ident: bytes, cmd: int, meta: Dict[str, Any],
              payload: Sequence[Any] = ()) -> None:
@@ -92,11 +94,18 @@ class Outbox:
     def kill(self, agent: bytes, kw: str) -> None:
         self._kills.setdefault(agent, []).append(kw)
 
+    def answer(self, client: bytes, kw: str, cancelled: bool) -> None:
+        """The answer to a client's cancel of ``kw``: cancelled, or kept (it runs on)."""
+        answers = self._answers.get(client)
+        if answers is None:
+            answers = self._answers[client] = ([], [])
+        answers[0 if cancelled else 1].append(kw)
+
     def flush(self) -> List[Tuple[bytes, Frames]]:
         """Everything to send now, states before results so a key never goes backwards;
         what is for local peers goes to ``delivered`` instead."""
         if not (self._results or self._tasks or self._states or self._cancels or
-                self._kills):
+                self._kills or self._answers):
             out, self.out = self.out, []
             return out
         emit = self._emit
@@ -112,15 +121,21 @@ class Outbox:
             if ident in riding:
                 meta["st"] = riding[ident]
             emit(ident, P.RESULT, meta, frames)
+        for ident, (fids, blobs, tasks, frames) in self._tasks.items():
+            emit(ident, P.TASK, {"f": fids, "t": tasks}, blobs + frames)
+        # after the tasks: a cancel or kill may name a task of this very batch
         for ident, kws in self._cancels.items():
             emit(ident, P.CANCEL, {"ks": kws})
         for ident, kws in self._kills.items():
             emit(ident, P.KILL, {"ks": kws})
-        for ident, (fids, blobs, tasks, frames) in self._tasks.items():
-            emit(ident, P.TASK, {"f": fids, "t": tasks}, blobs + frames)
+        for ident, (cancelled, kept) in self._answers.items():
+            if cancelled:
+                emit(ident, P.CANCELLED, {"ks": cancelled, "c": True})
+            if kept:
+                emit(ident, P.CANCELLED, {"ks": kept, "c": False})
         out, self.out = self.out, []
         self._states, self._results, self._cancels, self._tasks = {}, {}, {}, {}
-        self._kills = {}
+        self._kills, self._answers = {}, {}
         return out
 
     def _emit(self, ident: bytes, cmd: int, meta: Dict[str, Any],

@@ -8,9 +8,10 @@ Payload frames are kept and forwarded as the objects the socket gave (``zmq.Fram
 
 It is composed of parts that own their state: the ``KeyTable`` (entries, who wants them,
 the run queue, held results; the one place an entry's state changes), the ``Outbox``
-(batches to send), ``Rejoin`` (agents that come back), ``NoWorkerWatch``
-(``no_workers_timeout``).  ``BrokerState`` itself holds the peers and their credits, and
-routes each message to its handler.  ``validate()`` checks every count (tests call it).
+(batches to send), ``Rejoin`` (agents that come back), ``Cancels`` (cancel requests an
+agent must answer), ``NoWorkerWatch`` (``no_workers_timeout``).  ``BrokerState`` itself
+holds the peers and their credits, and routes each message to its handler.  ``validate()``
+checks every count (tests call it).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .._version import __version__
 from ..errors import ProtocolError
 from ..wire import protocol as P
 from ..wire.records import SubmitRow
+from .cancels import Cancels
 from .outbox import Outbox
 from .records import DONE, PREFETCH_LIMIT, STOPPED, Entry, Frames, Peer
 from .rejoin import Rejoin
@@ -54,6 +56,7 @@ class BrokerState:
         # agents that may take another task, served in turn (checked again when popped)
         self.ready: "OrderedDict[bytes, None]" = OrderedDict()
         self.rejoin = Rejoin(self.table, self.outbox, self.peers, self._free_credit)
+        self.cancels = Cancels(self.table, self.outbox)
         self.no_workers = NoWorkerWatch()
         self.dropped: Counter[str] = Counter()
         self.started: Optional[float] = None
@@ -167,6 +170,11 @@ class BrokerState:
                 if self.table.current(entry):
                     assert entry.state in ("dispatched", "running"), (kw, entry.state)
                     assert entry.agent == ident, kw
+        for kw, client in self.cancels.asking.items():  # an agent holds what it must answer
+            asked = self.table.get(kw)
+            assert asked is not None and asked.state in ("dispatched", "running"), kw
+            assert asked.agent is not None and kw in self.peers[asked.agent].inflight, kw
+            assert client in self.peers, kw
 
     # ---- helpers ----------------------------------------------------------------------
     def drop(self, reason: str, ident: bytes, exc: Optional[BaseException] = None) -> None:
@@ -260,9 +268,11 @@ class BrokerState:
             kept = set().union(*(p.fids for p in self.peers.values() if p.role == "client"))
             for fid in peer.fids - kept:
                 self.blobs.pop(fid, None)
+        self.cancels.kept(peer.inflight)  # they may have started: queued again, still wanted
         for entry in list(peer.inflight.values()):
             self.table.lose(entry, peer.name, reason, charged=entry.state == "running")
         peer.inflight.clear()
+        self.cancels.forget_client(peer.ident)
         for kw in self.table.forget_client(peer.ident):
             wanted = self.table.get(kw)
             if wanted is not None:
@@ -287,6 +297,7 @@ class BrokerState:
             peer.ttl = max(3 * peer.interval, self.client_timeout)
         if old is not None and old.role == peer.role == "worker":
             for entry in self.rejoin.keep_running(old, peer, meta.get("running") or []):
+                self.cancels.kept((entry.kw,))
                 self.table.lose(entry, old.name, "agent re-registered", charged=False)
         self.peers[ident] = peer
         if peer.role == "worker" and type(meta.get("running")) is list:
@@ -322,11 +333,7 @@ class BrokerState:
 
     def _cancel(self, client: Peer, msg: P.Message) -> None:
         for kw in msg.meta["ks"]:
-            entry = self.table.get(kw)
-            if entry is not None and client.ident in entry.interests:
-                self.table.unwant(client.ident, entry)
-                if not entry.interests:
-                    self.table.cancel(entry)
+            self.cancels.request(client.ident, kw)
 
     def _kill(self, client: Peer, msg: P.Message) -> None:
         """Stop tasks this client wants: on their agent, or at once if still queued."""
@@ -361,6 +368,8 @@ class BrokerState:
         rows = msg.meta["r"]
         agent.results_in += len(rows)  # acknowledged in heartbeats: the agent may forget
         inflight, table, finished = agent.inflight, self.table, 0
+        if self.cancels.asking:
+            self.cancels.kept(row[0] for row in rows)
         for kw, status, nframes in (row[:3] for row in rows):
             payload = frames[at:at + nframes]
             at += nframes
@@ -382,6 +391,7 @@ class BrokerState:
         entry = agent.inflight.pop(msg.meta["k"], None)
         if entry is None:
             return
+        self.cancels.kept((entry.kw,))
         self._free_credit(agent)
         why = msg.meta.get("why")
         if why in STOPPED and self.table.current(entry) and entry.state not in DONE:
@@ -397,7 +407,12 @@ class BrokerState:
             entry = agent.inflight.pop(kw, None)
             if entry is not None:
                 self._free_credit(agent)
-                self.table.lose(entry, agent.name, "given back", charged=False)
+                cancelled = self.cancels.dropped(entry)
+                self.table.lose(entry, agent.name, "cancelled" if cancelled else "given back",
+                                charged=False)
+
+    def _kept(self, agent: Peer, msg: P.Message) -> None:
+        self.cancels.kept(msg.meta["ks"])
 
     def _agent_heartbeat(self, agent: Peer, msg: P.Message) -> None:
         """A heartbeat from an agent; one that says ``drain`` gets no more tasks."""
@@ -426,6 +441,7 @@ _HANDLERS: Dict[Tuple[str, int], Callable[[BrokerState, Peer, P.Message], None]]
     ("worker", P.RESULT): BrokerState._result,
     ("worker", P.DEATH): BrokerState._death,
     ("worker", P.DROPPED): BrokerState._dropped,
+    ("worker", P.KEPT): BrokerState._kept,
     **{(role, P.STATUS): BrokerState._status for role in P.ROLES},
     **{(role, P.BYE): BrokerState._bye for role in P.ROLES},
     **{(role, P.HEARTBEAT): BrokerState._nothing for role in P.ROLES},

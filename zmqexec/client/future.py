@@ -35,7 +35,7 @@ class Registry(Protocol):
 
     def await_outcome(self, fut: "Future", end: Optional[float]) -> None: ...
 
-    def cancelled(self, fut: "Future") -> None: ...
+    def cancel(self, futs: List["Future"], timeout: Optional[float]) -> List["Future"]: ...
 
     def unref(self, kw: str) -> None: ...
 
@@ -51,6 +51,8 @@ class Owner(Protocol):
 
     def _check_usable(self) -> None: ...
 
+
+CANCEL_WAIT = 10.0  # seconds cancel() waits for the holder's answer at most (then False)
 
 # Executors that are running, oldest first: ``Future(key)`` with no client takes the last.
 _running: List["weakref.ref[Owner]"] = []
@@ -212,16 +214,13 @@ class Future(concurrent.futures.Future[Any]):
         return 0.0
 
     def cancel(self) -> bool:
-        """Cancel while pending here; waiters are notified at once (not at a later pickup).
-
-        The broker drops the task if it is queued, an agent drops it if prefetched; a
-        task that already started runs on and its result is dropped quietly.
-        """
-        if not super().cancel():
-            return False
-        mark_running(self)  # CANCELLED -> CANCELLED_AND_NOTIFIED: wait() sees it now
-        self.executor._client.cancelled(self)
-        return True
+        """True only if the call will never start: whoever holds the task answers
+        (``client.cancels``), within ``CANCEL_WAIT`` seconds (else False).  After False
+        the future is running or done; a task that other futures of its key (or other
+        clients) wait for runs for them, so its cancel says False too."""
+        if self._state != PENDING:
+            return super().cancel()  # running or done: False; cancelled already: True
+        return bool(self.executor._client.cancel([self], CANCEL_WAIT))
 
     def release(self) -> None:
         """Drop this client's interest in a done future; the broker may free its copy."""

@@ -19,7 +19,7 @@ Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
 class Pending:
     """The client's pending record: one key this client waits for, and its futures."""
 
-    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived")
+    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived", "out")
 
     def __init__(self, kw: str, futures: List[Any], row: "SubmitRow | None" = None,
                  frames: "List[Any] | None" = None) -> None:
@@ -30,6 +30,7 @@ class Pending:
         self.nbytes = sum(map(len, self.frames))
         self.arrived: "Tuple[List[Any], List[Any]] | None" = None  # (RESULT row, frames)
         # handed to a thread waiting in result() (``ClientState.await_outcome``)
+        self.out = False  # its submit left this client (a cancel must ask the broker)
 
 
 # ---- commands: user threads -> the thread that owns the connection ------------------
@@ -44,9 +45,9 @@ class Inform(NamedTuple):
 
 
 class Cancel(NamedTuple):
-    """The last local future of a key was cancelled: drop the task if not started."""
+    """``cancel()``: ask whoever holds these keys' tasks to drop them if not started."""
 
-    kw: str
+    request: Any  # a cancels.CancelRequest (answered key by key)
 
 
 class Kill(NamedTuple):
@@ -110,4 +111,11 @@ class Broken(NamedTuple):
     error: BaseException
 
 
-Completion = Union[Running, Results, Settle, Broken]
+class Answers(NamedTuple):
+    """Answers to a ``cancel()`` that came after the asking thread stopped waiting:
+    key -> (cancelled, its record, already out of the client's tables)."""
+
+    answers: Dict[str, Tuple[bool, "Pending | None"]]
+
+
+Completion = Union[Running, Results, Settle, Broken, Answers]

@@ -22,6 +22,7 @@ from ..errors import BrokenZMQExecutor, BrokerLostError, MessageTooLargeError, U
 from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.records import SubmitRow
+from .cancels import CancelRequest
 from .items import (
     Broken,
     Cancel,
@@ -84,6 +85,7 @@ class Link:
         self.attaching: Dict[str, float] = {}  # informed keys not known yet -> deadline
         self.sent_fids: Set[str] = set()  # blobs the broker has from this client
         self.cancels: List[str] = []
+        self.asking: Dict[str, CancelRequest] = {}  # keys whose cancel the broker answers
         self.releases: List[str] = []
         self.kills: List[str] = []
         self.status_waiters: "Deque[concurrent.futures.Future[Dict[str, Any]]]" = deque()
@@ -117,12 +119,11 @@ class Link:
                 if command.kw in self.sent:
                     self.kills.append(command.kw)
             elif isinstance(command, Cancel):
-                kw = command.kw
-                if kw in self.sent:
-                    self.sent_bytes -= self.sent.pop(kw)
-                    self.cancels.append(kw)
-                elif self.attaching.pop(kw, None) is not None:
-                    self.releases.append(kw)
+                self.unref(unrefs)  # keep the channel ordered: what came earlier leaves first
+                unrefs = []
+                self.flush_batches()
+                self.pump()  # idle task processes take work first, as with the stdlib
+                self._cancel(command.request)
             elif isinstance(command, (Inform, StatusRequest)):
                 self.unref(unrefs)  # keep the channel ordered: what came earlier leaves first
                 unrefs = []
@@ -141,6 +142,37 @@ class Link:
             self.unref(unrefs)
         self.flush_batches()
         self.pump()
+
+    def _cancel(self, request: CancelRequest) -> None:
+        """A key whose submit has not left is cancelled here; the broker answers for the
+        others (a key answered already, its result on the way, is kept)."""
+        records = self.state.records
+        for kw in request.kws:
+            rec = records.get(kw)
+            if rec is not None and rec.row is not None and not rec.out:
+                request.answer(kw, True, self.state.take_cancelled(kw), self.defer)
+            elif rec is not None and (kw in self.sent or rec.row is None):
+                self.asking[kw] = request
+                self.cancels.append(kw)
+            else:
+                self.state.kept(kw)
+                request.answer(kw, False, None, self.defer)
+
+    def _on_cancelled(self, kws: List[str], cancelled: bool) -> None:
+        """The broker's answers to our cancels."""
+        for kw in kws:
+            request = self.asking.pop(kw, None)
+            if request is None:
+                continue
+            rec = None
+            if cancelled:
+                if kw in self.sent:
+                    self.sent_bytes -= self.sent.pop(kw)
+                self.attaching.pop(kw, None)
+                rec = self.state.take_cancelled(kw)
+            else:
+                self.state.kept(kw)
+            request.answer(kw, cancelled and rec is not None, rec, self.defer)
 
     def flush_batches(self) -> None:
         if self.cancels:
@@ -179,6 +211,7 @@ class Link:
                 if rec.nbytes > max_frame and self._too_large(rec):
                     continue
                 room -= 1
+                rec.out = True
                 sent[rec.kw] = rec.nbytes
                 sent_bytes += rec.nbytes
                 size += rec.nbytes
@@ -236,6 +269,8 @@ class Link:
                 self.defer(Results(rows, payload))
         elif cmd == P.STATE:
             self._on_states(meta["r"])
+        elif cmd == P.CANCELLED:
+            self._on_cancelled(meta["ks"], meta["c"])
         elif cmd in (P.WELCOME, P.HEARTBEAT):
             self.slots = int(meta.get("slots", self.slots))
             if cmd == P.WELCOME:
@@ -272,6 +307,7 @@ class Link:
         """
         log.warning("the broker forgot this client: registering again")
         self.hello()
+        self._on_cancelled(list(self.asking), False)  # resubmitted below, or failed
         self.sent_fids.clear()  # a new broker has none of our blobs
         resend = [self.state.records.get(kw) for kw in self.sent]
         self.sent.clear()
@@ -305,3 +341,4 @@ class Link:
         for waiter in self.status_waiters:
             waiter.set_exception(BrokenZMQExecutor("the executor closed"))
         self.status_waiters.clear()
+        self._on_cancelled(list(self.asking), False)

@@ -2,10 +2,11 @@
 
 ``ClientState`` holds, under one lock: ``records`` (the client's pending records, by key),
 ``done`` (outcomes of keys some local Future still holds) and ``refs`` (how many local
-Futures each key has).  User threads register futures here (``submit``, ``attach``,
-``cancelled``); the completion thread settles them (``complete``).  Anything that must go
-to the broker is posted as a command to its ``Outlet``: the thread that owns the
-connection (``io.ClientIO``), which the state does not know more of.
+Futures each key has).  User threads register futures here (``submit``, ``attach``) and
+cancel them (``cancel``, an exchange: ``cancels``); the completion thread settles them
+(``complete``).  Anything that must go to the broker is posted as a command to its
+``Outlet``: the thread that owns the connection (``io.ClientIO``, ``local.node``), which
+the state does not know more of.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from concurrent.futures._base import PENDING, RUNNING
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from typing import Any, Dict, List, Optional, Protocol, Tuple, Type
 
 from ..wire import protocol as P
@@ -26,8 +27,10 @@ from ..errors import (
     ZMQExecError,
 )
 from ..wire.records import SubmitRow
+from .cancels import CancelRequest, apply_answers
 from .future import Future, mark_running
 from .items import (
+    Answers,
     Broken,
     Cancel,
     Command,
@@ -55,6 +58,10 @@ class Outlet(Protocol):
     def post(self, command: Command) -> None: ...
 
     def defer(self, completion: Completion) -> None: ...
+
+    @property
+    def io_thread(self) -> threading.Thread:
+        """The owner thread (``cancel()`` called in it cannot wait for its answer)."""
 
 
 def broker_error(kw: str, e: Dict[str, Any]) -> BaseException:
@@ -115,6 +122,7 @@ class ClientState:
         self.broken: Optional[BaseException] = None
         # keys a thread waits for in result(): that thread's future and the record waited for
         self.awaited: Dict[str, Tuple[Future, Pending]] = {}
+        self.cancelling: Dict[str, CancelRequest] = {}  # keys a cancel() waits to hear of
 
     def submit(self, fut: Future, row: SubmitRow, frames: List[Any]) -> Future:
         """Register a submitted future; share a live key when pure, else refuse a live one."""
@@ -176,17 +184,57 @@ class ClientState:
         self.refs[fut._kw] = self.refs.get(fut._kw, 0) + 1
         fut._registered = True
 
-    def cancelled(self, fut: Future) -> None:
-        """A future was cancelled locally: if it was the key's last waiter, tell the broker."""
+    def cancel(self, futs: List[Future], timeout: Optional[float]) -> List[Future]:
+        """Cancel what will never start, in one exchange (``cancels``); the futures
+        cancelled.  ``timeout``: seconds to wait for the answers (0: do not wait; then
+        they apply when they come).  A key other local futures wait for is kept."""
+        if not self.lock.acquire(timeout=0.01):  # held by this very thread (a finalizer
+            return []  # run by the garbage collector inside it): nothing is cancelled
+        try:
+            asked: Dict[str, List[Future]] = {}
+            for fut in futs:
+                rec = self.records.get(fut._kw)
+                if fut._state == PENDING and rec is not None and fut in rec.futures:
+                    asked.setdefault(fut._kw, []).append(fut)
+            requests: List[CancelRequest] = []
+            new: List[str] = []
+            for kw, mine in asked.items():
+                if len(set(map(id, mine))) < len(self.records[kw].futures):
+                    continue  # other futures of the key wait for it: it runs for them
+                pending = self.cancelling.get(kw)
+                if pending is None:
+                    new.append(kw)
+                elif pending not in requests:
+                    requests.append(pending)  # another thread asked already: its answer
+            if new:
+                request = CancelRequest(new)
+                requests.append(request)
+                for kw in new:
+                    self.cancelling[kw] = request
+        finally:
+            self.lock.release()
+        if new:
+            self.post(Cancel(request))
+        if timeout and self.outlet.io_thread is not threading.current_thread():
+            end = time.monotonic() + timeout
+            for waited in requests:
+                waited.event.wait(max(0.0, end - time.monotonic()))
+        answers = {}
+        for waited in requests:
+            answers.update(waited.close())
+        apply_answers(answers, self.records, self.lock)
+        return [f for f in futs if f._state in (CANCELLED, CANCELLED_AND_NOTIFIED)]
+
+    def take_cancelled(self, kw: str) -> Optional[Pending]:
+        """A key's task will never start: its record leaves the tables (the owner thread,
+        before it answers the cancel), so no submit of it leaves later."""
         with self.lock:
-            rec = self.records.get(fut._kw)
-            if rec is None or fut not in rec.futures:
-                return
-            rec.futures.remove(fut)
-            if rec.futures:
-                return
-            del self.records[fut._kw]
-        self.post(Cancel(fut._kw))
+            self.cancelling.pop(kw, None)
+            return self.records.pop(kw, None)
+
+    def kept(self, kw: str) -> None:
+        with self.lock:
+            self.cancelling.pop(kw, None)
 
     def unref(self, kw: str) -> None:
         """A future of ``kw`` is gone (``__del__``, ``release()``).
@@ -235,6 +283,8 @@ class ClientState:
             self._settle_key(item.kw, item.outcome)
         elif isinstance(item, Broken):
             self.fail_all(item.error)
+        elif isinstance(item, Answers):
+            apply_answers(item.answers, self.records, self.lock)
         else:
             raise TypeError(f"not a completion: {item!r}")
 
@@ -352,6 +402,10 @@ class ClientState:
                 log.error("executor broken: %s", error)
             records = list(self.records.values())
             self.records.clear()
+            waiting = list(self.cancelling.values())
+            self.cancelling.clear()
+        for request in waiting:  # no answer will come: the futures fail below
+            request.event.set()
         for rec in records:
             for fut in rec.futures:
                 _settle(fut, (False, error))

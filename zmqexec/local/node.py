@@ -147,7 +147,7 @@ class Node:
                 if ident == CLIENT:
                     link.on_message(msg)
                 elif ident == AGENT:
-                    agent.on_broker(msg)
+                    agent.on_broker(msg, now)
         self._carry_out()
 
     def _carry_out(self) -> None:

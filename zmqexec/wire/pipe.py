@@ -34,7 +34,7 @@ _HEAD = struct.Struct("!II")  # JSON length, frame count
 _RESULT = struct.Struct("!BH")  # status code, key length
 _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")  # Connection's length prefixes
 HUGE_RECORD = 1 << 30  # from here on, Connection.send_bytes (its 8-byte length form)
-STATUSES = ("finished", "error", "dropped")
+STATUSES = ("finished", "error", "dropped", "kept")
 _CODES = {name: code for code, name in enumerate(STATUSES)}
 
 

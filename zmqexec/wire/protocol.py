@@ -46,7 +46,11 @@ RESULT     b. -> client    r: [[k, finished|error|lost, nframes, error    result
 DEATH      agent -> b.     k, exit (exit code or signal name), why        -
                            ("timeout" or "killed" if the agent did it)
 DROPPED    agent -> b.     ks: [k] (given back unstarted, free)           -
-CANCEL     client/b. ->    ks: [k]                                        -
+CANCEL     client/b. ->    ks: [k] (drop these if not started; a client   -
+                           gets a CANCELLED answer for each key)
+KEPT       agent -> b.     ks: [k] (a CANCEL found these started)         -
+CANCELLED  b. -> client    ks: [k], c: true (cancelled: never to start)   -
+                           or false (started or done: they run on)
 KILL       client/b. ->    ks: [k] (stop these if running)                -
 INFORM     client -> b.    k                                              -
 RELEASE    client -> b.    ks: [k]                                        -
@@ -70,7 +74,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: STARTED and STATE notices may ride in a RESULT
+PROTOCOL_VERSION = 3  # 2: riding notices; 3: CANCEL is answered (KEPT, CANCELLED)
 PACK_LIMIT = 1 << 16  # payload parts smaller than this share one frame in a batch
 MAGIC = b"ZX"
 MAX_KEY_LENGTH = 4096
@@ -79,14 +83,15 @@ MAX_HEADER_BYTES = 1 << 20
 HELLO, WELCOME, REFUSE, RESET = 1, 2, 3, 4
 SUBMIT, TASK, STARTED, STATE, RESULT = 10, 11, 12, 13, 14
 DEATH, DROPPED, CANCEL, INFORM, RELEASE, KILL = 15, 16, 17, 18, 19, 20
+KEPT, CANCELLED = 21, 22
 HEARTBEAT, STATUS, BYE = 30, 31, 32
 
 NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", REFUSE: "REFUSE", RESET: "RESET",
     SUBMIT: "SUBMIT", TASK: "TASK", STARTED: "STARTED", STATE: "STATE",
     RESULT: "RESULT", DEATH: "DEATH", DROPPED: "DROPPED", CANCEL: "CANCEL",
-    INFORM: "INFORM", RELEASE: "RELEASE", KILL: "KILL", HEARTBEAT: "HEARTBEAT",
-    STATUS: "STATUS", BYE: "BYE",
+    INFORM: "INFORM", RELEASE: "RELEASE", KILL: "KILL", KEPT: "KEPT",
+    CANCELLED: "CANCELLED", HEARTBEAT: "HEARTBEAT", STATUS: "STATUS", BYE: "BYE",
 }
 
 # Required header fields and their types; extra fields are allowed and ignored.
@@ -106,6 +111,8 @@ _SCHEMA: Dict[int, Dict[str, Tuple[type, ...]]] = {
     INFORM: {"k": (str,)},
     RELEASE: {"ks": (list,)},
     KILL: {"ks": (list,)},
+    KEPT: {"ks": (list,)},
+    CANCELLED: {"ks": (list,), "c": (bool,)},
     HEARTBEAT: {},
     STATUS: {},
     BYE: {},
@@ -223,7 +230,7 @@ def encode(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> List[
 HEADER_BUDGET = MAX_HEADER_BYTES // 4  # senders split batches whose header may pass this
 _ROW_COST = 256  # bytes a row may take besides its key (fields, an error text)
 _BATCH = {SUBMIT: "t", TASK: "t", RESULT: "r", STATE: "r", STARTED: "ks", DROPPED: "ks",
-          CANCEL: "ks", RELEASE: "ks", KILL: "ks"}
+          CANCEL: "ks", RELEASE: "ks", KILL: "ks", KEPT: "ks", CANCELLED: "ks"}
 
 
 def encode_split(cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()
