@@ -87,6 +87,19 @@ class Adapter:
         for fut in fs:
             fut.cancel()
 
+    def cancel_each(self, fs: List[Any]) -> List[Any]:
+        """``fut.cancel()`` on each future in turn: the ones it said True for."""
+        return [fut for fut in fs if fut.cancel()]
+
+    @classmethod
+    def cancel_batch_skip(cls) -> Optional[str]:
+        """Why there is no call that cancels many futures at once (None if there is)."""
+        return "no cancel(futures)"
+
+    def cancel_batch(self, fs: List[Any]) -> List[Any]:
+        """Cancel all of ``fs`` in one call: the ones cancelled."""
+        raise Skip(self.cancel_batch_skip())
+
     def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int,
             buffersize: Optional[int] = None) -> Iterator[Any]:
         kwargs: Dict[str, Any] = {"timeout": self.timeout, "chunksize": chunksize}
@@ -124,6 +137,13 @@ class ZMQ(Adapter):
     def warm(self, tasks: Any, sample: Any = None) -> None:
         self.ex.wait_for_workers(WORKERS, timeout=self.timeout)
         super().warm(tasks, sample)
+
+    @classmethod
+    def cancel_batch_skip(cls) -> Optional[str]:
+        return None
+
+    def cancel_batch(self, fs: List[Any]) -> List[Any]:
+        return list(self.ex.cancel(fs))
 
     def cpu_roles(self) -> Dict[str, List[int]]:
         node = self.ex._io
@@ -275,6 +295,19 @@ class Dask(Adapter):
 
     def cancel_all(self, fs: List[Any]) -> None:
         self.ex.cancel(fs)
+
+    def cancel_each(self, fs: List[Any]) -> List[Any]:
+        for fut in fs:  # distributed's Future.cancel() returns nothing
+            fut.cancel()
+        return [fut for fut in fs if fut.cancelled()]
+
+    @classmethod
+    def cancel_batch_skip(cls) -> Optional[str]:
+        return None
+
+    def cancel_batch(self, fs: List[Any]) -> List[Any]:
+        self.ex.cancel(fs)
+        return [fut for fut in fs if fut.cancelled()]
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int,
             buffersize: Optional[int] = None) -> Iterator[Any]:

@@ -12,7 +12,7 @@ import ast
 import os
 import time
 
-NAMES = ("noop", "identity", "sleep", "size_of", "wait_file")
+NAMES = ("noop", "identity", "sleep", "size_of", "wait_file", "hold")
 
 
 def noop():
@@ -48,6 +48,14 @@ def wait_file(path, timeout):
             raise TimeoutError(f"{path} did not appear within {timeout} s")
         time.sleep(0.01)
     return True
+
+
+def hold(started, path, timeout):
+    """Create the file ``started``, then block like ``wait_file``: keeps one worker busy,
+    and tells the benchmark that it does, so that later tasks stay queued (cancel
+    workload)."""
+    open(started, "w").close()
+    return wait_file(path, timeout)
 
 
 class TaskSet:

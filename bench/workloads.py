@@ -11,12 +11,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from . import procstat
-from .executors import Adapter, Skip, running
+from .executors import WORKERS, Adapter, Skip, running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -24,10 +25,10 @@ MiB = 1 << 20
 FULL = dict(throughput=10_000, latency=1_000, map_chunked=100_000, chunksize=1_000,
             map_unchunked=10_000, payload_mib=64, payload_calls=3, fanout=200,
             fanout_sleep=0.01, pending=100_000, buffer_items=1_000_000, buffer_chunksize=100,
-            buffersize=64, cpu=10_000)
+            buffersize=64, cpu=10_000, cancel=1_000)
 SMOKE = dict(throughput=200, latency=50, map_chunked=2_000, chunksize=100, map_unchunked=200,
              payload_mib=1, payload_calls=1, fanout=20, fanout_sleep=0.01, pending=1_000,
-             buffer_items=10_000, buffer_chunksize=100, buffersize=8, cpu=200)
+             buffer_items=10_000, buffer_chunksize=100, buffersize=8, cpu=200, cancel=100)
 
 
 @dataclass
@@ -201,6 +202,58 @@ def cpu(cls: type, ctx: Context) -> Dict[str, float]:
     return out
 
 
+# -- cancel: queued futures behind busy workers ---------------------------------------------
+def _wait_for_files(paths: List[str], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not all(os.path.exists(path) for path in paths):
+        if time.monotonic() > end:
+            raise TimeoutError(f"the blocking tasks did not start within {timeout} s")
+        time.sleep(0.005)
+
+
+def _cancel_queued(cls: type, ctx: Context,
+                   cancel: Callable[[Adapter, List[Any]], List[Any]]) -> Dict[str, float]:
+    """Time ``cancel`` on no-op tasks queued behind one blocking task per worker.
+
+    The blocking tasks tell (by a file) that they run before the no-ops are submitted, so
+    that none of those can start; they are released after the timing, and everything
+    not cancelled is waited for, so that the executor shuts down idle.  Of the queued
+    futures at most 1% (at least 5: PPE moves max_workers + 1 calls into its call queue,
+    where they count as running) may be left uncancelled."""
+    n = ctx.params["cancel"]
+    with tempfile.TemporaryDirectory(prefix="zmqexec-bench-") as tmp, \
+            running(cls, ctx.timeout, ctx.tasks) as ex:
+        go = os.path.join(tmp, "go")
+        started = [os.path.join(tmp, f"started-{i}") for i in range(WORKERS)]
+        try:
+            blockers = [ex.submit(ctx.tasks.hold, path, go, ctx.timeout) for path in started]
+            _wait_for_files(started, ctx.timeout)
+            fs = [ex.submit(ctx.tasks.noop) for _ in range(n)]
+            t0 = time.perf_counter()
+            said = cancel(ex, fs)
+            elapsed = time.perf_counter() - t0
+        finally:
+            open(go, "w").close()
+        cancelled = [fut for fut in fs if fut.cancelled()]
+        ex.results(blockers + [fut for fut in fs if not fut.cancelled()])
+    if any(not fut.cancelled() for fut in said):
+        raise AssertionError("a future reported cancelled does not say cancelled()")
+    if len(cancelled) < n - max(n // 100, 5):
+        raise AssertionError(f"only {len(cancelled)} of {n} queued futures were cancelled")
+    return {"wall": elapsed, "cancelled": len(cancelled)}
+
+
+def cancel_each(cls: type, ctx: Context) -> Dict[str, float]:
+    return _cancel_queued(cls, ctx, lambda ex, fs: ex.cancel_each(fs))
+
+
+def cancel_batch(cls: type, ctx: Context) -> Dict[str, float]:
+    why = cls.cancel_batch_skip()
+    if why:
+        raise Skip(why)
+    return _cancel_queued(cls, ctx, lambda ex, fs: ex.cancel_batch(fs))
+
+
 # -- memory: in a fresh interpreter ---------------------------------------------------------
 def _probe(cls: type, ctx: Context, kind: str, *args: str) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.memprobe", kind, cls.key, str(ctx.timeout), *args]
@@ -274,6 +327,11 @@ def workloads(p: Dict[str, Any], main_funcs: bool) -> List[Workload]:
         Workload("cpu", cpu, [Metric(
             role, f"CPU per task ({_n(p['cpu'])} no-ops): {role}", "µs", "lower")
             for role in (*CPU_ROLES, "total")]),
+        Workload("cancel", cancel_each, [Metric(
+            "wall", f"{_n(p['cancel'])} queued no-op tasks (every worker blocked): "
+            "`fut.cancel()` on each", "s", "lower")]),
+        Workload("cancel", cancel_batch, [Metric(
+            "wall", "same, all in one call: `ex.cancel(futures)`", "s", "lower")]),
     ]
 
 
