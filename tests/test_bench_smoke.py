@@ -13,7 +13,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = ("throughput", "latency", "map", "payload", "fan-out", "startup", "memory", "cpu")
+WORKLOADS = ("throughput", "latency", "map", "payload", "fan-out", "startup", "memory", "cpu",
+             "cancel")
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?(e[+-]?\d+)?$")
 
 
