@@ -28,6 +28,7 @@ from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Option
 from .wire import serialization as S
 from .client.io import ClientIO
 from .client.cancels import cancel_futures
+from .client.functions import FunctionCache
 from .client.future import CANCEL_WAIT, Future, register_executor, unregister_executor
 from .wire.curve import peer_keys
 from .local.node import Node
@@ -256,8 +257,8 @@ class ZMQExecutor(_Submitter):
         self._retries = retries
         self._key_prefix = uuid.uuid4().hex[:16]  # random per executor, then a counter
         self._key_counter = itertools.count()
-        self._blobs: Dict[str, bytes] = {}
-        self._functions: Dict[int, Tuple[Callable[..., Any], str, str]] = {}
+        self._blobs: Dict[str, bytes] = {}  # the initializer's (a function's: its tasks')
+        self._functions = FunctionCache()
         self._names: Dict[str, str] = {}  # function name -> wire prefix of its keys
         self._init_id = ""
         if initializer is not None:
@@ -316,7 +317,9 @@ class ZMQExecutor(_Submitter):
                 if self._client.broken is not None:
                     raise self._client.broken
                 raise RuntimeError("cannot schedule new futures after shutdown")
-        fid, name = self._function_id(fn)
+        fid, name, blob = self._functions.get(fn)
+        if name not in self._names:
+            self._names[name] = key_to_wire(f"{name}-")[:-1]
         if opts:
             pure = bool(opts.get("pure"))
             key = opts.get("key")
@@ -335,29 +338,7 @@ class ZMQExecutor(_Submitter):
             frames = S.dumps_args(args, kwargs, self._spill)
             row = SubmitRow(f"{self._names[name]}{token}\"", 0, self._retries, 0, fid,
                             self._init_id, len(frames))
-        return self._client.submit(Future._new(row.kw, self), row, frames)
-
-    def _function_id(self, fn: Callable[..., Any]) -> Tuple[str, str]:
-        """Pickle each distinct function once per executor; tasks name it by content hash.
-
-        Like Dask, a function is pickled the first time it is submitted: changes to a
-        function object (or the globals it pickles by value) after that are not seen.
-        Returns the blob id and the function's name for default keys.
-        """
-        cached = self._functions.get(id(fn))
-        if cached is not None and cached[0] is fn:
-            return cached[1], cached[2]
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        blob = S.dumps_function(fn)
-        fid = S.blob_id(blob)
-        name = S.funcname(fn)
-        self._names.setdefault(name, key_to_wire(f"{name}-")[:-1])
-        self._blobs[fid] = blob
-        if len(self._functions) >= 4096:  # many throwaway lambdas: start over
-            self._functions.clear()
-        self._functions[id(fn)] = (fn, fid, name)  # holding fn keeps its id from being reused
-        return fid, name
+        return self._client.submit(Future._new(row.kw, self), row, frames, blob)
 
     def kill(self, future: Future) -> bool:
         """Stop a running task: its task process is killed and replaced, and the future

@@ -19,14 +19,15 @@ Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
 class Pending:
     """The client's pending record: one key this client waits for, and its futures."""
 
-    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived", "out")
+    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived", "out", "blob")
 
     def __init__(self, kw: str, futures: List[Any], row: "SubmitRow | None" = None,
-                 frames: "List[Any] | None" = None) -> None:
+                 frames: "List[Any] | None" = None, blob: "bytes | None" = None) -> None:
         self.kw = kw
         self.futures = futures
         self.row = row  # what to submit; None: a Future(key) that attaches to the key
         self.frames = frames or []
+        self.blob = blob  # the pickled function (row.fid), until the broker has it
         self.nbytes = sum(map(len, self.frames))
         self.arrived: "Tuple[List[Any], List[Any]] | None" = None  # (RESULT row, frames)
         # handed to a thread waiting in result() (``ClientState.await_outcome``)

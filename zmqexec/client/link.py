@@ -74,7 +74,7 @@ class Link:
                  defer: Callable[[Completion], None], hello: Callable[[], None], *,
                  attach_timeout: float) -> None:
         self.state = state
-        self.blobs = blobs  # pickled functions and initializers by id, filled by submit
+        self.blobs = blobs  # the initializer's pickle by id (a function's is on its records)
         self.send = send
         self.defer = defer
         self.hello = hello  # register (again) with the broker
@@ -199,6 +199,7 @@ class Link:
         while backlog and len(sent) < window and (
                 self.sent_bytes < window_bytes or not sent):
             fids: List[str] = []
+            blobs: List[bytes] = []
             rows: List[SubmitRow] = []
             frames: List[Any] = []
             size, sent_bytes = 0, self.sent_bytes
@@ -223,11 +224,12 @@ class Link:
                         if fid and fid not in sent_fids:
                             sent_fids.add(fid)
                             fids.append(fid)
+                            blobs.append(rec.blob if fid == row.fid and rec.blob is not None
+                                         else self.blobs[fid])
                 rows.append(row)
                 frames += rec.frames
             self.sent_bytes = sent_bytes
             if rows:
-                blobs = [self.blobs[fid] for fid in fids]
                 self.send(P.SUBMIT, {"f": fids, "t": rows}, blobs + frames)
 
     def _too_large(self, rec: Pending) -> bool:

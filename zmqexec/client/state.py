@@ -124,23 +124,25 @@ class ClientState:
         self.awaited: Dict[str, Tuple[Future, Pending]] = {}
         self.cancelling: Dict[str, CancelRequest] = {}  # keys a cancel() waits to hear of
 
-    def submit(self, fut: Future, row: SubmitRow, frames: List[Any]) -> Future:
-        """Register a submitted future; share a live key when pure, else refuse a live one."""
+    def submit(self, fut: Future, row: SubmitRow, frames: List[Any],
+               blob: Optional[bytes] = None) -> Future:
+        """Register a submitted future; share a live key when pure, else refuse a live one.
+        ``blob``: the pickled function, which travels with the task until the broker has it."""
         kw = fut._kw
         with self.lock:
             rec, outcome = self.records.get(kw), self.done.get(kw)
             if rec is None and outcome is None:  # a new key: the usual case
                 self._ref(fut)
-                rec = self.records[kw] = Pending(kw, [fut], row, frames)
+                rec = self.records[kw] = Pending(kw, [fut], row, frames, blob)
             else:
-                rec = self._join(fut, rec, outcome, row, frames)
+                rec = self._join(fut, rec, outcome, row, frames, blob)
                 if rec is None:
                     return fut
         self.post(Submit(rec))
         return fut
 
     def _join(self, fut: Future, rec: Optional[Pending], outcome: Optional[Outcome],
-              row: SubmitRow, frames: List[Any]) -> Optional[Pending]:
+              row: SubmitRow, frames: List[Any], blob: Optional[bytes]) -> Optional[Pending]:
         """A submit of a key this client knows (lock held): the record to send, if any."""
         attaching = rec is not None and rec.row is None  # Future(key) waits for it
         live = (rec is not None and not attaching) or outcome is not None
@@ -150,7 +152,7 @@ class ClientState:
         self._ref(fut)
         if rec is not None and attaching:
             rec.futures.append(fut)
-            rec.row, rec.frames = row, frames
+            rec.row, rec.frames, rec.blob = row, frames, blob
             rec.nbytes = sum(len(f) for f in frames)
             return rec
         if rec is not None:
@@ -159,7 +161,7 @@ class ClientState:
         if outcome is not None and outcome[0]:
             _settle(fut, outcome)
             return None
-        rec = self.records[fut._kw] = Pending(fut._kw, [fut], row, frames)  # after an error
+        rec = self.records[fut._kw] = Pending(fut._kw, [fut], row, frames, blob)  # after an error
         return rec
 
     def attach(self, fut: Future, inform: bool) -> None:
