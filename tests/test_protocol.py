@@ -50,6 +50,8 @@ def test_packed_parts_that_do_not_add_up_are_rejected(sizes, frames):
     ([ZXV + b'\x12{"k": "a"}', b"extra"], "1 payload frames"),
     ([ZXV + b'\x13{"ks": [1]}'], "list of short strings"),
     ([ZXV + b'\x12{"k": "' + b"a" * 5000 + b'"}'], "key longer"),
+    ([ZXV + b'\x0e{"r": [], "f": true}'], "'f' must be a list"),  # RESULT: "f" optional
+    ([ZXV + b'\x16{"ks": ["a"], "c": 1}'], "field 'c'"),  # CANCELLED: c is a bool
     ([object()], "not bytes"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(frames, reason):

@@ -349,6 +349,8 @@ def decode(frames: Sequence[Any]) -> Message:
             raise ProtocolError(f"{NAMES[cmd]}: {name!r} must be a list of short strings")
     if cmd == RESULT and ("s" in meta or "st" in meta):
         _check_riders(meta)
+    if "f" in meta and type(meta["f"]) is not list:  # (it counts payload frames below)
+        raise ProtocolError(f"{NAMES[cmd]}: 'f' must be a list of blob ids")
     payload = list(frames[1:])
     if "z" in meta and cmd in _FRAMED:
         payload = _unpack_parts(meta, payload)
