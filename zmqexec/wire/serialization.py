@@ -11,10 +11,13 @@ import functools
 import hashlib
 import io
 import json
+import linecache
 import pickle
 import sys
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+import types
+from collections import ChainMap
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 import cloudpickle
 
@@ -28,6 +31,62 @@ CLOUDPICKLE_VERSION = cloudpickle.__version__
 def _dumps(obj: Any) -> bytes:
     data: bytes = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
     return data
+
+
+# ---- code that travels by value keeps its file name and source ---------------------
+_DYNAMIC = "<dynamic-code>"  # the file name cloudpickle gives code it pickles by value
+_code_reduce = getattr(getattr(cloudpickle, "cloudpickle", None), "_code_reduce", None)
+MAX_SOURCE = 1 << 20  # characters of one file's source sent with a function, at most
+
+
+class _CodePickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, except that code pickled by value (``__main__``, notebooks) keeps its
+    file name, and the files it came from are noted: a traceback in the task process then
+    names the user's file and line, as ProcessPoolExecutor's does."""
+
+    def __init__(self, file: Any) -> None:
+        self.files: Set[str] = set()
+        if _code_reduce is not None:  # (the pickler reads its table when it is made)
+            self.dispatch_table = ChainMap({types.CodeType: _code_keeping_file(self.files)},
+                                           cloudpickle.Pickler.dispatch_table)
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+
+
+def _code_keeping_file(files: Set[str]) -> Callable[[types.CodeType], Any]:
+    """A reducer of code objects that keeps ``co_filename`` and adds it to ``files``
+    (a closure over the set, not the pickler: no cycle keeps the pickled objects alive)."""
+    def reduce(code: types.CodeType) -> Any:
+        rebuild, args = _code_reduce(code)  # type: ignore[misc]
+        name = code.co_filename
+        if name and not name.startswith("<"):
+            files.add(name)
+            args = tuple(name if type(a) is str and a == _DYNAMIC else a for a in args)
+        return rebuild, args
+    return reduce
+
+
+def _dumps_code(obj: Any) -> bytes:
+    """Pickle a function (or an initializer call) with the source of the files of its
+    code pickled by value, for tracebacks in task processes on any machine."""
+    buf = io.BytesIO()
+    pickler = _CodePickler(buf)
+    pickler.dump(obj)
+    sources: Dict[str, str] = {}
+    for name in sorted(pickler.files):
+        text = "".join(linecache.getlines(name))
+        if text and len(text) <= MAX_SOURCE:
+            sources[name] = text
+    return pickle.dumps((buf.getvalue(), sources), PICKLE_PROTOCOL)
+
+
+def _loads_code(data: Any) -> Any:
+    """The object ``_dumps_code`` pickled; its files' source goes to ``linecache`` (an
+    entry with no mtime, which ``linecache.checkcache`` keeps)."""
+    inner, sources = pickle.loads(data)
+    for name, text in sources.items():
+        lines = text.splitlines(keepends=True)
+        linecache.cache[name] = (len(text), None, lines, name)
+    return pickle.loads(inner)
 
 
 def _fast_dumps(obj: Any) -> bytes:
@@ -113,7 +172,7 @@ def blob_id(blob: bytes) -> str:
 def dumps_function(fn: Callable[..., Any]) -> bytes:
     """Pickle a task's function once per executor (cloudpickle: by value where needed)."""
     try:
-        return _dumps(fn)
+        return _dumps_code(fn)
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle the function ({type(fn).__name__}: {_describe(fn)}): "
@@ -201,7 +260,7 @@ def loads_args(data: Any, buffers: Sequence[Any] = ()) -> Tuple[Tuple[Any, ...],
 
 
 def loads_function(data: Any) -> Callable[..., Any]:
-    fn: Callable[..., Any] = pickle.loads(data)
+    fn: Callable[..., Any] = _loads_code(data)
     return fn
 
 
@@ -262,7 +321,7 @@ def loads_result(status: str, data: Any,
 def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...]) -> bytes:
     """Pickle an initializer and its arguments."""
     try:
-        return _dumps((fn, args))
+        return _dumps_code((fn, args))
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle the initializer or initargs: {type(exc).__name__}: {exc}"
@@ -270,7 +329,7 @@ def dumps_call(fn: Callable[..., Any], args: Tuple[Any, ...]) -> bytes:
 
 
 def loads_call(data: Any) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
-    fn, args = pickle.loads(data)
+    fn, args = _loads_code(data)
     return fn, args
 
 
