@@ -83,7 +83,7 @@ def test_a_started_notice_waits_for_a_result_to_ride_in_while_tasks_are_short():
     state.flush(now=1.0005)
     assert sent(state) == []  # within the grace: the started key waits
     slot = state.slots[100]
-    state.on_result(slot, kw("a"), "finished", b"r", now=1.001)
+    state.on_result(slot, kw("a"), "finished", [b"r"], now=1.001)
     state.flush(now=1.001)
     [(name, meta, payload)] = sent(state)
     assert name == "RESULT" and meta["r"] == [[kw("a"), "finished", 1, None]]
@@ -104,8 +104,8 @@ def test_results_are_kept_until_acknowledged_and_sent_again_after_a_hello():
     tasks(state, "a", "b")
     state.hand_out(now=1.0)
     slot = state.slots[100]
-    state.on_result(slot, kw("a"), "finished", b"ra", now=1.1)
-    state.on_result(slot, kw("b"), "finished", b"rb", now=1.2)
+    state.on_result(slot, kw("a"), "finished", [b"ra"], now=1.1)
+    state.on_result(slot, kw("b"), "finished", [b"rb"], now=1.2)
     state.flush(now=1.2)
     assert [n for n, _, _ in sent(state)] == ["RESULT"]
     state.on_broker(P.Message(P.HEARTBEAT, {"epoch": None, "n": 1}))
@@ -126,7 +126,7 @@ def test_the_prefetch_follows_measured_task_times():
         slot.keys.append(kw(f"t{i}"))
         slot.since = now
         now += 0.001
-        state.on_result(slot, kw(f"t{i}"), "finished", b"", now)
+        state.on_result(slot, kw(f"t{i}"), "finished", [b""], now)
     state.flush(now=now + agent_state.MEASURE_PERIOD)
     [(_, meta, _)] = [m for m in sent(state) if m[0] == "RESULT"]
     assert meta["p"] == int(agent_state.PREFETCH_WINDOW / 0.001) * 2  # 20 per slot
@@ -173,7 +173,7 @@ def test_kill_stops_a_running_task_a_waiting_one_and_one_in_a_batch():
     assert [(s.pid, kws) for s, kws in state.cancels] == [(100, [kw("batched")])]
     assert [s.pid for s in state.kills] == [100]
     slot = state.slots[100]
-    state.on_result(slot, kw("batched"), "dropped", b"", now=1.1)  # the process answers
+    state.on_result(slot, kw("batched"), "dropped", [b""], now=1.1)  # the process answers
     assert [(n, m["k"]) for n, m, _ in sent(state)] == [("DEATH", kw("batched"))]
 
 
@@ -188,7 +188,7 @@ def test_cancel_drops_waiting_tasks_and_asks_for_given_ones():
     # key held nowhere has ended here
     assert sorted(state.kept) == sorted([kw("a"), kw("unknown")])
     assert [(s.pid, kws) for s, kws in state.cancels] == [(100, [kw("b")])]
-    state.on_result(state.slots[100], kw("b"), "kept", b"", now=1.1)  # the process's answer
+    state.on_result(state.slots[100], kw("b"), "kept", [b""], now=1.1)  # the process's answer
     state.flush()
     assert [(n, sorted(m["ks"])) for n, m, _ in sent(state) if n != "STARTED"] == [
         ("DROPPED", [kw("c")]), ("KEPT", sorted([kw("a"), kw("unknown"), kw("b")]))]
@@ -217,8 +217,8 @@ def test_drain_gives_back_prefetched_tasks_and_stops_when_running_ones_finish():
     tasks(state, "late")  # sent before the broker heard: given back at once
     assert state.dropped[-1] == kw("late")
     slot = state.slots[100]
-    state.on_result(slot, kw("b"), "dropped", b"", now=2.1)
-    state.on_result(slot, kw("a"), "finished", b"r", now=2.2)
+    state.on_result(slot, kw("b"), "dropped", [b""], now=2.1)
+    state.on_result(slot, kw("a"), "finished", [b"r"], now=2.2)
     state.drain_turn(now=2.2)
     assert state.stop
 
@@ -249,10 +249,10 @@ def test_a_result_over_the_brokers_frame_cap_becomes_a_clear_error():
     state.on_broker(P.Message(P.WELCOME, {"epoch": "e1", "max_frame": 10}))
     tasks(state, "big")
     state.hand_out(now=1.0)
-    state.on_result(state.slots[100], kw("big"), "finished", b"x" * 11, now=1.1)
+    state.on_result(state.slots[100], kw("big"), "finished", [b"x" * 11], now=1.1)
     rows, frames = state.results
     assert [tuple(row) for row in rows] == [(kw("big"), "error", 1, None)]
-    ok, error = S.loads_result("error", frames[0])
+    ok, error = S.loads_result("error", frames[:1])
     assert not ok and "over the broker's cap of 10 bytes" in str(error)
 
 

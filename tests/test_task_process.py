@@ -94,7 +94,7 @@ class Driver:
                 if kept is not None and status == "kept":
                     kept.append(kw)
                     continue
-                value = S.loads_result(status, bytes(data))[1] \
+                value = S.loads_result(status, [bytes(d) for d in data])[1] \
                     if status not in ("dropped", "kept") else None
                 out.append((kw, status, value))
         return out

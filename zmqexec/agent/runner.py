@@ -14,11 +14,14 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..errors import InitializerError
 from ..wire import serialization as S
 from ..wire.pipe import HUGE_RECORD, pack_result, record_parts, unpack
+from ..wire.shm import ResultSpill
+
+RESULT_SPILL = ResultSpill()  # where large result buffers go (embedded mode only)
 
 def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]:
     """Run one ``map`` chunk: one task, one message, many calls.
@@ -77,21 +80,24 @@ class TaskRunner:
                 self.initialized[client] = error
         return self.initialized[client]
 
-    def run(self, client: str, fid: str, iid: str, frames: List[Any]) -> Tuple[str, bytes]:
-        """(``finished``, result pickle) or (``error``, error pickle)."""
+    def run(self, client: str, fid: str, iid: str, frames: List[Any]
+            ) -> Tuple[str, List[Any]]:
+        """(``finished``, the result's frames) or (``error``, [error pickle]).  Large
+        buffers of a result leave out of band; in the embedded node, through shared memory
+        (``RESULT_SPILL``)."""
         failed = self._initialize(client, iid) if iid else None
         if failed is not None:
-            return "error", S.dumps_error(failed)
+            return "error", [S.dumps_error(failed)]
         try:
             fn = self._function(fid)
             args, kwargs = S.loads_args(frames[0], frames[1:])
             value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too: the client re-raises it
-            return "error", S.dumps_error(exc)
+            return "error", [S.dumps_error(exc)]
         try:
-            return "finished", S.dumps_result(value)
+            return "finished", S.dumps_result(value, RESULT_SPILL.spill)
         except BaseException as exc:
-            return "error", S.dumps_error(exc)
+            return "error", [S.dumps_error(exc)]
 
 
 class Inbox:
@@ -163,15 +169,16 @@ class Inbox:
                 elif number > self._batch:
                     self._early.setdefault(number, set()).update(kws)
 
-    def send(self, kw: str, status: str, result: bytes = b"") -> None:
+    def send(self, kw: str, status: str, result: Sequence[Any] = ()) -> None:
         """One result record (two threads write records: never interleaved)."""
         with self._lock:
             self._write_record(kw, status, result)
 
-    def _write_record(self, kw: str, status: str, result: bytes = b"") -> None:
+    def _write_record(self, kw: str, status: str, result: Sequence[Any] = ()) -> None:
         """A record framed as ``Connection.send_bytes`` frames it (the agent reads the
         descriptor directly, see ``TaskProcess.read``), in one write: the Connection's own
-        checks cost as much again as the write, once per task.  Hold ``_lock``."""
+        checks cost as much again as the write, once per task.  Hold ``_lock``.
+        ``result``: the result's frames (``[pickle, *out-of-band buffers]``)."""
         record = pack_result(kw, status, result)
         if len(record) >= HUGE_RECORD:
             self.conn.send_bytes(record)
@@ -185,11 +192,14 @@ class Inbox:
             view = view[os.write(self._fd, view):]
 
 
-def adopt_context(path: List[str], cwd: str, env: Dict[str, str]) -> None:
+def adopt_context(path: List[str], cwd: str, env: Dict[str, str],
+                  spill_dir: Optional[str] = None) -> None:
     """Take the client's ``sys.path``, working directory and environment as they were
     when it submitted (the embedded node sends them when they change): code that extends
     ``sys.path`` or changes directory after creating the executor works, as with
-    ProcessPoolExecutor, whose workers fork later."""
+    ProcessPoolExecutor, whose workers fork later.  ``spill_dir``: the embedded client's
+    shared-memory directory, where large result buffers go."""
+    RESULT_SPILL.dir = spill_dir
     sys.path[:] = path
     try:
         os.chdir(cwd)

@@ -101,7 +101,8 @@ class AgentState:
         self.dropped: List[str] = []  # batched DROPPED notice
         self.kept: List[str] = []  # batched KEPT notice: cancels that found a task started
         self.results: Tuple[List[ResultRow], List[Any]] = ([], [])  # batched RESULT
-        self.unacked: Deque[Tuple[int, ResultRow, Any]] = deque()  # (number, row, frame)
+        self.unacked: Deque[Tuple[int, ResultRow, List[Any]]] = deque()  # (number, row,
+        # its frames)
         self.unacked_bytes = self.sent_rows = 0
         self.rejoined: Set[str] = set()  # running since before our last HELLO
         self.epoch: Optional[str] = None
@@ -147,8 +148,10 @@ class AgentState:
             self.gives.append((slot, tasks))
             self._mark_started(tasks[0].row.kw, now)
 
-    def on_result(self, slot: Slot, kw: str, status: str, result: Any, now: float) -> None:
-        """A task process sent a result, or said it dropped a task before starting it."""
+    def on_result(self, slot: Slot, kw: str, status: str, result: Sequence[Any],
+                  now: float) -> None:
+        """A task process sent a result (its frames: ``[pickle, *out-of-band buffers]``),
+        or said it dropped (or kept) a task a cancel named."""
         if status == "kept":  # a cancel came after it started (or ended): it runs on
             if slot.keys and slot.keys[0] == kw and kw in self.killing:
                 self._stop_slot(slot, "killed")  # a kill that reached its batch late
@@ -178,14 +181,12 @@ class AgentState:
             self.killing.discard(kw)
         if self.rejoined:
             self.rejoined.discard(kw)
-        if len(result) > self.max_frame:  # the broker would cut us off: say why instead
-            status, result = "error", S.dumps_error(MessageTooLargeError(
-                f"the result of task {P.key_from_wire(kw)!r} is {len(result)} bytes, over "
-                f"the broker's cap of {self.max_frame} bytes: return something smaller "
-                "(write big data to shared storage and return its path)"))
+        parts = list(result)
+        if any(len(part) > self.max_frame for part in parts):
+            status, parts = self._under_cap(kw, status, parts)
         rows, frames = self.results
-        rows.append(ResultRow(kw, status, 1))
-        frames.append(result)
+        rows.append(ResultRow(kw, status, len(parts)))
+        frames.extend(parts)
         self.busy += now - slot.since
         self.ran += 1
         slot.since = now
@@ -193,6 +194,16 @@ class AgentState:
             self._mark_started(slot.keys[0], now)  # it starts the next one right away
         elif self.max_tasks is not None:
             self._retire_if_spent(slot)
+
+    def _under_cap(self, kw: str, status: str, parts: List[Any]) -> Tuple[str, List[Any]]:
+        """A result's frames cut under the broker's frame cap; a pickle over it (a large
+        result that is not a buffer: a list of big strings) is an error that says why."""
+        if len(parts[0]) <= self.max_frame:
+            return status, S.split_frames(parts, self.max_frame)
+        return "error", [S.dumps_error(MessageTooLargeError(
+            f"the result of task {P.key_from_wire(kw)!r} pickles to {len(parts[0])} bytes "
+            f"in band, over the broker's cap of {self.max_frame} bytes per frame: return "
+            "bytes or arrays (they travel out of band, in parts) or something smaller"))]
 
     def _retire_if_spent(self, slot: Slot) -> None:
         """A task process that was given ``max_tasks`` tasks and finished them goes."""
@@ -238,7 +249,7 @@ class AgentState:
         if self.unacked:
             rows, frames = self.results
             self.results = ([row for _, row, _ in self.unacked] + rows,
-                            [frame for _, _, frame in self.unacked] + frames)
+                            [f for _, _, parts in self.unacked for f in parts] + frames)
             self.unacked.clear()
             self.unacked_bytes = 0
             self.flush()
@@ -321,7 +332,7 @@ class AgentState:
             return
         unacked = self.unacked
         while unacked and unacked[0][0] <= count:
-            self.unacked_bytes -= len(unacked.popleft()[2])
+            self.unacked_bytes -= sum(map(len, unacked.popleft()[2]))
 
     def _send(self, cmd: int, meta: Dict[str, Any], payload: Sequence[Any] = ()) -> None:
         self.out.append((cmd, meta, payload))
@@ -359,13 +370,16 @@ class AgentState:
             if not self.keep_unacked:
                 return
             seq, unacked = self.sent_rows, self.unacked  # kept until a heartbeat acks them
-            for row, frame in zip(rows, frames, strict=False):
+            at = 0
+            for row in rows:
                 seq += 1
-                unacked.append((seq, row, frame))
-                self.unacked_bytes += len(frame)
+                parts = frames[at:at + row.nframes]
+                at += row.nframes
+                unacked.append((seq, row, parts))
+                self.unacked_bytes += sum(map(len, parts))
             self.sent_rows = seq
             while self.unacked_bytes > MAX_UNACKED_BYTES and len(unacked) > 1:
-                self.unacked_bytes -= len(unacked.popleft()[2])
+                self.unacked_bytes -= sum(map(len, unacked.popleft()[2]))
 
     def grace(self, now: float) -> float:
         """Seconds the waiting STARTED notice may still wait for a RESULT (0: none)."""

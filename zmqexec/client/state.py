@@ -75,14 +75,15 @@ def broker_error(kw: str, e: Dict[str, Any]) -> BaseException:
 
 
 def _outcome(row: List[Any], payload: List[Any],
-             passthrough: Tuple[Type[BaseException], ...] = ()
-             ) -> Outcome:
+             passthrough: Tuple[Type[BaseException], ...] = (),
+             spill_dir: Optional[str] = None) -> Outcome:
     """The outcome a RESULT row ``[k, status, nframes, error]`` and its frames carry
-    (``passthrough``: exceptions unpickling lets through instead of failing the future)."""
+    (``passthrough``: exceptions unpickling lets through instead of failing the future;
+    ``spill_dir``: where an embedded client's task processes leave large results)."""
     kw, status, _, error = row[:4]
     if error or not payload:
         return False, broker_error(kw, error)
-    return S.loads_result(status, payload[0], passthrough)
+    return S.loads_result(status, payload, passthrough, spill_dir)
 
 
 def _settle_all(futures: List[Future], outcome: Outcome) -> None:
@@ -123,6 +124,7 @@ class ClientState:
         # keys a thread waits for in result(): that thread's future and the record waited for
         self.awaited: Dict[str, Tuple[Future, Pending]] = {}
         self.cancelling: Dict[str, CancelRequest] = {}  # keys a cancel() waits to hear of
+        self.spill_dir: Optional[str] = None  # the embedded node's shared memory, if any
 
     def submit(self, fut: Future, row: SubmitRow, frames: List[Any],
                blob: Optional[bytes] = None) -> Future:
@@ -273,7 +275,7 @@ class ClientState:
                 payload = frames[at:at + row[2]]
                 at += row[2]
                 if row[0] in records:  # else cancelled or completed: dropped quietly
-                    settled.append((row[0], _outcome(row, payload)))
+                    settled.append((row[0], _outcome(row, payload, spill_dir=self.spill_dir)))
             self._settle_keys(settled)
         elif isinstance(item, Running):
             with self.lock:
@@ -326,7 +328,8 @@ class ClientState:
             self._stop_awaiting(kw, fut)
             arrived = rec.arrived  # stays on the record until the record is settled
             if arrived is not None and self.records.get(kw) is rec:
-                self._settle_key(kw, _outcome(*arrived, passthrough=(KeyboardInterrupt,)))
+                self._settle_key(kw, _outcome(*arrived, passthrough=(KeyboardInterrupt,),
+                                              spill_dir=self.spill_dir))
         except BaseException:  # Ctrl-C anywhere above: the completion thread finishes it
             self._stop_awaiting(kw, fut)
             with self.lock:

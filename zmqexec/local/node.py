@@ -94,6 +94,7 @@ class Node:
         self.mailbox = Mailbox()
         self.post = self.mailbox.post
         self.state = ClientState(self)
+        self.state.spill_dir = self.spill.dir  # task processes leave large results there
         self.completions = Completions(self.state.complete)
         self.defer = self.completions.defer
         self.completion_thread = self.completions.thread
@@ -175,7 +176,8 @@ class Node:
         seen = (list(sys.path), cwd, dict(environ) if environ is not None else None)
         if seen != self._context_seen:
             self._context_seen = seen
-            self.context = (self.context[0] + 1, [seen[0], seen[1], dict(os.environ)])
+            self.context = (self.context[0] + 1,
+                            [seen[0], seen[1], dict(os.environ), self.spill.dir])
         return self.context
 
     # ---- task processes -----------------------------------------------------------------------

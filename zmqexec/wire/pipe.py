@@ -31,7 +31,7 @@ from .protocol import dumps, loads
 from .serialization import OUT_OF_BAND_MIN
 
 _HEAD = struct.Struct("!II")  # JSON length, frame count
-_RESULT = struct.Struct("!BH")  # status code, key length
+_RESULT = struct.Struct("!BHH")  # status code, key length, number of frames
 _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")  # Connection's length prefixes
 HUGE_RECORD = 1 << 30  # from here on, Connection.send_bytes (its 8-byte length form)
 STATUSES = ("finished", "error", "dropped", "kept")
@@ -76,16 +76,27 @@ def unpack(data: bytes) -> Tuple[Dict[str, Any], List[Any], List[Tuple[int, int]
     return meta, frames, large
 
 
-def pack_result(kw: str, status: str, result: bytes = b"") -> bytes:
+def pack_result(kw: str, status: str, parts: Sequence[Any] = ()) -> bytes:
+    """One result record: the key, the status, and the result's frames (``[pickle,
+    *out-of-band buffers]``), each preceded by its size."""
     key = kw.encode()
-    return b"".join((_RESULT.pack(_CODES[status], len(key)), key, result))
+    sizes = [memoryview(part).nbytes for part in parts]
+    return b"".join((_RESULT.pack(_CODES[status], len(key), len(sizes)), key,
+                     struct.pack(f"!{len(sizes)}Q", *sizes), *parts))
 
 
-def unpack_result(data: bytes) -> Tuple[str, str, memoryview]:
-    """(key, status, result view) of a ``pack_result`` record."""
-    code, size = _RESULT.unpack_from(data)
+def unpack_result(data: bytes) -> Tuple[str, str, List[memoryview]]:
+    """(key, status, views of the result's frames) of a ``pack_result`` record."""
+    code, size, count = _RESULT.unpack_from(data)
     at = _RESULT.size + size
-    return data[_RESULT.size:at].decode(), STATUSES[code], memoryview(data)[at:]
+    kw = data[_RESULT.size:at].decode()
+    sizes = struct.unpack_from(f"!{count}Q", data, at)
+    at += 8 * count
+    view, parts = memoryview(data), []
+    for part in sizes:
+        parts.append(view[at:at + part])
+        at += part
+    return kw, STATUSES[code], parts
 
 
 def record_parts(record: bytes) -> List[bytes]:

@@ -129,8 +129,8 @@ class _LargeBytes:
         return _bytes_from_buffer, (pickle.PickleBuffer(self.data),)
 
 
-def _dumps_parts(obj: Any, spill: Optional[Callable[[List[Any]], List[Any]]] = None
-                 ) -> List[Any]:
+def _dumps_parts(obj: Any, spill: Optional[Callable[[List[Any]], List[Any]]] = None,
+                 snapshot: bool = True) -> List[Any]:
     """``[pickle, *buffers]``: large buffers (numpy arrays, big bytes) out of band.
 
     An out-of-band buffer skips the copy into the pickle here and out of it on the worker,
@@ -138,6 +138,8 @@ def _dumps_parts(obj: Any, spill: Optional[Callable[[List[Any]], List[Any]]] = N
     writable ones are copied once now, so changing an array after ``submit`` cannot change
     what the task sees, as with ProcessPoolExecutor.  With ``spill`` (embedded mode, see
     ``shm``) large buffers go into shared memory instead, and that write is the copy.
+    A result needs no snapshot (``snapshot=False``): it is written out before the task
+    process runs anything else.
     """
     buffers: List[Any] = []
 
@@ -148,8 +150,8 @@ def _dumps_parts(obj: Any, spill: Optional[Callable[[List[Any]], List[Any]]] = N
             return True
         if raw.nbytes < OUT_OF_BAND_MIN:
             return True
-        buffers.append(raw if raw.readonly or spill is not None and raw.nbytes >= SPILL_MIN
-                       else bytes(raw))
+        buffers.append(raw if raw.readonly or not snapshot or
+                       spill is not None and raw.nbytes >= SPILL_MIN else bytes(raw))
         return False
 
     try:
@@ -269,10 +271,17 @@ def _describe(obj: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def dumps_result(value: Any) -> bytes:
-    """Pickle a task's return value, or raise SerializationError naming its type."""
+def dumps_result(value: Any, spill: Optional[Callable[[List[Any]], List[Any]]] = None
+                 ) -> List[Any]:
+    """A task's return value as ``[pickle, *buffers]`` (large buffers out of band, as for
+    arguments: a large ``bytes`` or a numpy array is not copied into the pickle), or raise
+    SerializationError naming its type.  ``spill``: the embedded node's shared memory."""
     try:
-        return _fast_dumps(value)
+        if type(value) in _SIMPLE:
+            return [_fast_dumps(value)]
+        if type(value) is bytes and len(value) >= OUT_OF_BAND_MIN:
+            value = _LargeBytes(value)
+        return _dumps_parts(value, spill, snapshot=False)
     except BaseException as exc:  # an exit inside __reduce__ is a pickling failure too
         raise SerializationError(
             f"cannot pickle the result ({type(value).__name__}: {_describe(value)}): "
@@ -293,15 +302,23 @@ def dumps_error(exc: BaseException) -> bytes:
         return _dumps((error, tb))
 
 
-def loads_result(status: str, data: Any,
-                 passthrough: Tuple[Type[BaseException], ...] = ()
-                 ) -> Tuple[bool, Any]:
-    """Unpickle a result frame: (True, value) or (False, exception with remote cause).
+def loads_result(status: str, frames: Sequence[Any],
+                 passthrough: Tuple[Type[BaseException], ...] = (),
+                 spill_dir: Optional[str] = None) -> Tuple[bool, Any]:
+    """Unpickle a result's frames: (True, value) or (False, exception with remote cause).
 
     ``passthrough`` names exceptions to let through (a user thread unpickling its own
-    result lets Ctrl-C through; it is not the pickle's fault)."""
+    result lets Ctrl-C through; it is not the pickle's fault).  ``spill_dir``: the embedded
+    node's shared-memory directory, the only place a result's buffers may be read from."""
     try:
-        obj = pickle.loads(data)
+        data, buffers = frames[0], list(frames[1:])
+        if status == "finished" and data[0] == SPLIT:  # buffers over the frame cap
+            data, buffers = _join_frames(data, buffers)
+        if status == "finished" and data[0] == MARK:  # buffers in shared memory
+            if spill_dir is None:
+                raise ValueError("a result in shared memory, but this client has none")
+            data, buffers = unspill(data, buffers, inside=spill_dir)
+        obj = pickle.loads(data, buffers=buffers)
     except passthrough:
         raise
     except BaseException as exc:  # a raise or sys.exit inside __reduce__ fails one future

@@ -9,6 +9,14 @@ copy-on-write, so a numpy argument is used in place and a task that changes its 
 changes only its own copy.  The copy into the file is also the snapshot taken at
 ``submit``, so changing an array afterwards cannot change what the task sees.
 
+Results take the same road back (``ResultSpill``, in the task process): a large buffer
+of a result is written into the same directory, and the client maps the file and unlinks
+it as it unpickles the result (``unspill(..., inside=the directory)``: a path from
+anywhere else is refused).  A result nobody unpickles (a duplicate, a dropped future)
+goes with the directory.  Every write first checks that the file system has room for it
+(a container's ``/dev/shm`` is often 64 MiB; a full one is an error, and a mapped file
+that cannot be backed is a SIGBUS): without room, the buffer travels as a frame.
+
 The first frame says which frames are paths: ``b"M"`` + a JSON list of their indices +
 ``b"\\n"`` + the pickle (a pickle itself starts with ``b"\\x80"``, so the two cannot be
 confused).  A file lives as long as its ``SpillRef`` frame: the client's pending record
@@ -30,6 +38,31 @@ from typing import Any, List, Optional, Sequence
 log = logging.getLogger(__name__)
 SPILL_MIN = 1 << 20
 MARK = 0x4D  # b"M"
+HEADROOM = 16 << 20  # bytes a spill leaves free in its file system
+
+
+def has_room(directory: str, nbytes: int) -> bool:
+    """Whether ``directory``'s file system can take ``nbytes`` more and keep some left."""
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize >= nbytes + HEADROOM
+
+
+def _write_file(path: str, view: memoryview) -> None:
+    """Write ``view`` into a new file at ``path`` (mode 0600); OSError if it cannot."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = view.cast("B")
+        written = 0
+        while written < view.nbytes:
+            written += os.write(fd, view[written:])
+    except OSError:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
 
 
 class SpillRef(bytes):
@@ -82,9 +115,13 @@ class Spill:
         return out
 
     def _write(self, view: memoryview) -> Optional[SpillRef]:
+        if not has_room(self.dir, view.nbytes):
+            log.info("no room in %s for a %d-byte argument: sending it as a frame",
+                     self.dir, view.nbytes)
+            return None
         path = os.path.join(self.dir, str(next(self._names)))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            _write_file(path, view)
         except OSError as exc:
             log.warning("cannot spill a large argument to %s (%s): sending it as a frame",
                         self.dir, exc)
@@ -92,27 +129,53 @@ class Spill:
             return None
         ref = SpillRef(path.encode())  # from here on, dropping ``ref`` deletes the file
         ref.owner = os.getpid()
-        try:
-            view = view.cast("B")
-            written = 0
-            while written < view.nbytes:
-                written += os.write(fd, view[written:])
-        except OSError as exc:
-            log.warning("cannot spill a large argument (%s): sending it as a frame", exc)
-            return None
-        finally:
-            os.close(fd)
         return ref
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def unspill(data: Any, buffers: Sequence[Any]) -> "tuple[Any, List[Any]]":
-    """The pickle and buffers of frames made by ``Spill.spill`` (task process side).
+class ResultSpill:
+    """The task process's side: large result buffers into the embedded client's directory
+    (``dir`` is set from the client's context; None in remote mode: no spill)."""
+
+    def __init__(self) -> None:
+        self.dir: Optional[str] = None
+        self._names = itertools.count()
+
+    def spill(self, frames: List[Any]) -> List[Any]:
+        """``frames`` (``[pickle, *buffers]``) with each large buffer moved into a file
+        when there is room; the others stay frames."""
+        if self.dir is None:
+            return frames
+        spilled: List[int] = []
+        out = list(frames)
+        for index in range(1, len(frames)):
+            view = memoryview(frames[index])
+            if view.nbytes < SPILL_MIN or not has_room(self.dir, view.nbytes):
+                continue
+            path = os.path.join(self.dir, f"r{os.getpid()}-{next(self._names)}")
+            try:
+                _write_file(path, view)
+            except OSError as exc:
+                log.warning("cannot write a large result to %s (%s): sending it as a frame",
+                            self.dir, exc)
+                continue
+            out[index] = path.encode()
+            spilled.append(index)
+        if spilled:
+            out[0] = b"M" + json.dumps(spilled).encode() + b"\n" + bytes(frames[0])
+        return out
+
+
+def unspill(data: Any, buffers: Sequence[Any], inside: Optional[str] = None
+            ) -> "tuple[Any, List[Any]]":
+    """The pickle and buffers of frames made by ``Spill.spill`` or ``ResultSpill.spill``.
 
     Spilled buffers are mapped copy-on-write: writable, private, and backed by the file's
-    pages rather than a copy."""
+    pages rather than a copy.  With ``inside`` (a client reading a result), every path
+    must be a file of that directory, and it is unlinked once mapped (the mapping keeps
+    its pages)."""
     view = memoryview(data)
     end = bytes(view[:16 + 8 * len(buffers)]).index(b"\n")
     indices = json.loads(bytes(view[1:end]))
@@ -120,6 +183,12 @@ def unspill(data: Any, buffers: Sequence[Any]) -> "tuple[Any, List[Any]]":
     for index in indices:
         if type(index) is not int or not 1 <= index <= len(out):
             raise ValueError("malformed spill manifest")
-        with open(bytes(out[index - 1]), "rb") as file:
+        path = bytes(out[index - 1])
+        if inside is not None and os.path.dirname(os.path.realpath(path)) != \
+                os.path.realpath(inside).encode():
+            raise ValueError("a spilled result names a file outside this client's directory")
+        with open(path, "rb") as file:
             out[index - 1] = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
+        if inside is not None:
+            os.unlink(path)
     return view[end + 1:], out
