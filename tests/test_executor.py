@@ -15,7 +15,7 @@ import weakref
 
 import pytest
 from gates import wait_for_file
-from conftest import descendants, wait_until
+from conftest import alive, descendants, wait_until
 
 import zmqexec
 from zmqexec import InitializerError, ZMQExecutor, ZMQExecutorView
@@ -628,3 +628,42 @@ def test_a_forked_child_leaves_the_parents_shared_memory_arguments_alone(tmp_pat
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(3 * (2 << 20))
+
+
+CTRL_C_AT_EXIT = textwrap.dedent("""
+    import sys, time
+    from zmqexec import ZMQExecutor
+    ex = ZMQExecutor(2)
+    futures = [ex.submit(time.sleep, 30) for _ in range(5)]
+    while not all(f.running() for f in futures[:2]):
+        time.sleep(0.01)
+    print("running", flush=True)
+    raise KeyboardInterrupt  # as a Ctrl-C while the program waits
+""")
+
+
+def test_after_a_ctrl_c_exit_says_what_it_waits_for_and_a_second_one_stops_it():
+    """The first Ctrl-C leaves the program waiting for its tasks, as the stdlib's does;
+    one line says so, and a second Ctrl-C ends it with nothing left behind."""
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_AT_EXIT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        lines = []
+        for line in proc.stderr:  # the traceback of the first Ctrl-C, then the line
+            lines.append(line)
+            if "to finish before exiting" in line:
+                break
+        assert "waiting for 5 submitted tasks to finish before exiting; press Ctrl-C " \
+               "again to stop them" in lines[-1], lines
+        children = descendants(proc.pid)
+        assert children  # the task processes still run the tasks
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        assert wait_until(lambda: not any(alive(pid) for pid in children), timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

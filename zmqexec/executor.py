@@ -16,6 +16,7 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -55,10 +56,19 @@ FUTURE_ARGUMENT = ("a Future cannot be a task argument: pass future.result(), or
 
 
 def _python_exit() -> None:
-    """At interpreter exit, finish submitted work and tear every executor down (stdlib-like)."""
+    """At interpreter exit, finish submitted work and tear every executor down (stdlib-like).
+
+    After a Ctrl-C the wait can look like a hang (ten tasks of a minute keep the program
+    for minutes, as with the stdlib), so one line says what it waits for and how to stop."""
     global _exiting
     _exiting = True
-    for executor in list(_live):
+    executors = list(_live)
+    pending = sum(len(ex._client.records) for ex in executors if not ex._shutdown)
+    last = getattr(sys, "last_type", None)  # the exception that ended the main module
+    if pending and isinstance(last, type) and issubclass(last, KeyboardInterrupt):
+        log.warning("waiting for %d submitted task%s to finish before exiting; press Ctrl-C "
+                    "again to stop them", pending, "" if pending == 1 else "s")
+    for executor in executors:
         executor.shutdown(wait=True)
 
 
