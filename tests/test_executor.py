@@ -667,3 +667,21 @@ def test_after_a_ctrl_c_exit_says_what_it_waits_for_and_a_second_one_stops_it():
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_an_executor_nobody_holds_is_shut_down():
+    """As the stdlib's: once the executor and its futures are dropped, its node thread and
+    task processes go (a pending future would hold it: its work is never abandoned)."""
+    ex = ZMQExecutor(2)
+    assert ex.submit(add, 1, 2).result(timeout=30) == 3
+    node_thread = ex._io.io_thread
+    zygote = ex._io.zygote.pid  # this executor's zygote and the task processes it forked
+    processes = {zygote} | descendants(zygote)
+    assert len(processes) == 3
+    ref = weakref.ref(ex)
+    del ex
+    gc.collect()
+    assert ref() is None
+    node_thread.join(timeout=30)
+    assert not node_thread.is_alive()
+    assert wait_until(lambda: not any(alive(pid) for pid in processes), timeout=30)

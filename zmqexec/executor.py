@@ -299,6 +299,10 @@ class ZMQExecutor(_Submitter):
         self._client = self._io.state
         _live.add(self)
         register_executor(self)
+        # An executor nobody holds any more is shut down, as the stdlib's are (a pending
+        # future holds its executor, so this happens only once no work is left to wait for)
+        self._collected = weakref.finalize(self, self._io.close)
+        self._collected.atexit = False  # (interpreter exit shuts every executor down)
 
     @property
     def _max_workers(self) -> int:
@@ -395,6 +399,7 @@ class ZMQExecutor(_Submitter):
             self._client.cancel(futures, CANCEL_WAIT)  # what had not started, in one exchange
         if first:
             unregister_executor(self)
+            self._collected.detach()
             self._io.close()
         if wait:
             self._io.io_thread.join()
