@@ -3,8 +3,9 @@
 ``Network`` makes one namespace per host, each with a veth pair whose other end joins a
 bridge in a namespace of its own (the "switch"), and addresses ``10.<n>.0.<i>/24``: real
 TCP between separate network stacks, with no effect on the machine's own network.  Links
-can be cut (``down``/``up``), slowed (``tc ... tbf``) or made lossy (``tc ... netem``, where
-the kernel has it).  Everything is removed by ``close``.
+can be cut (``down``/``up``), silenced at the switch (``block``), slowed (``tc ... tbf``) or
+made lossy (``tc ... netem``, where the kernel has it).  Everything is removed by
+``close``.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def usable() -> Optional[str]:
         return "network namespaces are Linux only"
     if os.geteuid() != 0:
         return "network namespaces need root"
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "the ip and tc commands (iproute2) are missing"
+    if not all(map(shutil.which, ("ip", "tc", "bridge"))):
+        return "the ip, tc and bridge commands (iproute2) are missing"
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
     if probe.returncode != 0:
         return f"unshare -n fails here: {probe.stderr.decode().strip()}"
@@ -42,6 +43,7 @@ class Network:
         self.switch = f"zx{tag}sw"
         self.ns: Dict[str, str] = {}
         self.addr: Dict[str, str] = {}
+        self.port: Dict[str, str] = {}  # host -> its veth end on the bridge
         self._made: List[str] = []
         try:
             self._add_ns(self.switch)
@@ -53,6 +55,7 @@ class Network:
                 self.ns[host] = ns
                 self.addr[host] = f"10.{self.net}.0.{i}"
                 inner, outer = f"zx{tag}i{i}", f"zx{tag}o{i}"
+                self.port[host] = outer
                 _ip("link", "add", inner, "type", "veth", "peer", "name", outer)
                 _ip("link", "set", inner, "netns", ns)
                 _ip("link", "set", outer, "netns", self.switch)
@@ -76,6 +79,15 @@ class Network:
     def link(self, host: str, up: bool) -> None:
         """Cut (or restore) a host's only link: its packets go nowhere meanwhile."""
         _ip("-n", self.ns[host], "link", "set", "eth0", "up" if up else "down")
+
+    def block(self, host: str, blocked: bool) -> None:
+        """Silence (or restore) a host's link at the switch: its bridge port forwards
+        nothing while both ends keep their carrier, so packets vanish as on a broken
+        network and TCP's retransmissions back off (with ``link`` down, the host's own
+        sends fail at once instead)."""
+        subprocess.run(["bridge", "-n", self.switch, "link", "set", "dev", self.port[host],
+                        "state", "0" if blocked else "3"],  # disabled / forwarding
+                       check=True, capture_output=True)
 
     def shape(self, host: str, *qdisc: str) -> Optional[str]:
         """Put a queueing discipline on a host's link; None, or why the kernel refused."""

@@ -7,24 +7,32 @@ and complete on the other host; the link comes back and the agent rejoins and se
 again. The client's link is then slowed with ``tc tbf`` and, where the kernel has it, made
 slow and lossy with ``tc netem``; every result must still arrive, intact.
 
+The client's own link is cut past its heartbeat timeout (its interface down, or its
+packets dropped at the switch, where TCP backs off) while its tasks run and finish (their
+results pushed into the dead connection) and it submits more: it connects again by
+itself, and every future finishes with its result, no task having run twice. Cut past the
+broker's client timeout too, it registers again: no retries=0 task runs twice.
+
 Where namespaces cannot be made the module is skipped with the reason, unless
 ``ZMQEXEC_REQUIRE_NETNS=1`` (set by ``.ci/run`` when ``unshare -n true`` works), which
 turns the skip into a failure.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
 import netns
-from conftest import ROOT, zmqexec_cmd
+from conftest import ROOT, wait_until, zmqexec_cmd
 
 WHY_NOT = netns.usable()
 if WHY_NOT and os.environ.get("ZMQEXEC_REQUIRE_NETNS"):
@@ -99,10 +107,11 @@ class Client:
         self.proc.stdin.flush()
 
 
-@pytest.fixture
-def network() -> Iterator[netns.Network]:
-    net = netns.Network(["broker", "a1", "a2", "client"])
-    procs = []
+@contextlib.contextmanager
+def hosts(names: List[str]) -> Iterator[netns.Network]:
+    """A network of these hosts; the processes started in ``net.procs`` end with it."""
+    net = netns.Network(names)
+    procs: List["subprocess.Popen[Any]"] = []
     net.procs = procs  # type: ignore[attr-defined]
     try:
         yield net
@@ -115,6 +124,18 @@ def network() -> Iterator[netns.Network]:
                 if pipe:
                     pipe.close()
         net.close()
+
+
+@pytest.fixture
+def network() -> Iterator[netns.Network]:
+    with hosts(["broker", "a1", "a2", "client"]) as net:
+        yield net
+
+
+@pytest.fixture
+def three_hosts() -> Iterator[netns.Network]:
+    with hosts(["broker", "agent", "client"]) as net:
+        yield net
 
 
 def test_agent_host_link_cut_and_restored_then_slow_and_lossy_client_link(network, tmp_path):
@@ -183,3 +204,148 @@ def test_agent_host_link_cut_and_restored_then_slow_and_lossy_client_link(networ
           f"{rejoin_seconds:.2f} s after the link came back")
     for name, why in skipped.items():
         print(f"{name} skipped: the kernel refused it ({why})")
+
+
+# A client whose own link the test cuts: it logs to a file (``argv[3]``), its tasks write a
+# line to ``argv[4]`` when they start and another when they end, and wait for a gate file.
+# Odd tasks have retries=0.
+CLIENT_CUT = textwrap.dedent("""
+    import json, logging, os, sys, threading, time
+    from zmqexec import BrokerLostError, ZMQExecutor
+
+    address, keys, log_path, runs = sys.argv[1:5]
+    logging.basicConfig(filename=log_path, level=logging.INFO,
+                        format="%(created).3f %(name)s %(levelname)s %(message)s")
+
+    def step(runs, i, gate):
+        with open(runs, "a") as f:
+            f.write(f"run {i}\\n")
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        with open(runs, "a") as f:
+            f.write(f"end {i}\\n")
+        return i * i
+
+    def outcome(fut):
+        try:
+            return fut.result(timeout=60)
+        except BrokerLostError:
+            return "lost"
+
+    def say(**kw):
+        print(json.dumps(kw), flush=True)
+
+    ex = ZMQExecutor(address=address, keys=keys, heartbeat_interval=0.2,
+                     heartbeat_timeout=1.5, broker_timeout=60)
+    ex.wait_for_workers(2, timeout=60)
+    once, gate = ex.options(retries=0), runs + ".gate"
+    futures = [(once if i % 2 else ex).submit(step, runs, i, gate) for i in range(6)]
+    while ex.status()["tasks"]["running"] < 2:
+        time.sleep(0.05)
+    say(phase="running")
+    sys.stdin.readline()  # the test has cut our link: these submits may die with it
+    futures += [(once if i % 2 else ex).submit(step, runs, i, gate) for i in range(6, 10)]
+    asked = []  # a status request sent while the link is cut
+    asker = threading.Thread(target=lambda: asked.append(ex.status(timeout=60)))
+    asker.start()
+    say(phase="submitted")
+    results = [outcome(f) for f in futures]
+    asker.join()
+    say(phase="results", results=results, at=time.time(), status=bool(asked))
+    ex.shutdown()
+    say(phase="done")
+""")
+
+
+@pytest.mark.parametrize("cut, forgotten", [("down", False), ("dropped", False),
+                                            ("down", True)],
+                         ids=["down", "dropped", "forgotten"])
+def test_a_client_reconnects_by_itself_after_a_cut_of_its_own_link(three_hosts, tmp_path,
+                                                                   cut, forgotten):
+    """The link is cut past the client's heartbeat timeout while tasks 0-5 run and finish
+    (their results pushed into the dead connection) and 6-9 are submitted; ``forgotten``:
+    past the broker's client timeout too, so the broker has dropped the client when it
+    connects again."""
+    network = three_hosts
+
+    def link(up: bool) -> None:
+        if cut == "down":
+            network.link("client", up=up)
+        else:  # dropped at the switch: the old connection backs off
+            network.block("client", blocked=not up)
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    address = f"tcp://{network.addr['broker']}:{PORT}"
+    keys = str(tmp_path / "keys")
+    subprocess.run(zmqexec_cmd("keygen", keys, "--worker", "agent"), check=True,
+                   capture_output=True)
+    procs = network.procs
+    client_timeout = ("--client-timeout", "3") if forgotten else ()
+    broker = network.run("broker", zmqexec_cmd("broker", "--bind", address, "--keys", keys,
+                                               *client_timeout),
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    procs.append(broker)
+    assert broker.stdout.readline().decode().startswith("zmqexec broker listening on")
+    procs.append(network.run("agent", zmqexec_cmd("worker", address, "--nprocs", "2",
+                                                  "--name", "agent", "--keys", keys,
+                                                  *HEARTBEAT), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    log_path, runs = tmp_path / "client.log", tmp_path / "runs"
+    proc = network.run("client", [sys.executable, "-c", CLIENT_CUT, address, keys,
+                                  str(log_path), str(runs)], env=env,
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs.append(proc)
+    client = Client(proc)
+
+    def logged(text: str) -> List[str]:
+        return [line for line in log_path.read_text().splitlines() if text in line]
+
+    def lines(word: str) -> "collections.Counter[int]":
+        return collections.Counter(int(line.split()[1]) for line in
+                                   runs.read_text().splitlines() if line.startswith(word))
+
+    def clients() -> int:
+        """How many clients the broker knows, asked on its own host (not cut)."""
+        shown = subprocess.run(["ip", "netns", "exec", network.ns["broker"],
+                                *zmqexec_cmd("status", address, "--keys", keys, "--json")],
+                               capture_output=True, text=True, env=env, timeout=30)
+        return int(json.loads(shown.stdout)["clients"])
+
+    assert client.read()["phase"] == "running"
+    link(up=False)
+    cut_at = time.monotonic()
+    client.say("cut")
+    assert client.read()["phase"] == "submitted"
+    (tmp_path / "runs.gate").touch()  # tasks 0-5 finish while the client cannot hear
+    assert wait_until(lambda: set(lines("end")) >= set(range(6)), timeout=30), \
+        runs.read_text()
+    assert wait_until(lambda: logged("connecting again"), timeout=30), \
+        "the client never noticed the broker's silence"
+    if forgotten:
+        assert wait_until(lambda: clients() == 0, timeout=30)
+    link(up=True)
+    up_at, cut_seconds = time.time(), time.monotonic() - cut_at
+    assert cut_seconds < 60  # shorter than broker_timeout (and the default client timeout)
+
+    seen = client.read()
+    assert seen["phase"] == "results" and seen["status"], seen
+    assert client.read()["phase"] == "done"
+    assert proc.wait(30) == 0
+    ran, results = lines("run"), seen["results"]
+    assert all(ran[i] <= 1 for i in range(1, 10, 2)), ran  # retries=0: never twice
+    reconnected = logged("reconnected to the broker")
+    assert reconnected, log_path.read_text()
+    if forgotten:  # registered again: retries=0 tasks that may have started are lost
+        assert "forgotten" in reconnected[0], reconnected
+        assert all(results[i] in (i * i, "lost") for i in range(1, 10, 2)), results
+        assert all(results[i] == i * i and 1 <= ran[i] <= 2 for i in range(0, 10, 2)), \
+            (results, ran)
+    else:  # the broker still knew the client: every result, and no task ran again
+        assert "asked again" in reconnected[0], reconnected
+        assert results == [i * i for i in range(10)], results
+        assert sorted(ran) == list(range(10)) and set(ran.values()) == {1}, ran
+    answered = float(reconnected[0].split()[0]) - up_at
+    print(f"client link {cut} for {cut_seconds:.1f} s{' (forgotten)' * forgotten}: the "
+          f"broker answered again {answered:.2f} s after the link came back, every future "
+          f"done in {seen['at'] - up_at:.2f} s; {len(logged('connecting again'))} new "
+          f"connections; re-runs {sum(ran.values()) - len(ran)}, lost {results.count('lost')}")
