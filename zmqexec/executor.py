@@ -293,6 +293,7 @@ class ZMQExecutor(_Submitter):
             assert address is not None
             self.address = address
             self._io = ClientIO(address, self._blobs, heartbeat_interval=heartbeat_interval,
+                                heartbeat_timeout=heartbeat_timeout,
                                 broker_timeout=broker_timeout,
                                 attach_timeout=attach_timeout,
                                 no_workers_timeout=no_workers_timeout, keys=curve)
