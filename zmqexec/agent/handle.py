@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.process as mp_process
 import os
 import select
 import signal
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 from ..wire.pipe import RecordReader, pack, read_records, unpack_result
 from ..wire.records import Task
 from .runner import task_main
+from .zygote import kill_group
 
 if TYPE_CHECKING:
     from .state import AgentState, Slot
@@ -67,12 +69,17 @@ class TaskProcess:
 
     @classmethod
     def start(cls, ctx: Any) -> "TaskProcess":
-        """A task process started by a ``multiprocessing`` context (an agent process)."""
+        """A task process started by a ``multiprocessing`` context (an agent process).
+
+        Not daemonic: a task may start processes of its own (a process pool), as in a
+        ProcessPoolExecutor's worker; they are in the task process's group, which the
+        agent kills with it.  The agent alone reaps it (``forget_child``)."""
         self = cls()
         self.proc = ctx.Process(target=task_main,
                                 args=(self._child_conn, self._child_cancels, os.getpid()),
-                                name="zmqexec-task", daemon=True)
+                                name="zmqexec-task", daemon=False)
         self.proc.start()
+        forget_child(self.proc)
         self.pid = self.proc.pid
         self._close_child_ends()
         return self
@@ -88,6 +95,12 @@ class TaskProcess:
     def _close_child_ends(self) -> None:
         self._child_conn.close()
         self._child_cancels.close()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the task process and its group: what its tasks started goes with it.
+        Only before ``proc.join`` reaped it (the agent reaps it only after this), so its
+        pid and its group's id cannot be another process's."""
+        kill_group(self.pid, sig)
 
     def close(self) -> None:
         """Close our ends of its pipes (it then reads EOF and exits, if it still runs)."""
@@ -172,6 +185,32 @@ class TaskProcess:
             meta["x"] = context[1]
         for message in pack(meta, [blobs[f] for f in fids] + frames):
             self.conn.send_bytes(message)
+
+
+def forget_child(proc: Any) -> None:
+    """Take a started ``multiprocessing.Process`` off multiprocessing's list of children.
+
+    Whenever a process starts, multiprocessing reaps every child on that list that has
+    ended; a task process reaped so before the agent saw its end would free its pid, the
+    id of its group, and the agent could no longer kill that group safely (the pid, and
+    so the group id, may be another's by then).  Off the list, a task process is reaped
+    only by its handle's ``join``, after its group was killed.  (Nor does
+    multiprocessing's exit handler wait for it: the agent kills it when it stops.)"""
+    children = getattr(mp_process, "_children", None)
+    if isinstance(children, set):
+        children.discard(proc)
+
+
+def has_ended(pid: int) -> bool:
+    """True if child ``pid`` has ended, without reaping it: its group, which may hold
+    what its tasks started, can still be killed by its id.  False where the system
+    cannot tell so (no ``os.waitid``): the process sentinel tells then."""
+    if not hasattr(os, "waitid"):
+        return False
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # not a child of ours (never started)
+        return False
 
 
 def carry_out(state: "AgentState", processes: Dict[int, TaskProcess], *,

@@ -9,18 +9,24 @@
                         | its sentinel -> on_exit(), then a new TaskProcess
                         | turn: check_timeouts(), drain_turn(), hand_out(), flush()
                         | carry out: out -> socket; gives -> TaskProcess.give();
-                        |   cancels -> TaskProcess.cancel(); kills -> proc.kill()
+                        |   cancels -> TaskProcess.cancel(); kills -> TaskProcess.kill()
 
 The agent never unpickles: it moves payload bytes between its socket and its task
 processes.  A task process's death is seen at once through its process sentinel, so the
 broker hears the exit status without waiting for a heartbeat; a lost agent (host down,
 SIGSTOP) is what heartbeats are for.
+
+Each task process leads a process group, which holds what its tasks start (a process
+pool, a subprocess).  The agent kills the whole group whenever it kills a task process
+(timeout, kill, retirement, stop) and whenever it sees one end of itself, before it
+reaps it: a dead child's pid, the group's id, is not free until it is reaped.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import time
 import uuid
@@ -33,12 +39,13 @@ from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.curve import apply_client
 from ..wire.sockets import received
-from .handle import TaskProcess, carry_out, default_start_method, describe_exit
+from .handle import TaskProcess, carry_out, default_start_method, describe_exit, has_ended
 from .state import AgentState, Slot
 
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 RECV_BATCH = 1000  # broker messages read per wake-up before task processes get a turn
+ENDED_CHECK = 0.25  # seconds between looks for task processes whose sentinel stays quiet
 log = logging.getLogger(__name__)
 
 
@@ -153,18 +160,24 @@ class Agent:
         carry_out(state, self.processes, kill=self._kill, retire=self._retire)
 
     def _kill(self, slot: Slot) -> None:
-        self.processes[slot.pid].proc.kill()
+        """A timeout, a kill: the task process goes with its group (what its task
+        started); its end, seen by its sentinel, replaces it."""
+        self.processes[slot.pid].kill()
 
     def _retire(self, process: TaskProcess) -> None:
         """Idle, its tasks done: it ends and is replaced (by SIGTERM, not by EOF: its
-        forked siblings hold copies of its pipe)."""
-        process.proc.terminate()
+        forked siblings hold copies of its pipe).  Its group gets SIGTERM too, and what
+        is left of it SIGKILL when its end is seen."""
+        process.kill(signal.SIGTERM)
 
     def _on_data(self, process: TaskProcess) -> bool:
         return process.read_into(self.state, time.monotonic())
 
     def _on_exit(self, process: TaskProcess) -> None:
+        """A task process ended: what it started goes too (its group is killed before
+        ``join`` reaps it, while its pid still names the group), then it is replaced."""
         del self.processes[process.pid]
+        process.kill()
         slot = self.state.slots.get(process.pid)
         while slot is not None and slot.keys and process.conn.poll(0) and \
                 self._on_data(process):
@@ -178,9 +191,19 @@ class Agent:
         if not self.state.stop:
             self._spawn()
 
+    def _check_ended(self) -> None:
+        """Task processes that ended while a process they forked holds their sentinel
+        (and their pipe) open: it would not be seen to end, nor its group killed, until
+        that process exits, which it may never do (a process pool's workers wait on a
+        queue of the dead process forever)."""
+        for process in list(self.processes.values()):
+            if has_ended(process.pid):
+                self._on_exit(process)
+
     def _loop(self) -> None:
         state, sock = self.state, self.sock
         by_fd: Dict[int, Tuple[bool, TaskProcess]] = {}
+        next_check = 0.0
         while not state.stop:
             by_fd.clear()
             for process in self.processes.values():
@@ -206,6 +229,9 @@ class Agent:
                     else:
                         self._on_exit(process)
             now = time.monotonic()
+            if now >= next_check:
+                next_check = now + ENDED_CHECK
+                self._check_ended()
             state.drain_turn(now)
             state.hand_out(now)
             state.flush(now)
@@ -236,7 +262,7 @@ class Agent:
         except zmq.ZMQError:
             pass
         for process in self.processes.values():
-            process.proc.kill()
+            process.kill()  # with its group: nothing a task started outlives the agent
         for process in self.processes.values():
             process.proc.join(5)
         self.sock.close(linger=500)

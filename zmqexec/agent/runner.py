@@ -31,20 +31,59 @@ def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]
     return [fn(*args) for args in chunk]
 
 
+def _lead_own_group() -> None:
+    """Lead a new session, and so a process group whose id is this pid, before any task
+    runs: whatever a task starts (a process pool, a subprocess) joins it, and whoever ends
+    this process on purpose (a timeout, a kill, a replacement, a shutdown) or sees it die
+    kills the whole group, so nothing a task started outlives its task process.
+
+    A session rather than a group alone: a background group of the terminal's session is
+    stopped (SIGTTIN, SIGTTOU) when one of its processes reads or writes the terminal,
+    and Ctrl-C there is the client's to handle, not its task processes' children's."""
+    try:
+        os.setsid()
+    except OSError:  # it leads a group already (EPERM): its id is this pid all the same
+        pass
+
+
+def _end_with_group() -> None:
+    """Kill this process's group (itself and what its tasks started), then exit."""
+    try:
+        os.killpg(os.getpid(), signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(1)
+
+
 def _die_with_parent(parent: int) -> None:
-    """End this process when the agent goes, even if the agent is SIGKILLed."""
+    """End this process, and what its tasks started, when the agent (or the zygote) goes,
+    even if it is SIGKILLed: nobody is left to kill the group then, so the process does.
+
+    Linux sends SIGHUP at the parent's death (PR_SET_PDEATHSIG), whose handler kills the
+    group; a thread that watches the parent covers the rest (another system, a handler
+    that a task replaced)."""
+    me = os.getpid()
+
+    def on_hangup(signum: int, frame: Any) -> None:
+        if os.getpid() != me:  # a process a task forked: SIGHUP does what it always does
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGHUP)
+            return
+        _end_with_group()
+
     if sys.platform.startswith("linux"):
+        signal.signal(signal.SIGHUP, on_hangup)
         try:
             import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
         except Exception:  # pragma: no cover - prctl is always there on Linux
             pass
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
-        os._exit(1)
+        _end_with_group()
 
     if os.getppid() != parent:
         os._exit(1)
@@ -212,6 +251,7 @@ def adopt_context(path: List[str], cwd: str, env: Dict[str, str],
 
 def task_main(conn: Connection, cancels: Connection, parent: int) -> None:
     """Body of a task process: take a batch, run each task, send each result."""
+    _lead_own_group()
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -24,16 +24,26 @@ op     direction          meaning
 =====  =================  ==============================================================
 ``S``  client -> zygote   fork a task process; fds: its task pipe and its cancel pipe
 ``Z``  client -> root     fork a zygote of its own for a client; fd: its control socket
-``K``  client -> zygote   SIGKILL child ``a`` if it is still one (the zygote reaps, so a
-                          pid it has not reported dead cannot have been reused)
+``K``  client -> zygote   SIGKILL child ``a`` and its process group if it is still a
+                          child (the zygote reaps, so a pid it has not reported dead, and
+                          the group that pid names, cannot have been reused)
 ``C``  client -> zygote   remove directory (``a`` bytes of UTF-8 path follow) when the
                           client goes: an embedded node's ipc and shared memory folders
 ``P``  zygote -> client   the child just forked has pid ``a`` (one per S or Z, in order)
 ``X``  zygote -> client   child ``a`` ended; ``b`` is its exit code, or -signal
 =====  =================  ==============================================================
 
+Each task process leads a process group of its own (``runner.task_main`` makes it a
+session leader), so the processes a task starts (a process pool, a subprocess) are in it.
+The zygote kills a task process's whole group: when the client asks (K), when the client
+goes, and when the task process dies of itself (os._exit, a segfault, a kill from
+outside), so nothing a task started outlives its task process.  The group is killed
+before its leader is reaped: while the dead leader is an unreaped child, its pid (the
+group's id) cannot be taken by another process, so the kill cannot reach a stranger.
+
 When the client goes (its end of the control socket closes, even by SIGKILL), the zygote
-kills its children and exits; task processes also die with their zygote.
+kills its children with their groups and exits; task processes also die with their
+zygote, and take their groups with them (``runner._die_with_parent``).
 """
 from __future__ import annotations
 
@@ -124,10 +134,7 @@ def serve(control: socket.socket, root: bool) -> None:
             _reap(control, children, report=not root)
     finally:
         for pid in children if not root else ():  # (a root's children are zygotes,
-            try:  # each watching its own client)
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            kill_group(pid)  # each watching its own client; these are not reaped yet)
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -146,11 +153,8 @@ def _handle(control: socket.socket, record: Tuple[bytes, int, int], fds: List[in
             children: Set[int], own: Tuple[selectors.BaseSelector, int, int]) -> None:
     op, a, _ = record
     if op == b"K":
-        if a in children:
-            try:
-                os.kill(a, signal.SIGKILL)
-            except OSError:
-                pass
+        if a in children:  # not reaped: neither its pid nor its group can be another's
+            kill_group(a)
         return
     if op not in (b"S", b"Z"):
         for fd in fds:
@@ -184,14 +188,55 @@ def _task_process(fds: List[int]) -> None:
     task_main(Connection(fds[0]), Connection(fds[1], writable=False), os.getppid())
 
 
-def _reap(control: socket.socket, children: Set[int], report: bool) -> None:
-    while children:
+def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal task process ``pid`` and every process of its group (what its tasks
+    started), then the process itself (in case it left its group, or has not made it yet:
+    it does so before any task runs, so nothing it started can be outside).
+
+    Call it only while ``pid`` is a child not yet reaped: then neither its pid nor the
+    group id it names can belong to another process."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, sig)
+        except OSError:  # no such group (yet), or gone already
+            pass
+
+
+def _ended() -> Tuple[int, Optional[int]]:
+    """A child that has ended, as (pid, None), left unreaped so that its pid still names
+    its group while the group is killed; (0, None) if none.  Without ``os.waitid``
+    (macOS) it is reaped at once, as (pid, status), and its group is left alone."""
+    if not hasattr(os, "waitid"):
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return 0, None
+        return (pid, status) if pid else (0, None)
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return 0, None
+    return (info.si_pid, None) if info is not None else (0, None)
+
+
+def _reap(control: socket.socket, children: Set[int], report: bool) -> None:
+    """Report each child that ended; a task process's group goes with it (a task may
+    have started processes that would otherwise linger, even after the client ends)."""
+    while children:
+        pid, status = _ended()
         if pid == 0:
             return
+        if status is None:
+            if report and pid in children:  # a task process, dead of itself or killed
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # (its pid is not free: not reaped)
+                except OSError:  # its group is empty already
+                    pass
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                children.discard(pid)
+                continue
         children.discard(pid)
         if report:
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)

@@ -156,10 +156,13 @@ class Node:
                   context=self._snapshot)
 
     def _kill(self, slot: Slot) -> None:
+        """A timeout, a kill: the zygote kills the task process with its group (what its
+        task started), then reports its end, which replaces it."""
         self.zygote.kill(slot.pid)  # (the zygote reaps: a pid it has not reported lives)
 
     def _retire(self, process: TaskProcess) -> None:
-        """EOF on its pipe: it exits, and the zygote reports its end."""
+        """EOF on its pipe: it exits, and the zygote kills what it left running (its
+        group) and reports its end."""
         if not process.conn.closed:
             self.poller.unregister(process.fd)
             process.close()
