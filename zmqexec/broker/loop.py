@@ -105,9 +105,11 @@ def router(ctx: "zmq.Context[Any]", binds: Sequence[str], state: BrokerState,
     return sock, addresses
 
 
-def send_all(sock: "zmq.Socket[Any]", state: BrokerState) -> None:
-    """Send what the state decided, never blocking; a peer that is gone is counted."""
-    for ident, frames in state.flush():
+def send_all(sock: "zmq.Socket[Any]", state: BrokerState) -> int:
+    """Send what the state decided, never blocking; a peer that is gone is counted.
+    Returns how many messages were tried (a send may change the socket's EVENTS)."""
+    out = state.flush()
+    for ident, frames in out:
         try:
             sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
@@ -116,3 +118,4 @@ def send_all(sock: "zmq.Socket[Any]", state: BrokerState) -> None:
                 log.debug("peer %s is gone: message dropped", ident.hex()[:8])
             else:
                 state.drop(f"send failed: {exc}", ident)
+    return len(out)

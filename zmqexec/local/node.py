@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import socket
 import sys
@@ -51,7 +52,7 @@ from ..client.threads import Completions, Mailbox
 from ..errors import BrokenZMQExecutor
 from ..wire import protocol as P
 from ..wire import serialization as S
-from ..wire.sockets import received
+from ..wire.sockets import EVENTS, POLLIN, received
 from ..wire.shm import Spill
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ class Node:
                 out, agent.out = agent.out, []
                 for cmd, meta, payload in out:
                     broker.deliver(AGENT, P.Message(cmd, meta, list(payload)), now)
-            send_all(self.sock, broker)  # (flushes the outbox: local messages too)
+            if send_all(self.sock, broker):  # (flushes the outbox: local messages too)
+                self._sock_dirty = True
             if not outbox.delivered:
                 break
             for ident, msg in outbox.take_delivered():
@@ -199,7 +201,7 @@ class Node:
                 self.agent.starting = len(self.starting)
                 process.pid = pid
                 self.processes[pid] = process
-                self.poller.register(process.fd, zmq.POLLIN)
+                self.poller.register(process.fd, select.POLLIN)
                 self.agent.add_slot(pid)
                 if not self._joined and not self.starting:
                     self._joined = True
@@ -215,7 +217,7 @@ class Node:
         self.poller.unregister(self.zygote.fileno())
         release_zygote(self.zygote)
         self.zygote = new_zygote(self.fresh)
-        self.poller.register(self.zygote.fileno(), zmq.POLLIN)
+        self.poller.register(self.zygote.fileno(), select.POLLIN)
         lost, self.starting = self.starting, []
         self.agent.starting = 0
         for pid in list(self.processes):
@@ -245,13 +247,18 @@ class Node:
     def _main(self) -> None:
         self.ctx = zmq.Context()
         self.closing = False
+        self._sock_dirty = True
         self.now = time.monotonic()
         try:
             self.sock, _ = router(self.ctx, [self.address], self.broker)
-            self.poller = zmq.Poller()
-            self.poller.register(self.sock, zmq.POLLIN)
-            self.poller.register(self.mailbox.wake_fd, zmq.POLLIN)
-            self.poller.register(self.zygote.fileno(), zmq.POLLIN)
+            # select.poll, not zmq.Poller: a wake-up of the node costs about 10 us of CPU
+            # less (zmq_poll asks every socket for its events on each call); the ROUTER
+            # is polled by its FD, which signals that its EVENTS may have changed
+            self.poller = select.poll()
+            self.sock_fd = self.sock.getsockopt(zmq.FD)
+            self.poller.register(self.sock_fd, select.POLLIN)
+            self.poller.register(self.mailbox.wake_fd, select.POLLIN)
+            self.poller.register(self.zygote.fileno(), select.POLLIN)
             self._client_hello()
             for _ in range(self.nprocs):  # (the agent says HELLO once they exist)
                 self._spawn()
@@ -274,6 +281,7 @@ class Node:
     def _loop(self) -> None:
         broker, agent, link, sock = self.broker, self.agent, self.link, self.sock
         wake_fd = self.mailbox.wake_fd
+        sock_fd = self.sock_fd
         next_tick = next_check = 0.0
         while True:
             now = time.monotonic()
@@ -282,21 +290,28 @@ class Node:
                 wait = min(wait, agent.grace(now))
             if agent.kills:
                 self._carry_out()
-            events = self.poller.poll(int(wait * 1000) + 1)
+            # The ROUTER's FD signals only changes: after a send or a partial read, its
+            # EVENTS tell whether messages wait already (then the poll must not sleep)
+            readable = self._sock_dirty and bool(int(sock.getsockopt(EVENTS)) & POLLIN)
+            self._sock_dirty = False
+            events = self.poller.poll(0 if readable else int(wait * 1000) + 1)
             self.now = now = time.monotonic()
             woken = False
             for what, _ in events:
                 if what == wake_fd:
                     woken = True
-                elif what is sock:
-                    for frames in received(sock):
-                        broker.handle(frames[0].bytes, frames[1:], now, None)
+                elif what == sock_fd:
+                    readable = True
                 elif what == self.zygote.fileno():
                     self._on_zygote()
                 else:
                     process = self._by_fd(what)
                     if process is not None:
                         self._on_data(process)
+            if readable:
+                for frames in received(sock):
+                    broker.handle(frames[0].bytes, frames[1:], now, None)
+                self._sock_dirty = True  # (a read stops after RECV_BATCH messages)
             link.apply(self.mailbox.take(woken))
             if now >= next_tick:
                 next_tick = now + TICK
