@@ -64,6 +64,12 @@ FOREVER = float("inf")  # a local peer is never silent: it lives and dies with t
 class Node:
     """The embedded cluster: BrokerState + AgentState on one thread of the client."""
 
+    # set by the node thread when it starts (``_main``)
+    now: float
+    sock: "zmq.Socket[Any]"
+    sock_fd: int
+    _sock_dirty: bool
+
     def __init__(self, nprocs: int, blobs: Dict[str, bytes], *, attach_timeout: float,
                  heartbeat_interval: float = 1.0,
                  no_workers_timeout: Optional[float] = None,
@@ -255,7 +261,7 @@ class Node:
             # less (zmq_poll asks every socket for its events on each call); the ROUTER
             # is polled by its FD, which signals that its EVENTS may have changed
             self.poller = select.poll()
-            self.sock_fd = self.sock.getsockopt(zmq.FD)
+            self.sock_fd = int(self.sock.getsockopt(zmq.FD))
             self.poller.register(self.sock_fd, select.POLLIN)
             self.poller.register(self.mailbox.wake_fd, select.POLLIN)
             self.poller.register(self.zygote.fileno(), select.POLLIN)
