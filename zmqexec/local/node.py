@@ -184,9 +184,10 @@ class Node:
         except OSError:
             cwd = ""
         environ = getattr(os.environ, "_data", None)
-        seen = (list(sys.path), cwd, dict(environ) if environ is not None else None)
-        if seen != self._context_seen:
-            self._context_seen = seen
+        seen = self._context_seen  # compared before copying: they rarely change
+        if seen is None or seen[0] != sys.path or seen[1] != cwd or seen[2] != environ:
+            seen = self._context_seen = (list(sys.path), cwd,
+                                         dict(environ) if environ is not None else None)
             self.context = (self.context[0] + 1,
                             [seen[0], seen[1], dict(os.environ), self.spill.dir])
         return self.context
