@@ -433,6 +433,52 @@ def test_no_process_outlives_a_sigkilled_client():
     assert not descendants(proc.pid)
 
 
+def test_no_process_outlives_a_sigkilled_client_whose_fork_lives_on():
+    """A process forked from the client after its zygotes started (a process pool's
+    worker, say) holds the client's end of their control sockets: the zygotes and task
+    processes still go when the client does."""
+    code = textwrap.dedent("""
+        import os, sys, time
+        sys.path.insert(0, "tests")
+        from conftest import descendants
+        from zmqexec import ZMQExecutor
+        ex = ZMQExecutor(2)
+        ex.wait_for_workers(2, timeout=30)
+        fut = ex.submit(time.sleep, 60)
+        while ex.status()["tasks"]["running"] < 1:
+            time.sleep(0.01)
+        ours = descendants(os.getpid())
+        child = os.fork()
+        if child == 0:
+            time.sleep(120)
+            os._exit(0)
+        print(child, " ".join(map(str, ours)), flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    child, *pids = [int(p) for p in proc.stdout.readline().split()]
+    try:
+        assert len(pids) == 4, pids  # root zygote, zygote, two task processes
+        proc.kill()
+        proc.wait()
+        assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
+        assert _alive(child)  # (it held their sockets all along)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_done_futures_and_their_results_are_not_kept_by_the_executor(executor):
     fut = executor.submit(make_box, 1)
     box_ref = weakref.ref(fut.result(timeout=30))

@@ -63,6 +63,7 @@ from multiprocessing.connection import Connection
 from typing import List, Optional, Sequence, Set, Tuple
 
 log = logging.getLogger(__name__)
+CLIENT_CHECK = 1.0  # seconds between looks for the client, where no pidfd tells its end
 RECORD = struct.Struct("!cqq")
 _root: Optional["_Root"] = None
 _root_lock = threading.Lock()
@@ -100,9 +101,16 @@ def _recv(sock: socket.socket, maxfds: int) -> Tuple[Optional[Tuple[bytes, int, 
 
 
 # ---- the zygote process -------------------------------------------------------------------
-def serve(control: socket.socket, root: bool) -> None:
+def serve(control: socket.socket, root: bool, client: Optional[int] = None) -> None:
     """Fork on request until the client goes; report each child's end (not the root's:
-    its children are zygotes, each with its own client)."""
+    its children are zygotes, each with its own client).
+
+    The client is gone at EOF on the control socket, or when process ``client`` (a root's
+    parent, by default) ends: a process forked from the client after this zygote started
+    (a ProcessPoolExecutor's worker, say) holds a copy of the client's end of the socket,
+    and if it outlives the client no EOF ever comes."""
+    client = os.getppid() if client is None else client
+    watch = _watch(client)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -115,9 +123,15 @@ def serve(control: socket.socket, root: bool) -> None:
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
+    if watch is not None:
+        selector.register(watch, selectors.EVENT_READ)
     try:
         while True:
-            for key, _ in selector.select():
+            events = selector.select(None if watch is not None else CLIENT_CHECK)
+            if (watch is None and not _alive(client)) or \
+                    any(key.fileobj == watch for key, _ in events):
+                return  # the client ended
+            for key, _ in events:
                 if key.fileobj is control:
                     record, fds = _recv(control, 2)
                     if record is None:
@@ -125,7 +139,8 @@ def serve(control: socket.socket, root: bool) -> None:
                     if record[0] == b"C":
                         cleanup.append(_recv_exactly(control, record[1]).decode())
                         continue
-                    _handle(control, record, fds, children, (selector, wake_r, wake_w))
+                    _handle(control, record, fds, children, (selector, wake_r, wake_w, watch),
+                            client)
                 else:
                     try:
                         os.read(wake_r, 4096)
@@ -139,6 +154,25 @@ def serve(control: socket.socket, root: bool) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _watch(pid: int) -> Optional[int]:
+    """A descriptor that polls readable once process ``pid`` ends (Linux's pidfd); None
+    where there is none (then ``_alive`` is asked every CLIENT_CHECK seconds)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
@@ -150,7 +184,9 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def _handle(control: socket.socket, record: Tuple[bytes, int, int], fds: List[int],
-            children: Set[int], own: Tuple[selectors.BaseSelector, int, int]) -> None:
+            children: Set[int],
+            own: Tuple[selectors.BaseSelector, int, int, Optional[int]],
+            client: int) -> None:
     op, a, _ = record
     if op == b"K":
         if a in children:  # not reaped: neither its pid nor its group can be another's
@@ -166,13 +202,14 @@ def _handle(control: socket.socket, record: Tuple[bytes, int, int], fds: List[in
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             own[0].close()
-            os.close(own[1])
-            os.close(own[2])
+            for own_fd in own[1:]:
+                if own_fd is not None:
+                    os.close(own_fd)
             control.close()
             if op == b"S":
                 _task_process(fds)
             else:
-                serve(socket.socket(fileno=fds[0]), root=False)
+                serve(socket.socket(fileno=fds[0]), root=False, client=client)
         finally:
             os._exit(0)
     for fd in fds:
