@@ -36,6 +36,7 @@ from .local.node import Node
 from .wire.protocol import key_to_wire
 from .wire.records import SubmitRow
 from .client.items import Kill
+from .client.modules import OwnModules
 from .agent.runner import run_chunk
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,9 @@ class ZMQExecutor(_Submitter):
         self._functions = FunctionCache()
         self._names: Dict[str, str] = {}  # function name -> wire prefix of its keys
         self._init_id = ""
+        # remote mode: the user's own modules travel to the workers (embedded task
+        # processes see this process's sys.path instead)
+        self._modules = None if self._embedded else OwnModules(self._blobs)
         if initializer is not None:
             init_blob = S.dumps_call(initializer, tuple(initargs))
             self._init_id = S.blob_id(init_blob)
@@ -347,12 +351,14 @@ class ZMQExecutor(_Submitter):
             row = SubmitRow(key_to_wire(key), int(opts.get("priority") or 0),
                             self._retries if retries is None else max(0, int(retries)),
                             int(pure), fid, self._init_id, len(frames),
-                            float(opts.get("timeout") or 0.0))
+                            float(opts.get("timeout") or 0.0),
+                            "" if self._modules is None else self._modules.mid())
         else:  # the default: a generated key, whose wire form needs no JSON encoder
             token = f"{self._key_prefix}{next(self._key_counter):016x}"
             frames = S.dumps_args(args, kwargs, self._spill)
             row = SubmitRow(f"{self._names[name]}{token}\"", 0, self._retries, 0, fid,
-                            self._init_id, len(frames))
+                            self._init_id, len(frames), 0.0,
+                            "" if self._modules is None else self._modules.mid())
         return self._client.submit(Future._new(row.kw, self), row, frames, blob)
 
     def kill(self, future: Future) -> bool:

@@ -167,17 +167,17 @@ class TaskProcess:
     def give(self, tasks: List[Task], blobs: Dict[str, Any],
              context: Optional[Tuple[int, Any]] = None) -> None:
         """One numbered batch (a message, plus one per large frame), with the blobs this
-        process lacks: rows ``[k, client, fid, iid, nframes]``; ``context``: the client's
+        process lacks: rows ``[k, client, fid, iid, nframes, mid]``; ``context``: the client's
         (version, [sys.path, cwd, environment]) for a process that has an older one."""
         self.told.clear()  # (the keys of an earlier batch are all done)
         self.batch += 1
         fids, rows, frames = [], [], []
         for row, task_frames in tasks:
-            for fid in (row.fid, row.iid):
+            for fid in (row.fid, row.iid, row.mid):
                 if fid and fid not in self.fids and fid in blobs:
                     self.fids.add(fid)
                     fids.append(fid)
-            rows.append([row.kw, row.client, row.fid, row.iid, len(task_frames)])
+            rows.append([row.kw, row.client, row.fid, row.iid, len(task_frames), row.mid])
             frames.extend(task_frames)
         meta: Dict[str, Any] = {"b": self.batch, "f": fids, "t": rows}
         if context is not None and context[0] != self.context:

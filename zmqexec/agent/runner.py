@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -20,8 +21,12 @@ from ..errors import InitializerError
 from ..wire import serialization as S
 from ..wire.pipe import HUGE_RECORD, pack_result, record_parts, unpack
 from ..wire.shm import ResultSpill
+from .modules import SHIPPED
 
 RESULT_SPILL = ResultSpill()  # where large result buffers go (embedded mode only)
+
+_embedded = False  # this task process serves the embedded node (on its client's host)
+
 
 def run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Any]:
     """Run one ``map`` chunk: one task, one message, many calls.
@@ -90,6 +95,20 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="zmqexec-parent-watch", daemon=True).start()
 
 
+def _not_shipped(exc: ModuleNotFoundError, mid: str) -> ModuleNotFoundError:
+    """A module the worker lacks, said so that the user knows what to do: a module of
+    their own would have been shipped (remote mode), so it is one to install here."""
+    if _embedded or exc.name is None or SHIPPED.serves(exc.name):  # (embedded:
+        return exc  # this host is the client's, and nothing was shipped)
+        return exc
+    text = (f"{exc.msg} on worker host {socket.gethostname()}: zmqexec ships only your "
+            f"own modules (outside site-packages and the standard library), so install "
+            f"{exc.name.partition('.')[0]!r} on the workers")
+    exc.msg = text
+    exc.args = (text,)
+    return exc
+
+
 class TaskRunner:
     """Runs tasks with the caches of one task process: functions and initializers."""
 
@@ -98,10 +117,13 @@ class TaskRunner:
         self.fns: Dict[str, Callable[..., Any]] = {}
         self.initialized: Dict[str, Optional[BaseException]] = {}
 
-    def _function(self, fid: str) -> Callable[..., Any]:
-        fn = self.fns.get(fid)
+    def _function(self, fid: str, mid: str) -> Callable[..., Any]:
+        """The function of blob ``fid``, as the modules of blob ``mid`` define it (a
+        function pickled by reference names only its module: the same blob under two
+        clients' modules is two functions)."""
+        fn = self.fns.get(mid + fid)
         if fn is None:
-            fn = self.fns[fid] = S.loads_function(self.blobs[fid])
+            fn = self.fns[mid + fid] = S.loads_function(self.blobs[fid])
         return fn
 
     def _initialize(self, client: str, iid: str) -> Optional[BaseException]:
@@ -119,18 +141,25 @@ class TaskRunner:
                 self.initialized[client] = error
         return self.initialized[client]
 
-    def run(self, client: str, fid: str, iid: str, frames: List[Any]
+    def run(self, client: str, fid: str, iid: str, frames: List[Any], mid: str = ""
             ) -> Tuple[str, List[Any]]:
         """(``finished``, the result's frames) or (``error``, [error pickle]).  Large
         buffers of a result leave out of band; in the embedded node, through shared memory
-        (``RESULT_SPILL``)."""
+        (``RESULT_SPILL``).  ``mid``: the blob of the client's own modules (remote mode),
+        which the task imports from."""
+        try:
+            SHIPPED.use(mid, self.blobs)
+        except Exception as exc:
+            return "error", [S.dumps_error(exc)]
         failed = self._initialize(client, iid) if iid else None
         if failed is not None:
             return "error", [S.dumps_error(failed)]
         try:
-            fn = self._function(fid)
+            fn = self._function(fid, mid)
             args, kwargs = S.loads_args(frames[0], frames[1:])
             value = fn(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            return "error", [S.dumps_error(_not_shipped(exc, mid))]
         except BaseException as exc:  # SystemExit too: the client re-raises it
             return "error", [S.dumps_error(exc)]
         try:
@@ -238,7 +267,9 @@ def adopt_context(path: List[str], cwd: str, env: Dict[str, str],
     ``sys.path`` or changes directory after creating the executor works, as with
     ProcessPoolExecutor, whose workers fork later.  ``spill_dir``: the embedded client's
     shared-memory directory, where large result buffers go."""
+    global _embedded
     RESULT_SPILL.dir = spill_dir
+    _embedded = True
     sys.path[:] = path
     try:
         os.chdir(cwd)
@@ -269,10 +300,11 @@ def task_main(conn: Connection, cancels: Connection, parent: int) -> None:
             runner.blobs[fid] = bytes(blob)
         at = len(fids)
         task_frames: List[Any] = []
-        for kw, client, fid, iid, nframes in meta["t"]:
+        for kw, client, fid, iid, nframes, *more in meta["t"]:
             task_frames = frames[at:at + nframes]
             at += nframes
             if inbox.claim(kw):
-                status, result = runner.run(client, fid, iid, task_frames)
+                status, result = runner.run(client, fid, iid, task_frames,
+                                            more[0] if more else "")
                 inbox.send(kw, status, result)
         del batch, frames, task_frames

@@ -57,8 +57,8 @@ class Entry:
     """One key: its task frames while it must run, its result frames while held."""
 
     __slots__ = ("kw", "state", "owner", "client", "versions", "priority", "retries",
-                 "attempts", "pure", "fid", "iid", "timeout", "frames", "nbytes", "interests",
-                 "agent", "result")
+                 "attempts", "pure", "fid", "iid", "mid", "timeout", "frames", "nbytes",
+                 "interests", "agent", "result")
 
     def __init__(self, kw: str) -> None:
         self.kw = kw
@@ -70,7 +70,7 @@ class Entry:
         self.retries = 0
         self.attempts = 0  # charged losses so far
         self.pure = False
-        self.fid = self.iid = ""
+        self.fid = self.iid = self.mid = ""
         self.timeout = 0.0  # seconds it may run on a worker; 0: no limit
         self.frames: Frames = []
         self.nbytes = 0
@@ -81,4 +81,4 @@ class Entry:
     def task_row(self) -> TaskRow:
         """The TASK row sent to an agent."""
         return TaskRow(self.kw, self.attempts + 1, self.client, self.fid, self.iid,
-                       len(self.frames), self.timeout)
+                       len(self.frames), self.timeout, self.mid)

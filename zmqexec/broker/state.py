@@ -219,7 +219,8 @@ class BrokerState:
                 move(entry, "dispatched")
                 if (entry.versions is versions or entry.versions == versions) and \
                         (not entry.fid or entry.fid in fids) and \
-                        (not entry.iid or entry.iid in fids):
+                        (not entry.iid or entry.iid in fids) and \
+                        (not entry.mid or entry.mid in fids):
                     entry.agent = ident
                     inflight[entry.kw] = entry
                     rows.append(entry.task_row())
@@ -240,14 +241,14 @@ class BrokerState:
                 f"{agent.versions[1]}; install the same versions on clients and workers")})
             return
         blobs = []
-        for fid in (entry.fid, entry.iid):
+        for fid in (entry.fid, entry.iid, entry.mid):
             if fid and fid not in agent.fids:
                 blob = self.blobs.get(fid)
                 if blob is None:
                     self._free_credit(agent)
                     self.table.fail(entry, "error", {"type": "SerializationError", "msg": (
-                        "the broker has no pickled function for this task (did it "
-                        "restart?); submit it again")})
+                        "the broker has no copy of this task's function or modules (did "
+                        "it restart, or its client leave?); submit it again")})
                     return
                 blobs.append((fid, blob))
         agent.fids.update(fid for fid, _ in blobs)

@@ -197,7 +197,8 @@ class KeyTable:
         """The task of a SUBMIT row, and its owner, onto ``entry``."""
         entry.owner, entry.client, entry.versions = client.ident, client.hex, client.versions
         entry.priority, entry.retries, entry.pure = row.priority, row.retries, bool(row.pure)
-        entry.fid, entry.iid, entry.timeout = row.fid, row.iid, row.timeout
+        entry.fid, entry.iid, entry.mid, entry.timeout = row.fid, row.iid, row.mid, \
+            row.timeout
         entry.frames = payload
 
     def _adopt(self, client: Peer, entry: Entry, row: SubmitRow, payload: Frames) -> None:

@@ -219,8 +219,9 @@ class Link:
                 if self.attaching:
                     self.attaching.pop(rec.kw, None)  # our own submit makes the key known
                 row = rec.row
-                if row.fid not in sent_fids or row.iid and row.iid not in sent_fids:
-                    for fid in (row.fid, row.iid):
+                if row.fid not in sent_fids or row.iid and row.iid not in sent_fids or \
+                        row.mid and row.mid not in sent_fids:
+                    for fid in (row.fid, row.iid, row.mid):
                         if fid and fid not in sent_fids:
                             sent_fids.add(fid)
                             fids.append(fid)

@@ -4,7 +4,7 @@ The agent and a task process talk over one ``multiprocessing`` Pipe.  Each messa
 packed buffer (``pack``/``unpack``): a JSON header and the frames it names, so a batch of
 tasks is one write and one read.  Agent to task process::
 
-    {"b": batch number, "f": [fid...], "t": [[k, client, fid, iid, nframes]...]}
+    {"b": batch number, "f": [fid...], "t": [[k, client, fid, iid, nframes, mid]...]}
     blobs, then task frames (a large frame follows as a message of its own)
 
 and task process to agent, one record per finished task, sent before the next starts so

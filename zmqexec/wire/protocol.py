@@ -29,9 +29,9 @@ WELCOME    broker -> peer  epoch, heartbeat, window, window_bytes,        -
 REFUSE     broker -> peer  reason                                         -
 RESET      broker -> peer  reason (peer must HELLO again)                 -
 SUBMIT     client -> b.    f: [fid], t: [[k, priority, retries, pure,     blobs, then each
-                           fid, iid, nframes(, timeout)]]                 task's frames
+                           fid, iid, nframes(, timeout(, mid))]]          task's frames
 TASK       b. -> agent     f: [fid], t: [[k, attempt, client, fid, iid,   blobs, then each
-                           nframes(, timeout)]]                           task's frames
+                           nframes(, timeout(, mid))]]                    task's frames
 STARTED    agent -> b.     ks: [k]                                        -
 STATE      b. -> client    r: [[k, queued|running]]                       -
 RESULT     agent -> b.     r: [[k, finished|error, nframes]], p: new      result frames
@@ -62,7 +62,8 @@ BYE        both ways       reason                                         -
 =========  ==============  =============================================  ==============
 
 ``fid`` and ``iid`` name a pickled function and initializer by content hash (``iid`` is
-"" without one): a blob crosses each link once, and the broker and agents keep it.
+"" without one), ``mid`` the sources of the client's own modules (remote mode; "" for
+none): a blob crosses each link once, and the broker and agents keep it.
 """
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 3  # 2: riding notices; 3: CANCEL is answered (KEPT, CANCELLED)
+PROTOCOL_VERSION = 4  # 2: riding notices; 3: CANCEL is answered (KEPT, CANCELLED);
+# 4: tasks name the client's own modules (mid), which travel as a blob
 PACK_LIMIT = 1 << 16  # payload parts smaller than this share one frame in a batch
 MAGIC = b"ZX"
 MAX_KEY_LENGTH = 4096

@@ -16,6 +16,11 @@ def _timeout(value: Any) -> float:
     return float(value) if type(value) in (int, float) and value > 0 else 0.0
 
 
+def _text(row: List[Any], at: int) -> str:
+    """A row's optional string field (a blob id): "" when absent or not a string."""
+    return row[at] if len(row) > at and type(row[at]) is str else ""
+
+
 class SubmitRow(NamedTuple):
     """One task of a SUBMIT batch, client -> broker (its frames follow in the payload)."""
 
@@ -27,12 +32,13 @@ class SubmitRow(NamedTuple):
     iid: str  # the initializer's blob id, "" without one
     nframes: int
     timeout: float = 0.0  # seconds it may run on a task process; 0: no limit
+    mid: str = ""  # the blob id of the client's own modules (remote mode), "" for none
 
     @classmethod
     def from_wire(cls, row: List[Any]) -> "SubmitRow":
         """A record from a row ``protocol.decode`` validated (extra fields ignored)."""
         return cls(row[0], row[1], max(0, row[2]), row[3], row[4], row[5], row[6],
-                   _timeout(row[7]) if len(row) > 7 else 0.0)
+                   _timeout(row[7]) if len(row) > 7 else 0.0, _text(row, 8))
 
 
 class TaskRow(NamedTuple):
@@ -45,11 +51,12 @@ class TaskRow(NamedTuple):
     iid: str
     nframes: int
     timeout: float = 0.0
+    mid: str = ""
 
     @classmethod
     def from_wire(cls, row: List[Any]) -> "TaskRow":
         return cls(row[0], row[1], row[2], row[3], row[4], row[5],
-                   _timeout(row[6]) if len(row) > 6 else 0.0)
+                   _timeout(row[6]) if len(row) > 6 else 0.0, _text(row, 7))
 
 
 class Task(NamedTuple):
