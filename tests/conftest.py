@@ -141,11 +141,14 @@ class Cluster:
 
     def __init__(self, agents: int = 2, nprocs: int = 1, broker_args: tuple = (),
                  agent_args: tuple = (), env: Optional[dict] = None,
-                 bind: str = "tcp://127.0.0.1:0", broker_log: Optional[str] = None) -> None:
-        """``broker_log``: a file that takes the broker's stderr (else it is the test's)."""
+                 bind: str = "tcp://127.0.0.1:0", broker_log: Optional[str] = None,
+                 cwd: Optional[str] = None) -> None:
+        """``broker_log``: a file that takes the broker's stderr (else it is the test's);
+        ``cwd``: where the broker and agents run (else the test's working directory)."""
         self.procs: List[subprocess.Popen] = []
         self._agent_pids: Set[int] = set()
         self.env = env
+        self.cwd = cwd
         self.broker_args = broker_args
         self.broker_log = broker_log
         self.address = bind
@@ -169,7 +172,8 @@ class Cluster:
         return broker
 
     def _spawn(self, cmd: List[str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=self.env, **kw)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd,
+                                **kw)
         self.procs.append(proc)
         return proc
 
