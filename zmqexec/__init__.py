@@ -39,12 +39,14 @@ from .errors import (
 if TYPE_CHECKING:
     from .client.future import Future
     from .client.progress import progress
+    from .client.shared import Queue, Variable
     from .executor import ZMQExecutor, ZMQExecutorView
 
 # The client side loads on first use, so ``python -m zmqexec broker`` (and ``zmqexec
 # worker``) never import it: a faster start, and a test checks it.
 _LAZY = {"ZMQExecutor": "executor", "ZMQExecutorView": "executor", "Future": "client.future",
-         "progress": "client.progress"}
+         "progress": "client.progress", "Variable": "client.shared",
+         "Queue": "client.shared"}
 
 
 def __getattr__(name: str) -> Any:
@@ -90,6 +92,9 @@ __all__ = [
     "CancelledError",
     "TimeoutError",
     "BrokenExecutor",
+    # futures shared by name
+    "Variable",
+    "Queue",
     # around the core
     "progress",
     "__version__",

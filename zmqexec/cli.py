@@ -264,6 +264,10 @@ def format_status(doc: Dict[str, Any], rate: Optional[float] = None) -> str:
         lines.append(f"  {a['name']:<24} {a['host']:<16} pid {a['pid']!s:<7} slots "
                      f"{a['slots']:<3} running {a['running']:<3} finished {a['finished']:<6} "
                      f"heartbeat {a['last_heartbeat']:.1f} s ago")
+    shared = doc.get("shared") or {}
+    if shared.get("variables") or shared.get("queues"):
+        lines.append(f"shared {shared['variables']} variables, {shared['queues']} queues "
+                     f"({shared['queued_items']} items queued)")
     if doc.get("dropped"):
         lines.append("dropped " + ", ".join(f"{k}: {v}" for k, v in doc["dropped"].items()))
     return "\n".join(lines)

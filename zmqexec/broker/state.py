@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .._version import __version__
 from ..errors import ProtocolError
@@ -28,11 +28,13 @@ from .cancels import Cancels
 from .outbox import Outbox
 from .records import DONE, PREFETCH_LIMIT, STOPPED, Entry, Frames, Peer
 from .rejoin import Rejoin
+from .shared import Shared
 from .status import status_document
 from .table import KeyTable
 from .waits import NoWorkerWatch
 
 log = logging.getLogger(__name__)
+RUNNABLE = ("queued", "dispatched", "running")  # states of a task that will still run
 
 
 class BrokerState:
@@ -57,6 +59,7 @@ class BrokerState:
         self.ready: "OrderedDict[bytes, None]" = OrderedDict()
         self.rejoin = Rejoin(self.table, self.outbox, self.peers, self._free_credit)
         self.cancels = Cancels(self.table, self.outbox)
+        self.shared = Shared(self.table, self.send)
         self.no_workers = NoWorkerWatch()
         self.dropped: Counter[str] = Counter()
         self.started: Optional[float] = None
@@ -140,6 +143,7 @@ class BrokerState:
                 peer.next_beat = now + peer.interval
                 self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
                                                     "n": peer.results_in})
+        self.shared.tick(now)
         for entry, why in self.no_workers.due(slots, now, self.peers, self.table):
             self.table.fail(entry, "error", {"type": "NoWorkersError", "msg": why})
         self.dispatch()
@@ -157,7 +161,7 @@ class BrokerState:
         """The status document (schema of ``zmqexec status --json``)."""
         return status_document(self.peers, self.table, epoch=self.epoch,
                                started=self.started, slots=self.slots(),
-                               dropped=self.dropped, now=now)
+                               dropped=self.dropped, now=now, shared=self.shared.counts())
 
     def validate(self) -> None:
         """Check every count and cross-reference (tests call it after each step)."""
@@ -267,8 +271,9 @@ class BrokerState:
         self.outbox.local.discard(peer.ident)
         if peer.role == "client":
             kept = set().union(*(p.fids for p in self.peers.values() if p.role == "client"))
-            for fid in peer.fids - kept:
+            for fid in peer.fids - kept - self._blobs_needed(peer.fids - kept):
                 self.blobs.pop(fid, None)
+            self.shared.forget_client(peer.ident)
         self.cancels.kept(peer.inflight)  # they may have started: queued again, still wanted
         for entry in list(peer.inflight.values()):
             self.table.lose(entry, peer.name, reason, charged=entry.state == "running")
@@ -421,6 +426,17 @@ class BrokerState:
             log.info("agent %s is draining", agent.name)
             agent.slots = agent.capacity = 0
 
+    def _blobs_needed(self, fids: Set[str]) -> Set[str]:
+        """Of ``fids``, the blobs of tasks that will still run: a Variable or a Queue
+        may hold a key whose client has gone."""
+        if not fids or not self.shared.holds:
+            return set()
+        return {fid for entry in self.table.entries.values() if entry.state in RUNNABLE
+                for fid in (entry.fid, entry.iid, entry.mid) if fid in fids}
+
+    def _shared(self, client: Peer, msg: P.Message) -> None:
+        self.shared.handle(client.ident, msg.meta, msg.payload, self.now)
+
     def _status(self, peer: Peer, msg: P.Message) -> None:
         self.send(peer.ident, P.STATUS, self.status(self.now))
 
@@ -438,6 +454,7 @@ _HANDLERS: Dict[Tuple[str, int], Callable[[BrokerState, Peer, P.Message], None]]
     ("client", P.RELEASE): BrokerState._release,
     ("client", P.CANCEL): BrokerState._cancel,
     ("client", P.KILL): BrokerState._kill,
+    ("client", P.SHARED): BrokerState._shared,
     ("worker", P.STARTED): BrokerState._started,
     ("worker", P.RESULT): BrokerState._result,
     ("worker", P.DEATH): BrokerState._death,

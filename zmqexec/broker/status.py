@@ -10,6 +10,7 @@ Schema (every count is an int, times in seconds)::
     tasks    queued, running (now); finished, error, cancelled, lost, submitted (so far)
     held_keys, held_bytes   results kept for clients
     queued_bytes            task payloads waiting
+    shared   variables, queues, queued_items (Variables and Queues of all clients)
     dropped  {reason: count} of rejected messages
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .table import KeyTable
 
 def status_document(peers: Dict[bytes, Peer], table: KeyTable, *, epoch: str,
                     started: Optional[float], slots: int, dropped: "Counter[str]",
-                    now: float) -> Dict[str, Any]:
+                    now: float, shared: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """The status document (schema of ``zmqexec status --json``)."""
     states = Counter(e.state for e in table.entries.values())
     counts = table.counts
@@ -47,5 +48,6 @@ def status_document(peers: Dict[bytes, Peer], table: KeyTable, *, epoch: str,
                   "lost": counts["lost"], "submitted": counts["submitted"]},
         "held_keys": len(table.held), "held_bytes": table.held_bytes,
         "queued_bytes": table.queued_bytes,
+        "shared": shared or {"variables": 0, "queues": 0, "queued_items": 0},
         "dropped": dict(dropped),
     }

@@ -226,6 +226,17 @@ class KeyTable:
         self.want(ident, entry)
         self.outbox.tell(ident, entry)
 
+    def hold(self, ident: bytes, kw: str) -> bool:
+        """``ident`` (a Variable or Queue) wants a key, known yet or not (its submit may
+        still be on its way); False if its result was dropped already."""
+        entry = self.entries.get(kw)
+        if entry is None:
+            if kw in self.lost_keys:
+                return False
+            entry = self.entries[kw] = Entry(kw)
+        self.want(ident, entry)
+        return True
+
     def cancel(self, entry: Entry) -> None:
         """Nobody wants a task any more: drop it if queued, recall it if prefetched."""
         if entry.state == "queued":

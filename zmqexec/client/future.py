@@ -39,6 +39,11 @@ class Registry(Protocol):
 
     def unref(self, kw: str) -> None: ...
 
+    @property
+    def broken(self) -> Optional[BaseException]: ...
+
+    def post(self, command: Any) -> None: ...
+
 
 class Owner(Protocol):
     """What a Future needs of its executor (``ZMQExecutor``)."""

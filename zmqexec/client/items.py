@@ -74,6 +74,15 @@ class StatusRequest(NamedTuple):
     reply: "concurrent.futures.Future[Dict[str, Any]]"
 
 
+class SharedRequest(NamedTuple):
+    """A Variable's or Queue's request (``meta`` and a value's pickle, if any); the
+    broker's answer (its meta and payload) completes ``reply``."""
+
+    meta: Dict[str, Any]
+    payload: List[Any]
+    reply: "concurrent.futures.Future[Tuple[Dict[str, Any], List[Any]]]"
+
+
 class Close(NamedTuple):
     """Finish once every record is done (or the connection is broken), then disconnect."""
 
@@ -82,7 +91,8 @@ class Wake(NamedTuple):
     """Nothing to do but look again (the executor broke: the loop may end now)."""
 
 
-Command = Union[Submit, Inform, Cancel, Kill, Release, Unref, StatusRequest, Close, Wake]
+Command = Union[Submit, Inform, Cancel, Kill, Release, Unref, StatusRequest, SharedRequest,
+                Close, Wake]
 
 
 # ---- completions: the I/O thread -> the completion thread ----------------------------

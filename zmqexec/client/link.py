@@ -13,6 +13,7 @@ and kills as one message each per turn; a lone submit still leaves at once.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import time
 from collections import deque
@@ -36,6 +37,7 @@ from .items import (
     Results,
     Running,
     Settle,
+    SharedRequest,
     StatusRequest,
     Submit,
     Unref,
@@ -89,6 +91,8 @@ class Link:
         self.releases: List[str] = []
         self.kills: List[str] = []
         self.status_waiters: "Deque[concurrent.futures.Future[Dict[str, Any]]]" = deque()
+        self.shared_waiters: Dict[int, SharedRequest] = {}  # Variable/Queue requests, by id
+        self.shared_ids = itertools.count(1)
         self.window, self.window_bytes = 0, 0  # no sends before WELCOME
         self.max_frame, self.max_message = 256 << 20, 4 << 30  # caps WELCOME announces
         self.slots = 0  # task processes at the broker, as its last word said
@@ -124,6 +128,14 @@ class Link:
                 self.flush_batches()
                 self.pump()  # idle task processes take work first, as with the stdlib
                 self._cancel(command.request)
+            elif isinstance(command, SharedRequest):
+                self.unref(unrefs)  # keep the channel ordered: a key submitted before it
+                unrefs = []  # is put in a Variable or Queue reaches the broker first
+                self.flush_batches()
+                self.pump()
+                rid = next(self.shared_ids)
+                self.shared_waiters[rid] = command
+                self.send(P.SHARED, {**command.meta, "r": rid}, command.payload)
             elif isinstance(command, (Inform, StatusRequest)):
                 self.unref(unrefs)  # keep the channel ordered: what came earlier leaves first
                 unrefs = []
@@ -282,6 +294,10 @@ class Link:
                 self.max_frame = int(meta.get("max_frame", self.max_frame))
                 self.max_message = int(meta.get("max_message", self.max_message))
                 self.pump()
+        elif cmd == P.SHARED:
+            request = self.shared_waiters.pop(meta["r"], None)
+            if request is not None and not request.reply.done():
+                request.reply.set_result((meta, list(msg.payload)))
         elif cmd == P.STATUS:
             if self.status_waiters:
                 self.status_waiters.popleft().set_result(meta)
@@ -311,6 +327,9 @@ class Link:
         log.warning("the broker forgot this client: registering again")
         self.hello()
         self._on_cancelled(list(self.asking), False)  # resubmitted below, or failed
+        self._fail_shared(BrokerLostError(
+            "the broker forgot this client while a Variable or Queue request waited for "
+            "its answer; it was not carried out: try again"))
         self.sent_fids.clear()  # a new broker has none of our blobs
         resend = [self.state.records.get(kw) for kw in self.sent]
         self.sent.clear()
@@ -344,4 +363,11 @@ class Link:
         for waiter in self.status_waiters:
             waiter.set_exception(BrokenZMQExecutor("the executor closed"))
         self.status_waiters.clear()
+        self._fail_shared(BrokenZMQExecutor("the executor closed"))
+
+    def _fail_shared(self, error: BaseException) -> None:
+        for request in self.shared_waiters.values():
+            if not request.reply.done():
+                request.reply.set_exception(error)
+        self.shared_waiters.clear()
         self._on_cancelled(list(self.asking), False)

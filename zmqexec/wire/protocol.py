@@ -52,6 +52,11 @@ KEPT       agent -> b.     ks: [k] (a CANCEL found these started)         -
 CANCELLED  b. -> client    ks: [k], c: true (cancelled: never to start)   -
                            or false (started or done: they run on)
 KILL       client/b. ->    ks: [k] (stop these if running)                -
+SHARED     client -> b.    op (vset, vget, vdel, qput, qget, qsize), n    a value's pickle
+                           (name), r (request id), t (timeout), k (a      (unless k); nf
+                           key as value), m (maxsize), b (batch), nf      counts them
+SHARED     b. -> client    r, v: [["k", key] or ["b", null]], size, nf,   the values' pickles
+                           or e: [error type, message]
 INFORM     client -> b.    k                                              -
 RELEASE    client -> b.    ks: [k]                                        -
 HEARTBEAT  both ways       epoch, slots and n (RESULT rows received, to   -
@@ -85,7 +90,7 @@ MAX_HEADER_BYTES = 1 << 20
 HELLO, WELCOME, REFUSE, RESET = 1, 2, 3, 4
 SUBMIT, TASK, STARTED, STATE, RESULT = 10, 11, 12, 13, 14
 DEATH, DROPPED, CANCEL, INFORM, RELEASE, KILL = 15, 16, 17, 18, 19, 20
-KEPT, CANCELLED = 21, 22
+KEPT, CANCELLED, SHARED = 21, 22, 23
 HEARTBEAT, STATUS, BYE = 30, 31, 32
 
 NAMES = {
@@ -93,7 +98,8 @@ NAMES = {
     SUBMIT: "SUBMIT", TASK: "TASK", STARTED: "STARTED", STATE: "STATE",
     RESULT: "RESULT", DEATH: "DEATH", DROPPED: "DROPPED", CANCEL: "CANCEL",
     INFORM: "INFORM", RELEASE: "RELEASE", KILL: "KILL", KEPT: "KEPT",
-    CANCELLED: "CANCELLED", HEARTBEAT: "HEARTBEAT", STATUS: "STATUS", BYE: "BYE",
+    CANCELLED: "CANCELLED", SHARED: "SHARED", HEARTBEAT: "HEARTBEAT", STATUS: "STATUS",
+    BYE: "BYE",
 }
 
 # Required header fields and their types; extra fields are allowed and ignored.
@@ -115,6 +121,7 @@ _SCHEMA: Dict[int, Dict[str, Tuple[type, ...]]] = {
     KILL: {"ks": (list,)},
     KEPT: {"ks": (list,)},
     CANCELLED: {"ks": (list,), "c": (bool,)},
+    SHARED: {"r": (int,)},
     HEARTBEAT: {},
     STATUS: {},
     BYE: {},
@@ -369,6 +376,10 @@ def decode(frames: Sequence[Any]) -> Message:
                 expected += row[width - 1]
         if framed:
             expected += len(meta.get("f") or ())
+    elif cmd == SHARED:  # values' pickles: as many as "nf" says
+        expected = meta.get("nf", 0)
+        if type(expected) is not int or expected < 0:
+            raise ProtocolError("SHARED: 'nf' must be a count of payload frames")
     if expected != len(payload):
         raise ProtocolError(f"{NAMES[cmd]}: {len(payload)} payload frames, "
                             f"header names {expected}")

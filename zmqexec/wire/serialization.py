@@ -166,6 +166,12 @@ def _dumps_parts(obj: Any, spill: Optional[Callable[[List[Any]], List[Any]]] = N
     return [data, *buffers]
 
 
+def dumps_value(value: Any) -> bytes:
+    """A value a Variable or Queue holds: one pickle (cloudpickle for what plain pickle
+    cannot do), read back with ``pickle.loads``."""
+    return _dumps(value)
+
+
 def blob_id(blob: bytes) -> str:
     """Content hash naming a pickled function or initializer in caches along the way."""
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
