@@ -131,3 +131,14 @@ def test_attach_by_key_gives_two_client_processes_the_same_result() -> None:
     assert got["A"] == got["B"]
     assert got["A"].startswith("42, computed once by worker pid ")
     assert result.stderr == ""
+
+
+def test_shared_queue_example_hands_futures_from_a_producer_to_a_consumer() -> None:
+    result = run_example("shared_queue.py")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "producer: queued 5 futures, leaving"
+    assert [line.rsplit(" -> ", 1)[1] for line in lines[1:6]] == ["0", "1", "4", "9", "16"]
+    assert all(line.startswith("consumer: square-") for line in lines[1:6])
+    assert lines[6:] == ["queued items left: 0"]
+    assert result.stderr == ""

@@ -21,7 +21,7 @@ EXPECTED = {
     "NoWorkersError", "SerializationError", "MessageTooLargeError", "ProtocolError",
     "RemoteTraceback", "wait", "as_completed", "FIRST_COMPLETED", "FIRST_EXCEPTION",
     "ALL_COMPLETED", "CancelledError", "TimeoutError", "BrokenExecutor", "progress",
-    "__version__",
+    "__version__", "Variable", "Queue",
 }
 
 
