@@ -115,6 +115,38 @@ def test_task_processes_are_never_forked_from_a_process_whose_threads_run(thread
     assert ("zmqexec.agent.zygote" in out.stdout) == (threads == "threads"), out.stdout
 
 
+MANAGER_IN_A_TASK = textwrap.dedent("""
+    import multiprocessing, sys, threading
+    from zmqexec import ZMQExecutor
+
+    def set_it(event):
+        event.set()
+        return "set"
+
+    if __name__ == "__main__":
+        if sys.argv[1] == "threads":  # the root zygote is then started by exec
+            stop = threading.Event()
+            threading.Thread(target=stop.wait, daemon=True).start()
+        with multiprocessing.get_context("spawn").Manager() as manager:
+            event = manager.Event()
+            with ZMQExecutor(1) as ex:
+                print(ex.submit(set_it, event).result(timeout=60), event.is_set())
+""")
+
+
+@pytest.mark.parametrize("threads", ["none", "threads"])
+def test_a_task_may_use_a_manager_of_its_client(tmp_path, threads):
+    """Task processes carry the client's authkey, as ProcessPoolExecutor's workers do, so
+    a proxy of the client's multiprocessing manager works in a task, whether the root
+    zygote was forked or started by exec."""
+    script = tmp_path / "manager_in_a_task.py"
+    script.write_text(MANAGER_IN_A_TASK)
+    out = subprocess.run([sys.executable, str(script), threads], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["set", "True"], out.stdout
+
+
 def test_a_task_may_start_processes_of_its_own(executor):
     """Task processes are not daemonic: a task may use a process pool, as it can inside
     a ProcessPoolExecutor."""

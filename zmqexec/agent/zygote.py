@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing
 import os
 import selectors
 import shutil
@@ -138,6 +139,10 @@ def serve(control: socket.socket, root: bool, client: Optional[int] = None) -> N
                         return
                     if record[0] == b"C":
                         cleanup.append(_recv_exactly(control, record[1]).decode())
+                        continue
+                    if record[0] == b"A":  # the client's authkey (a root started by exec)
+                        multiprocessing.current_process().authkey = \
+                            _recv_exactly(control, record[1])
                         continue
                     _handle(control, record, fds, children, (selector, wake_r, wake_w, watch),
                             client)
@@ -363,6 +368,11 @@ class _Root:
                 [sys.executable, "-m", "zmqexec.agent.zygote", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
             pid = self.proc.pid
+            # the client's authkey, which a forked root inherits: task processes may then
+            # use the client's multiprocessing managers (their proxies check it)
+            key = bytes(multiprocessing.current_process().authkey)
+            _send(ours, b"A", len(key))
+            ours.sendall(key)
         theirs.close()
         self.link = ZygoteLink(ours, pid)
 
