@@ -26,6 +26,7 @@ from collections import deque
 from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple,
                     Union)
 
+from .wire import deps as D
 from .wire import serialization as S
 from .client.io import ClientIO
 from .client.cancels import cancel_futures
@@ -51,9 +52,6 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
-
-FUTURE_ARGUMENT = ("a Future cannot be a task argument: pass future.result(), or its key "
-                   "and attach inside the task with Future(key)")
 
 
 def _python_exit() -> None:
@@ -326,11 +324,6 @@ class ZMQExecutor(_Submitter):
         """The one submit path (executor and views); kept lean, it runs once per task."""
         if _this_pid != self._pid:
             self._check_usable()
-        for arg in args:
-            if isinstance(arg, concurrent.futures.Future):
-                raise TypeError(FUTURE_ARGUMENT)
-        if kwargs and any(isinstance(v, concurrent.futures.Future) for v in kwargs.values()):
-            raise TypeError(FUTURE_ARGUMENT)
         if self._shutdown or self._client.broken is not None or _exiting:
             with self._shutdown_lock:
                 if self._client.broken is not None:
@@ -339,27 +332,43 @@ class ZMQExecutor(_Submitter):
         fid, name, blob = self._functions.get(fn)
         if name not in self._names:
             self._names[name] = key_to_wire(f"{name}-")[:-1]
-        if opts:
-            pure = bool(opts.get("pure"))
-            key = opts.get("key")
-            if key is None:
-                token = S.pure_token(fn, args, kwargs) if pure else \
-                    f"{self._key_prefix}{next(self._key_counter):016x}"
-                key = f"{name}-{token}"
-            retries = opts.get("retries")
-            frames = S.dumps_args(args, kwargs, self._spill)
-            row = SubmitRow(key_to_wire(key), int(opts.get("priority") or 0),
-                            self._retries if retries is None else max(0, int(retries)),
-                            int(pure), fid, self._init_id, len(frames),
-                            float(opts.get("timeout") or 0.0),
-                            "" if self._modules is None else self._modules.mid())
-        else:  # the default: a generated key, whose wire form needs no JSON encoder
-            token = f"{self._key_prefix}{next(self._key_counter):016x}"
-            frames = S.dumps_args(args, kwargs, self._spill)
-            row = SubmitRow(f"{self._names[name]}{token}\"", 0, self._retries, 0, fid,
-                            self._init_id, len(frames), 0.0,
-                            "" if self._modules is None else self._modules.mid())
+        D.collect(self._dependency)  # futures among the arguments: dependencies
+        try:
+            if opts:
+                pure = bool(opts.get("pure"))
+                key = opts.get("key")
+                if key is None:  # (pure: a dependency counts by its key)
+                    token = S.pure_token(fn, args, kwargs) if pure else \
+                        f"{self._key_prefix}{next(self._key_counter):016x}"
+                    key = f"{name}-{token}"
+                retries = opts.get("retries")
+                frames = S.dumps_args(args, kwargs, self._spill)
+                row = SubmitRow(key_to_wire(key), int(opts.get("priority") or 0),
+                                self._retries if retries is None else max(0, int(retries)),
+                                int(pure), fid, self._init_id, len(frames),
+                                float(opts.get("timeout") or 0.0),
+                                "" if self._modules is None else self._modules.mid())
+            else:  # the default: a generated key, whose wire form needs no JSON encoder
+                token = f"{self._key_prefix}{next(self._key_counter):016x}"
+                frames = S.dumps_args(args, kwargs, self._spill)
+                row = SubmitRow(f"{self._names[name]}{token}\"", 0, self._retries, 0, fid,
+                                self._init_id, len(frames), 0.0,
+                                "" if self._modules is None else self._modules.mid())
+        finally:
+            found = D.collected()
+        if found:  # the record keeps the dependencies' futures until it is settled
+            row = row._replace(deps=tuple(found))
+            return self._client.submit(Future._new(row.kw, self), row, frames, blob,
+                                       list(found.values()))
         return self._client.submit(Future._new(row.kw, self), row, frames, blob)
+
+    def _dependency(self, future: Any) -> str:
+        """The key of a future among a task's arguments, if it is one of this broker's."""
+        theirs = getattr(future.executor, "address", None)
+        if isinstance(future, Future) and (future.executor is self or theirs == self.address):
+            return future._kw
+        raise D.ForeignFuture(f"{future!r} belongs to another broker ({theirs}), not to this "
+                              f"executor's ({self.address}): pass its .result()")
 
     def kill(self, future: Future) -> bool:
         """Stop a running task: its task process is killed and replaced, and the future

@@ -177,7 +177,9 @@ class TaskProcess:
                 if fid and fid not in self.fids and fid in blobs:
                     self.fids.add(fid)
                     fids.append(fid)
-            rows.append([row.kw, row.client, row.fid, row.iid, len(task_frames), row.mid])
+            rows.append([row.kw, row.client, row.fid, row.iid, len(task_frames), row.mid,
+                         [list(dep) for dep in row.deps]] if row.deps else
+                        [row.kw, row.client, row.fid, row.iid, len(task_frames), row.mid])
             frames.extend(task_frames)
         meta: Dict[str, Any] = {"b": self.batch, "f": fids, "t": rows}
         if context is not None and context[0] != self.context:

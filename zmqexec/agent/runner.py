@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..errors import InitializerError
+from ..wire import deps as D
 from ..wire import serialization as S
 from ..wire.pipe import HUGE_RECORD, pack_result, record_parts, unpack
 from ..wire.shm import ResultSpill
@@ -109,6 +110,23 @@ def _not_shipped(exc: ModuleNotFoundError, mid: str) -> ModuleNotFoundError:
     return exc
 
 
+def _provide(deps: Sequence[Sequence[Any]], frames: List[Any]
+             ) -> Tuple[Optional[BaseException], List[Any]]:
+    """Unpickle the dependencies' results (the last frames) for the task's arguments to
+    take in place of their futures; (an error if one cannot be, the task's own frames)."""
+    at = len(frames) - sum(int(n) for _, n in deps)
+    own, values = frames[:at], {}
+    for kw, n in deps:
+        ok, value = S.loads_result("finished", frames[at:at + n], spill_dir=RESULT_SPILL.dir,
+                                   where=f"of dependency {kw} in the task process")
+        at += n
+        if not ok:
+            return value, own
+        values[kw] = value
+    D.provide(values)
+    return None, own
+
+
 class TaskRunner:
     """Runs tasks with the caches of one task process: functions and initializers."""
 
@@ -141,8 +159,8 @@ class TaskRunner:
                 self.initialized[client] = error
         return self.initialized[client]
 
-    def run(self, client: str, fid: str, iid: str, frames: List[Any], mid: str = ""
-            ) -> Tuple[str, List[Any]]:
+    def run(self, client: str, fid: str, iid: str, frames: List[Any], mid: str = "",
+            deps: Sequence[Sequence[Any]] = ()) -> Tuple[str, List[Any]]:
         """(``finished``, the result's frames) or (``error``, [error pickle]).  Large
         buffers of a result leave out of band; in the embedded node, through shared memory
         (``RESULT_SPILL``).  ``mid``: the blob of the client's own modules (remote mode),
@@ -154,6 +172,10 @@ class TaskRunner:
         failed = self._initialize(client, iid) if iid else None
         if failed is not None:
             return "error", [S.dumps_error(failed)]
+        if deps:  # the dependencies' results follow the task's own frames
+            failed, frames = _provide(deps, frames)
+            if failed is not None:
+                return "error", [S.dumps_error(failed)]
         try:
             fn = self._function(fid, mid)
             args, kwargs = S.loads_args(frames[0], frames[1:])
@@ -305,6 +327,7 @@ def task_main(conn: Connection, cancels: Connection, parent: int) -> None:
             at += nframes
             if inbox.claim(kw):
                 status, result = runner.run(client, fid, iid, task_frames,
-                                            more[0] if more else "")
+                                            more[0] if more else "",
+                                            more[1] if len(more) > 1 else ())
                 inbox.send(kw, status, result)
         del batch, frames, task_frames

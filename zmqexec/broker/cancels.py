@@ -39,7 +39,7 @@ class Cancels:
             answer(client, kw, True)
         elif len(entry.interests) > 1:
             answer(client, kw, False)  # another client wants it: it runs for them
-        elif entry.state == "queued":
+        elif entry.state in ("queued", "waiting"):  # (waiting: for its dependencies)
             self.table.unwant(client, entry)
             self.table.cancel(entry)
             answer(client, kw, True)

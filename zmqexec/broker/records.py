@@ -53,12 +53,15 @@ class Peer:
         self.no_workers_timeout = float(nw) if type(nw) in (int, float) and nw > 0 else 0.0
 
 
+DEPENDENTS_PIN = b"\x00dependents"  # the interest tasks hold in the keys they depend on
+
+
 class Entry:
     """One key: its task frames while it must run, its result frames while held."""
 
     __slots__ = ("kw", "state", "owner", "client", "versions", "priority", "retries",
                  "attempts", "pure", "fid", "iid", "mid", "timeout", "frames", "nbytes",
-                 "interests", "agent", "result")
+                 "interests", "agent", "result", "deps")
 
     def __init__(self, kw: str) -> None:
         self.kw = kw
@@ -77,6 +80,7 @@ class Entry:
         self.interests: Set[bytes] = set()
         self.agent: Optional[bytes] = None
         self.result: Optional[Tuple[str, Frames, Optional[Dict[str, Any]]]] = None
+        self.deps: Tuple[str, ...] = ()  # keys whose results its task takes (pinned)
 
     def task_row(self) -> TaskRow:
         """The TASK row sent to an agent."""

@@ -27,6 +27,7 @@ from ..wire.records import SubmitRow
 from .cancels import Cancels
 from .outbox import Outbox
 from .records import DONE, PREFETCH_LIMIT, STOPPED, Entry, Frames, Peer
+from .deps import Dependencies
 from .rejoin import Rejoin
 from .shared import Shared
 from .status import status_document
@@ -60,6 +61,7 @@ class BrokerState:
         self.rejoin = Rejoin(self.table, self.outbox, self.peers, self._free_credit)
         self.cancels = Cancels(self.table, self.outbox)
         self.shared = Shared(self.table, self.send)
+        self.deps = Dependencies(self.table)
         self.no_workers = NoWorkerWatch()
         self.dropped: Counter[str] = Counter()
         self.started: Optional[float] = None
@@ -166,6 +168,7 @@ class BrokerState:
     def validate(self) -> None:
         """Check every count and cross-reference (tests call it after each step)."""
         self.table.validate()
+        self.deps.validate()
         for ident, peer in self.peers.items():
             assert peer.ident == ident
             for kw, entry in peer.inflight.items():
@@ -227,8 +230,13 @@ class BrokerState:
                         (not entry.mid or entry.mid in fids):
                     entry.agent = ident
                     inflight[entry.kw] = entry
-                    rows.append(entry.task_row())
-                    frames.extend(entry.frames)
+                    if entry.deps:  # (its dependencies' results travel with it)
+                        row, task_frames = self.deps.task(entry)
+                        rows.append(row)
+                        frames.extend(task_frames)
+                    else:
+                        rows.append(entry.task_row())
+                        frames.extend(entry.frames)
                 else:
                     self._give_first(agent, entry)
             if len(entries) < take:
@@ -258,7 +266,9 @@ class BrokerState:
         agent.fids.update(fid for fid, _ in blobs)
         entry.agent = agent.ident
         agent.inflight[entry.kw] = entry
-        self.outbox.task(agent.ident, entry.task_row(), entry.frames, blobs)
+        row, task_frames = self.deps.task(entry) if entry.deps else \
+            (entry.task_row(), entry.frames)
+        self.outbox.task(agent.ident, row, task_frames, blobs)
 
     def _free_credit(self, agent: Peer) -> None:
         """The agent may take another task: it joins the end of the ready ring if absent."""

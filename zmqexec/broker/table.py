@@ -12,7 +12,9 @@ Life of a key (``Entry.state``)::
       ^ inform before     ^  requeued on a lost agent (charged only if started)      |
         any submit        +----------------------------------------------------------+
     done = finished | error | lost; an entry nobody wants (and that is not queued or
-    out on an agent) is deleted.  A done entry holds its result frames for the clients
+    out on an agent) is deleted.  A task with dependencies (``deps.Dependencies``) is
+    ``waiting`` between submit and queued, out of the run queue, until they are finished
+    (or ends as one of them did).  A done entry holds its result frames for the clients
     that want it, within ``max_held_bytes`` (oldest dropped first: a later inform gets
     ``KeyLostError``).
 """
@@ -25,7 +27,7 @@ from typing import Any, Dict, Iterator, Optional, Set
 from ..wire.records import ResultRow, SubmitRow
 from .outbox import Outbox
 from .queue import RunQueue
-from .records import DONE, Entry, Frames, Peer, frames_size
+from .records import DEPENDENTS_PIN, DONE, Entry, Frames, Peer, frames_size
 
 log = logging.getLogger(__name__)
 LOST_KEYS_KEPT = 100_000  # evicted keys remembered, to answer a late inform clearly
@@ -47,6 +49,7 @@ class KeyTable:
         self.queued_bytes = 0
         self.lost_keys: "OrderedDict[str, None]" = OrderedDict()
         self.counts: Counter[str] = Counter()
+        self.deps: Any = None  # the broker's Dependencies, told of submits, ends, deletes
 
     # ---- reading ------------------------------------------------------------------------
     def __contains__(self, kw: str) -> bool:
@@ -97,6 +100,8 @@ class KeyTable:
               error: Optional[Dict[str, Any]], hold: bool) -> None:
         entry.frames = []
         self.counts[state] += 1
+        if self.deps is not None:  # its dependents go on, or end as it did
+            self.deps.on_done(entry, state, payload, error)
         row = ResultRow(entry.kw, state, len(payload), error)
         for ident in entry.interests:
             self.outbox.result(ident, row, payload)
@@ -108,7 +113,10 @@ class KeyTable:
         self.held[entry.kw] = entry.nbytes
         self.held_bytes += entry.nbytes
         while self.held_bytes > self.max_held_bytes and len(self.held) > 1:
-            oldest = self.entries[next(iter(self.held))]
+            oldest = next((e for e in map(self.entries.__getitem__, self.held)
+                           if DEPENDENTS_PIN not in e.interests), None)
+            if oldest is None:
+                break  # every held result is pinned by tasks that need it
             log.info("held results over %d bytes: dropping %s", self.max_held_bytes,
                      oldest.kw)
             self.move(oldest, "deleted")
@@ -117,6 +125,8 @@ class KeyTable:
                 self.lost_keys.popitem(last=False)
 
     def _delete(self, entry: Entry) -> None:
+        if self.deps is not None and self.current(entry):
+            self.deps.on_deleted(entry)
         if self.current(entry):
             del self.entries[entry.kw]
             if entry.kw in self.held:
@@ -186,6 +196,8 @@ class KeyTable:
         self.want(client.ident, entry)
         self.counts["submitted"] += 1
         entry.nbytes = nbytes  # (a held error's size is in ``held``: move lets it go)
+        if row.deps and self.deps is not None and self.deps.hold_back(entry, row.deps):
+            return True  # it waits for its dependencies (or ended with one)
         self.move(entry, "queued")
         for ident in entry.interests:
             if ident != client.ident:
@@ -239,7 +251,7 @@ class KeyTable:
 
     def cancel(self, entry: Entry) -> None:
         """Nobody wants a task any more: drop it if queued, recall it if prefetched."""
-        if entry.state == "queued":
+        if entry.state in ("queued", "waiting"):
             self.counts["cancelled"] += 1
             self.move(entry, "deleted")
         elif entry.state == "dispatched" and entry.agent is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copyreg
 import threading
 import time
 import weakref
@@ -25,6 +26,7 @@ from concurrent.futures._base import (
 from typing import Any, Generator, List, Optional, Protocol
 
 from ..errors import BrokerLostError, TaskLostError
+from ..wire import deps
 from ..wire.protocol import key_from_wire, key_to_wire
 
 
@@ -56,6 +58,10 @@ class Owner(Protocol):
 
     def _check_usable(self) -> None: ...
 
+
+# A stdlib future (or another library's) met while pickling: a clear TypeError, not a
+# complaint about its lock
+copyreg.pickle(concurrent.futures.Future, deps.refuse_foreign)
 
 CANCEL_WAIT = 10.0  # seconds cancel() waits for the holder's answer at most (then False)
 
@@ -164,6 +170,11 @@ class Future(concurrent.futures.Future[Any]):
         self._registered = False
         self._kw, self.executor, self.inform = kw, executor, False
         return self
+
+    def __reduce__(self) -> Any:
+        """Pickled as a task's argument, a future is a dependency: its key, whose result
+        the task process gets in its place (``wire.deps``); anywhere else, a TypeError."""
+        return deps.reference(self)
 
     @property
     def key(self) -> Any:

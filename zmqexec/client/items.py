@@ -19,7 +19,7 @@ Outcome = Tuple[bool, Any]  # (True, value) or (False, exception)
 class Pending:
     """The client's pending record: one key this client waits for, and its futures."""
 
-    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived", "out", "blob")
+    __slots__ = ("kw", "futures", "frames", "row", "nbytes", "arrived", "out", "blob", "deps")
 
     def __init__(self, kw: str, futures: List[Any], row: "SubmitRow | None" = None,
                  frames: "List[Any] | None" = None, blob: "bytes | None" = None) -> None:
@@ -32,6 +32,9 @@ class Pending:
         self.arrived: "Tuple[List[Any], List[Any]] | None" = None  # (RESULT row, frames)
         # handed to a thread waiting in result() (``ClientState.await_outcome``)
         self.out = False  # its submit left this client (a cancel must ask the broker)
+        # the futures of its dependencies: held (so not released at the broker before
+        # this submit reaches it) until the record is settled
+        self.deps: "List[Any] | None" = None
 
 
 # ---- commands: user threads -> the thread that owns the connection ------------------

@@ -127,7 +127,7 @@ class ClientState:
         self.spill_dir: Optional[str] = None  # the embedded node's shared memory, if any
 
     def submit(self, fut: Future, row: SubmitRow, frames: List[Any],
-               blob: Optional[bytes] = None) -> Future:
+               blob: Optional[bytes] = None, deps: Optional[List[Future]] = None) -> Future:
         """Register a submitted future; share a live key when pure, else refuse a live one.
         ``blob``: the pickled function, which travels with the task until the broker has it."""
         kw = fut._kw
@@ -136,6 +136,7 @@ class ClientState:
             if rec is None and outcome is None:  # a new key: the usual case
                 self._ref(fut)
                 rec = self.records[kw] = Pending(kw, [fut], row, frames, blob)
+                rec.deps = deps
             else:
                 rec = self._join(fut, rec, outcome, row, frames, blob)
                 if rec is None:

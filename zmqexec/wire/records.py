@@ -8,12 +8,24 @@ builds the record from a valid list with ``from_wire``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 
 def _timeout(value: Any) -> float:
     """A row's optional timeout field: seconds > 0, else 0.0 (no limit)."""
     return float(value) if type(value) in (int, float) and value > 0 else 0.0
+
+
+MAX_DEPS = 100_000  # dependencies of one task at most
+
+
+def _keys(row: List[Any], at: int) -> Tuple[str, ...]:
+    """A row's optional list of keys: () when absent or malformed."""
+    keys = row[at] if len(row) > at else None
+    if type(keys) is not list or len(keys) > MAX_DEPS or \
+            not all(type(k) is str and len(k) <= 4096 for k in keys):
+        return ()
+    return tuple(keys)
 
 
 def _text(row: List[Any], at: int) -> str:
@@ -33,12 +45,14 @@ class SubmitRow(NamedTuple):
     nframes: int
     timeout: float = 0.0  # seconds it may run on a task process; 0: no limit
     mid: str = ""  # the blob id of the client's own modules (remote mode), "" for none
+    deps: Tuple[str, ...] = ()  # keys whose results the task takes as arguments
 
     @classmethod
     def from_wire(cls, row: List[Any]) -> "SubmitRow":
         """A record from a row ``protocol.decode`` validated (extra fields ignored)."""
         return cls(row[0], row[1], max(0, row[2]), row[3], row[4], row[5], row[6],
-                   _timeout(row[7]) if len(row) > 7 else 0.0, _text(row, 8))
+                   _timeout(row[7]) if len(row) > 7 else 0.0, _text(row, 8),
+                   _keys(row, 9))
 
 
 class TaskRow(NamedTuple):
@@ -52,11 +66,16 @@ class TaskRow(NamedTuple):
     nframes: int
     timeout: float = 0.0
     mid: str = ""
+    deps: Tuple[Tuple[str, int], ...] = ()  # (key, frames) of each dependency's result,
+    # whose frames follow the task's own (``nframes`` counts them all)
 
     @classmethod
     def from_wire(cls, row: List[Any]) -> "TaskRow":
+        deps = row[8] if len(row) > 8 and type(row[8]) is list else []
         return cls(row[0], row[1], row[2], row[3], row[4], row[5],
-                   _timeout(row[6]) if len(row) > 6 else 0.0, _text(row, 7))
+                   _timeout(row[6]) if len(row) > 6 else 0.0, _text(row, 7),
+                   tuple((kw, n) for kw, n in deps if type(kw) is str and type(n) is int
+                         and 0 <= n <= row[5]))
 
 
 class Task(NamedTuple):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 import cloudpickle
 
 from ..errors import RemoteTraceback, SerializationError
+from .deps import ForeignFuture
 from .shm import MARK, SPILL_MIN, unspill
 
 PICKLE_PROTOCOL = 5
@@ -202,6 +203,8 @@ def dumps_args(args: Tuple[Any, ...], kwargs: Dict[str, Any],
                      else a for a in args)
     try:
         return _dumps_parts((args, kwargs), spill)
+    except ForeignFuture:
+        raise
     except Exception as exc:
         parts = [(f"argument {i}", arg) for i, arg in enumerate(args)]
         parts += [(f"keyword argument {name!r}", arg) for name, arg in kwargs.items()]
@@ -310,7 +313,8 @@ def dumps_error(exc: BaseException) -> bytes:
 
 def loads_result(status: str, frames: Sequence[Any],
                  passthrough: Tuple[Type[BaseException], ...] = (),
-                 spill_dir: Optional[str] = None) -> Tuple[bool, Any]:
+                 spill_dir: Optional[str] = None, where: str = "on the client"
+                 ) -> Tuple[bool, Any]:
     """Unpickle a result's frames: (True, value) or (False, exception with remote cause).
 
     ``passthrough`` names exceptions to let through (a user thread unpickling its own
@@ -323,14 +327,15 @@ def loads_result(status: str, frames: Sequence[Any],
         if status == "finished" and data[0] == MARK:  # buffers in shared memory
             if spill_dir is None:
                 raise ValueError("a result in shared memory, but this client has none")
-            data, buffers = unspill(data, buffers, inside=spill_dir)
+            data, buffers = unspill(data, buffers,
+                                    inside=spill_dir if where == "on the client" else None)
         obj = pickle.loads(data, buffers=buffers)
     except passthrough:
         raise
     except BaseException as exc:  # a raise or sys.exit inside __reduce__ fails one future
         what = "result" if status == "finished" else "error"
         error = SerializationError(
-            f"cannot unpickle the task's {what} on the client: {type(exc).__name__}: {exc}. "
+            f"cannot unpickle the task's {what} {where}: {type(exc).__name__}: {exc}. "
             "Is the module that defines it importable here?"
         )
         return False, error
