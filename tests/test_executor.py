@@ -276,11 +276,11 @@ def test_a_discarded_future_still_runs_and_fires_its_callback(executor):
     assert fired.wait(30)
 
 
-def test_a_future_argument_is_refused_with_advice(executor):
-    fut = executor.submit(add, 1, 2)
-    with pytest.raises(TypeError, match=r"\.result\(\)"):
-        executor.submit(add, fut, 1)
-    fut.result(timeout=30)
+def test_a_foreign_future_argument_is_refused_with_advice(executor):
+    foreign = cf.Future()
+    for args in ((foreign, 1), ([1, {"x": foreign}], 1)):  # at any depth
+        with pytest.raises(TypeError, match=r"not a zmqexec Future.*\.result\(\)"):
+            executor.submit(add, *args)
 
 
 def test_introspection_reports_address_workers_and_status(executor):
