@@ -3,12 +3,13 @@ runs with their results in their place; errors and losses travel down the graph.
 import gc
 import os
 import sys
+import time
 
 import pytest
 
-from conftest import Cluster, wait_until
+from conftest import Cluster, free_port, wait_until
 from gates import wait_for_file
-from zmqexec import SerializationError, ZMQExecutor
+from zmqexec import KeyLostError, SerializationError, ZMQExecutor
 
 IN_CLIENT = False  # set by the test that needs it, after task processes were forked
 
@@ -164,3 +165,33 @@ def test_dependencies_in_remote_mode(cluster):
         with pytest.raises(ValueError, match="failed on 2"):
             client.submit(inc, client.submit(fail, 2)).result(timeout=60)
         assert wait_until(lambda: client.status()["tasks"]["queued"] == 0, timeout=30)
+
+
+def test_a_restarted_broker_ends_a_dependent_whose_finished_dependency_it_lost(tmp_path):
+    """A broker restart loses the results it held: a waiting task whose dependency had
+    finished ends with KeyLostError (it would wait forever), one whose dependency is still
+    pending is submitted again with it and runs."""
+    import signal
+
+    cluster = Cluster(agents=1, nprocs=2, bind=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        with ZMQExecutor(address=cluster.address) as client:
+            gate = str(tmp_path / "gate")
+            done = client.submit(inc, 1)
+            assert done.result(timeout=60) == 2
+            # An agent keeps a result until the broker's heartbeat (every second)
+            # acknowledges it, and gives it again to a restarted broker; nothing reports
+            # the acknowledgement, so wait for two heartbeats: then the result is gone.
+            time.sleep(2.5)
+            pending = client.submit(gated, gate, 10)
+            orphan = client.submit(add, pending, done)  # waits for the gate
+            lives = client.submit(inc, pending)
+            cluster.broker.send_signal(signal.SIGKILL)
+            cluster.broker.wait()
+            cluster.broker = cluster.start_broker()
+            open(gate, "w").close()
+            with pytest.raises(KeyLostError, match="submit both again"):
+                orphan.result(timeout=60)
+            assert lives.result(timeout=60) == 11
+    finally:
+        cluster.close()

@@ -19,7 +19,13 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set
 
-from ..errors import BrokenZMQExecutor, BrokerLostError, MessageTooLargeError, UnknownKeyError
+from ..errors import (
+    BrokenZMQExecutor,
+    BrokerLostError,
+    KeyLostError,
+    MessageTooLargeError,
+    UnknownKeyError,
+)
 from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.records import SubmitRow
@@ -334,10 +340,15 @@ class Link:
         resend = [self.state.records.get(kw) for kw in self.sent]
         self.sent.clear()
         self.sent_bytes = 0
+        records = self.state.records
         for rec in reversed(resend):
             if rec is None or rec.row is None:
                 continue
-            if rec.row.retries == 0:
+            if rec.row.deps and not all(kw in records for kw in rec.row.deps):
+                self.defer(Settle(rec.kw, (False, KeyLostError(  # (a done one: the broker
+                    f"a dependency of task {P.key_from_wire(rec.kw)!r} was lost with the "
+                    "broker's held results; submit both again"))))  # lost its result)
+            elif rec.row.retries == 0:
                 self.defer(Settle(rec.kw, (False, BrokerLostError(
                     f"the broker lost task {P.key_from_wire(rec.kw)!r} and retries=0 "
                     "forbids running it twice"))))
