@@ -100,6 +100,11 @@ class Adapter:
         """Cancel all of ``fs`` in one call: the ones cancelled."""
         raise Skip(self.cancel_batch_skip())
 
+    @classmethod
+    def futures_as_arguments_skip(cls) -> Optional[str]:
+        """Why a future cannot be another task's argument (None if it can)."""
+        return "no futures as arguments"
+
     def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int,
             buffersize: Optional[int] = None) -> Iterator[Any]:
         kwargs: Dict[str, Any] = {"timeout": self.timeout, "chunksize": chunksize}
@@ -144,6 +149,10 @@ class ZMQ(Adapter):
 
     def cancel_batch(self, fs: List[Any]) -> List[Any]:
         return list(self.ex.cancel(fs))
+
+    @classmethod
+    def futures_as_arguments_skip(cls) -> Optional[str]:
+        return None
 
     def cpu_roles(self) -> Dict[str, List[int]]:
         node = self.ex._io
@@ -308,6 +317,10 @@ class Dask(Adapter):
     def cancel_batch(self, fs: List[Any]) -> List[Any]:
         self.ex.cancel(fs)
         return [fut for fut in fs if fut.cancelled()]
+
+    @classmethod
+    def futures_as_arguments_skip(cls) -> Optional[str]:
+        return None
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int,
             buffersize: Optional[int] = None) -> Iterator[Any]:

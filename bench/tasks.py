@@ -12,7 +12,7 @@ import ast
 import os
 import time
 
-NAMES = ("noop", "identity", "sleep", "size_of", "wait_file", "hold")
+NAMES = ("noop", "identity", "total", "sleep", "size_of", "wait_file", "hold")
 
 
 def noop():
@@ -23,6 +23,11 @@ def noop():
 def identity(x):
     """One map item in, the same item out."""
     return x
+
+
+def total(*values):
+    """Many results in, their sum out (a fan-in)."""
+    return sum(values)
 
 
 def sleep(seconds, payload=None):

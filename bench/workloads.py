@@ -25,10 +25,11 @@ MiB = 1 << 20
 FULL = dict(throughput=10_000, latency=1_000, map_chunked=100_000, chunksize=1_000,
             map_unchunked=10_000, payload_mib=64, payload_calls=3, fanout=200,
             fanout_sleep=0.01, pending=100_000, buffer_items=1_000_000, buffer_chunksize=100,
-            buffersize=64, cpu=10_000, cancel=1_000)
+            buffersize=64, cpu=10_000, cancel=1_000, graph=1_000)
 SMOKE = dict(throughput=200, latency=50, map_chunked=2_000, chunksize=100, map_unchunked=200,
              payload_mib=1, payload_calls=1, fanout=20, fanout_sleep=0.01, pending=1_000,
-             buffer_items=10_000, buffer_chunksize=100, buffersize=8, cpu=200, cancel=100)
+             buffer_items=10_000, buffer_chunksize=100, buffersize=8, cpu=200, cancel=100,
+             graph=50)
 
 
 @dataclass
@@ -254,6 +255,50 @@ def cancel_batch(cls: type, ctx: Context) -> Dict[str, float]:
     return _cancel_queued(cls, ctx, lambda ex, fs: ex.cancel_batch(fs))
 
 
+# -- dependencies: futures as arguments, against results fetched and resubmitted ----------
+def _graph(cls: type, ctx: Context, shape: str, as_arguments: bool) -> Dict[str, float]:
+    """A chain of n dependent tasks, or n tasks feeding one: each input passed on as a
+    future (the broker forwards it), or fetched by the client with ``result()`` and
+    submitted again (what an executor without dependencies needs)."""
+    if as_arguments:
+        why = cls.futures_as_arguments_skip()
+        if why:
+            raise Skip(why)
+    n, tasks, timeout = ctx.params["graph"], ctx.tasks, ctx.timeout
+    with running(cls, ctx.timeout, tasks) as ex:
+        t0 = time.perf_counter()
+        if shape == "chain" and as_arguments:
+            fut = ex.submit(tasks.identity, 0)
+            for _ in range(n - 1):
+                fut = ex.submit(tasks.identity, fut)
+            fut.result(timeout=timeout)
+        elif shape == "chain":
+            value = 0
+            for _ in range(n):
+                value = ex.submit(tasks.identity, value).result(timeout=timeout)
+        else:
+            parts = [ex.submit(tasks.identity, i) for i in range(n)]
+            inputs = parts if as_arguments else ex.results(parts)
+            assert ex.submit(tasks.total, *inputs).result(timeout=timeout) == n * (n - 1) // 2
+        return {"wall": time.perf_counter() - t0}
+
+
+def chain_futures(cls: type, ctx: Context) -> Dict[str, float]:
+    return _graph(cls, ctx, "chain", True)
+
+
+def chain_client(cls: type, ctx: Context) -> Dict[str, float]:
+    return _graph(cls, ctx, "chain", False)
+
+
+def fanin_futures(cls: type, ctx: Context) -> Dict[str, float]:
+    return _graph(cls, ctx, "fan-in", True)
+
+
+def fanin_client(cls: type, ctx: Context) -> Dict[str, float]:
+    return _graph(cls, ctx, "fan-in", False)
+
+
 # -- memory: in a fresh interpreter ---------------------------------------------------------
 def _probe(cls: type, ctx: Context, kind: str, *args: str) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.memprobe", kind, cls.key, str(ctx.timeout), *args]
@@ -332,6 +377,17 @@ def workloads(p: Dict[str, Any], main_funcs: bool) -> List[Workload]:
             "`fut.cancel()` on each", "s", "lower")]),
         Workload("cancel", cancel_batch, [Metric(
             "wall", "same, all in one call: `ex.cancel(futures)`", "s", "lower")]),
+        Workload("deps", chain_futures, [Metric(
+            "wall", f"chain of {_n(p['graph'])} dependent no-op tasks, futures as arguments",
+            "s", "lower")]),
+        Workload("deps", chain_client, [Metric(
+            "wall", "same, each result fetched with `result()` and submitted again", "s",
+            "lower")]),
+        Workload("deps", fanin_futures, [Metric(
+            "wall", f"fan-in of {_n(p['graph'])} tasks into one, futures as arguments", "s",
+            "lower")]),
+        Workload("deps", fanin_client, [Metric(
+            "wall", "same, the results fetched and passed as values", "s", "lower")]),
     ]
 
 

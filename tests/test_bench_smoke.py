@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("throughput", "latency", "map", "payload", "fan-out", "startup", "memory", "cpu",
-             "cancel")
+             "cancel", "deps")
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?(e[+-]?\d+)?$")
 
 
