@@ -142,3 +142,13 @@ def test_shared_queue_example_hands_futures_from_a_producer_to_a_consumer() -> N
     assert all(line.startswith("consumer: square-") for line in lines[1:6])
     assert lines[6:] == ["queued items left: 0"]
     assert result.stderr == ""
+
+
+def test_pipeline_example_runs_a_small_graph_and_propagates_an_error() -> None:
+    result = run_example("pipeline.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "report: 3 files, 6 rows, total 43",
+        "report of the broken branch: FileNotFoundError: missing.csv",
+    ]
+    assert result.stderr == ""
