@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Dict, Iterable
 
 from .outbox import Outbox
-from .records import DONE, Entry
+from .records import DEPENDENTS_PIN, DONE, Entry
 from .table import KeyTable
 
 
@@ -37,8 +37,13 @@ class Cancels:
         elif entry.state == "wanted":  # an attach with no task yet: nothing will run
             self.table.unwant(client, entry)
             answer(client, kw, True)
-        elif len(entry.interests) > 1:
-            answer(client, kw, False)  # another client wants it: it runs for them
+        elif entry.interests - {client, DEPENDENTS_PIN} or (
+                DEPENDENTS_PIN in entry.interests and entry.state not in ("queued", "waiting")):
+            answer(client, kw, False)  # another client wants it (or a started dependent)
+        elif DEPENDENTS_PIN in entry.interests:  # tasks wait for it: they are cancelled too
+            self.table.unwant(client, entry)
+            self.table.deps.cancel_dependents(entry)  # (their end unpins it: it goes)
+            answer(client, kw, True)
         elif entry.state in ("queued", "waiting"):  # (waiting: for its dependencies)
             self.table.unwant(client, entry)
             self.table.cancel(entry)

@@ -79,6 +79,15 @@ class Dependencies:
             else:
                 self._fail_from(dependent, entry, state, payload, error)
 
+    def cancel_dependents(self, entry: Entry) -> None:
+        """``entry`` is cancelled before it started: the tasks waiting for it are
+        cancelled with it (their clients' futures end cancelled), and theirs in turn."""
+        error = {"type": "CancelledError", "msg": f"a dependency ({entry.kw}) was cancelled"}
+        for kw in sorted(self.dependents.get(entry.kw, ())):
+            dependent = self.table.get(kw)
+            if dependent is not None and dependent.state == "waiting":
+                self._fail_from(dependent, entry, "error", [], error)
+
     def on_deleted(self, entry: Entry) -> None:
         """``entry`` left the table (a waiting task cancelled): its edges and pins go."""
         self.unfinished.pop(entry.kw, None)

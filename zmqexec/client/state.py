@@ -67,6 +67,8 @@ class Outlet(Protocol):
 def broker_error(kw: str, e: Dict[str, Any]) -> BaseException:
     """Rebuild an error the broker reported as header fields."""
     name = str(e.get("type"))
+    if name == "CancelledError":  # a dependency was cancelled: this task never started
+        return concurrent.futures.CancelledError(str(e.get("msg", "")))
     if name == "WorkerLostError":
         return WorkerLostError(P.key_from_wire(kw), int(e.get("attempts", 0)),
                                str(e.get("worker", "?")), e.get("exit"))
@@ -104,6 +106,9 @@ def _settle(fut: "concurrent.futures.Future[Any]", outcome: Outcome) -> None:
     try:
         if outcome[0]:
             fut.set_result(outcome[1])
+        elif isinstance(outcome[1], concurrent.futures.CancelledError) and \
+                concurrent.futures.Future.cancel(fut):
+            fut.set_running_or_notify_cancel()  # (the stdlib's own cancel, not a request)
         else:
             fut.set_exception(outcome[1])
     except concurrent.futures.InvalidStateError:
