@@ -9,7 +9,13 @@ import pytest
 
 from conftest import Cluster, free_port, wait_until
 from gates import wait_for_file
-from zmqexec import KeyLostError, SerializationError, ZMQExecutor
+from zmqexec import (
+    CancelledError,
+    KeyLostError,
+    SerializationError,
+    WorkerLostError,
+    ZMQExecutor,
+)
 
 IN_CLIENT = False  # set by the test that needs it, after task processes were forked
 
@@ -128,6 +134,35 @@ def test_a_task_waiting_for_its_dependencies_can_be_cancelled(ex, tmp_path):
     assert waiting.cancelled()
     assert ex.submit(inc, dep).result(timeout=60) == 2  # its dependency lives on
     assert not os.path.exists(marks)
+
+
+def die():
+    os._exit(3)
+
+
+def test_a_lost_dependency_ends_its_dependents_with_its_loss(ex):
+    lost = ex.options(retries=0).submit(die)
+    dependent = ex.submit(inc, lost)
+    for fut in (lost, dependent):
+        with pytest.raises(WorkerLostError):
+            fut.result(timeout=60)
+        assert fut.status == "lost"
+
+
+def test_cancelling_a_queued_dependency_cancels_its_dependents(ex, tmp_path):
+    gate, marks = str(tmp_path / "gate"), str(tmp_path / "marks")
+    blockers = [ex.submit(gated, gate, i) for i in range(40)]  # task processes and their
+    dep = ex.submit(mark_then_inc, marks, 1)  # prefetch are full: this one stays queued
+    dependent = ex.submit(mark_then_inc, marks, dep)
+    further = ex.submit(mark_then_inc, marks, [dependent])
+    assert dep.cancel() is True
+    for fut in (dependent, further):
+        with pytest.raises(CancelledError):
+            fut.result(timeout=60)
+        assert fut.cancelled()
+    open(gate, "w").close()
+    assert [f.result(timeout=60) for f in blockers] == list(range(40))
+    assert not os.path.exists(marks)  # none of the three ran
 
 
 def test_data_the_client_cannot_unpickle_passes_from_task_to_task(ex, monkeypatch):
