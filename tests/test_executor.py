@@ -462,21 +462,13 @@ def test_no_process_outlives_a_sigkilled_client_whose_fork_lives_on():
         assert len(pids) == 4, pids  # root zygote, zygote, two task processes
         proc.kill()
         proc.wait()
-        assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
-        assert _alive(child)  # (it held their sockets all along)
+        assert wait_until(lambda: not any(alive(p) for p in pids), timeout=15)
+        assert alive(child)  # (it held their sockets all along)
     finally:
         proc.kill()
         proc.wait()
         proc.stdout.close()
         os.kill(child, signal.SIGKILL)
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_done_futures_and_their_results_are_not_kept_by_the_executor(executor):
