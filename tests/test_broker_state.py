@@ -40,8 +40,11 @@ class Harness:
         return [(i, m) for i, m in self.take() if m.cmd == cmd]
 
     def submit(self, client: bytes, key: str, priority: int = 0, retries: int = 3,
-               pure: bool = False, payload: bytes = b"task") -> None:
+               pure: bool = False, payload: bytes = b"task", deps: Tuple[str, ...] = ()
+               ) -> None:
         row = [P.key_to_wire(key), priority, retries, int(pure), "fn-1", "", 1]
+        if deps:
+            row += [0.0, "", [P.key_to_wire(d) for d in deps]]
         self.send(client, P.SUBMIT, {"f": ["fn-1"], "t": [row]}, [b"function", payload])
 
     def result(self, agent: bytes, key: str, value: bytes = b"value",
@@ -381,6 +384,33 @@ def test_a_pure_resubmission_of_a_lost_key_runs_again(h):
     h.take()
     h.submit(C1, "p", retries=0, pure=True)
     assert [row[0] for _, row in h.tasks()] == [kw("p")]
+
+
+def test_a_pure_resubmission_of_a_key_its_failed_dependency_ended_lets_the_old_go(h):
+    """The key ended as its dependency did; submitted again (pure), it ends so again, and
+    the error it held before is let go (validate() counts the held bytes)."""
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    h.submit(C1, "d", retries=0)
+    h.result(A1, "d", b"boom", status="error")
+    h.submit(C1, "p", pure=True, deps=("d",))
+    h.submit(C1, "p", pure=True, deps=("d",))
+    ends = [(row[0], row[1]) for _, row, _ in h.results()]
+    assert ends == [(kw("d"), "error"), (kw("p"), "error"), (kw("p"), "error")]
+    assert h.state.table.held_bytes == 2 * len(b"boom")
+
+
+def test_tasks_waiting_for_dependencies_count_against_max_queued_bytes():
+    h = Harness(max_queued_bytes=10)
+    h.hello(C1, "client")
+    h.submit(C1, "d", payload=b"12345")  # no agent: it stays queued
+    h.submit(C1, "w1", payload=b"12345", deps=("d",))
+    assert h.state.table.queued_bytes == 10 and h.state.table["\"w1\""].state == "waiting"
+    h.submit(C1, "w2", payload=b"1", deps=("d",))
+    [(_, row, _)] = h.results()
+    assert row[0] == kw("w2") and "queue is full" in row[3]["msg"]
+    h.send(C1, P.CANCEL, {"ks": [kw("w1")]})
+    assert h.state.table.queued_bytes == 5
 
 
 def test_started_keys_riding_in_a_result_count_as_started_and_reach_clients_first(h):

@@ -151,18 +151,40 @@ def test_a_lost_dependency_ends_its_dependents_with_its_loss(ex):
 
 def test_cancelling_a_queued_dependency_cancels_its_dependents(ex, tmp_path):
     gate, marks = str(tmp_path / "gate"), str(tmp_path / "marks")
-    blockers = [ex.submit(gated, gate, i) for i in range(40)]  # task processes and their
-    dep = ex.submit(mark_then_inc, marks, 1)  # prefetch are full: this one stays queued
-    dependent = ex.submit(mark_then_inc, marks, dep)
-    further = ex.submit(mark_then_inc, marks, [dependent])
-    assert dep.cancel() is True
-    for fut in (dependent, further):
-        with pytest.raises(CancelledError):
-            fut.result(timeout=60)
-        assert fut.cancelled()
-    open(gate, "w").close()
-    assert [f.result(timeout=60) for f in blockers] == list(range(40))
+    room = sum(agent["capacity"] for agent in ex.status()["agents"]) + 2
+    blockers = [ex.submit(gated, gate, i) for i in range(room)]  # task processes and
+    try:  # their prefetch are full: the next one stays queued
+        dep = ex.submit(mark_then_inc, marks, 1)
+        dependent = ex.submit(mark_then_inc, marks, dep)
+        further = ex.submit(mark_then_inc, marks, [dependent])
+        assert dep.cancel() is True
+        for fut in (dependent, further):
+            with pytest.raises(CancelledError):
+                fut.result(timeout=60)
+            assert fut.cancelled()
+    finally:
+        open(gate, "w").close()
+    assert [f.result(timeout=60) for f in blockers] == list(range(room))
     assert not os.path.exists(marks)  # none of the three ran
+
+
+def test_a_pure_task_counts_a_dependency_by_its_key(ex, tmp_path):
+    """Equal pure calls on the same future share one key and run once; on another future
+    they are another call; a pure call whose dependency failed fails again when submitted
+    again (errors are not cached) with the dependency's error."""
+    marks = str(tmp_path / "marks")
+    pure = ex.options(pure=True)
+    dep, other = ex.submit(inc, 1), ex.submit(inc, 1)
+    first, again = (pure.submit(mark_then_inc, marks, dep) for _ in range(2))
+    assert first.key == again.key != pure.submit(mark_then_inc, marks, other).key
+    assert again.result(timeout=60) == first.result(timeout=60) == 3
+    assert wait_until(lambda: ex.status()["tasks"]["queued"] == 0, timeout=30)
+    with open(marks) as f:
+        assert f.read().count("ran") == 2  # once on dep, once on other
+    broken = ex.submit(fail, 5)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="failed on 5"):
+            pure.submit(mark_then_inc, marks, broken).result(timeout=60)
 
 
 def test_data_the_client_cannot_unpickle_passes_from_task_to_task(ex, monkeypatch):

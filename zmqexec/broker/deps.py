@@ -56,7 +56,7 @@ class Dependencies:
             return True
         if waiting:
             self.unfinished[entry.kw] = waiting
-            entry.state = "waiting"
+            self.table.move(entry, "waiting")
             return True
         return False
 
@@ -112,7 +112,8 @@ class Dependencies:
             state, payload, error = "lost", [], {
                 "type": "KeyLostError", "msg": f"a dependency of {entry.kw} is gone (its "
                 "result was dropped before the task could use it)"}
-        entry.state = "waiting"  # (so that move() takes it from nowhere, not the queue)
+        # (never queued here: a new key, waiting, or a pure key's held error or loss,
+        # which move() lets go before it holds the new one)
         self.table.move(entry, state, list(payload or []), error)
 
     def _unpin(self, entry: Entry) -> None:

@@ -1,10 +1,10 @@
 """The broker's key table: every key it knows, who wants it, and the bytes it holds.
 
 ``KeyTable.move`` is the one place an entry's state changes, and with it the byte counts
-that depend on the state (``queued_bytes`` for queued task payloads, ``held_bytes`` for
-results kept for clients), the run queue, the result sent to interested clients and the
-entry's removal.  ``validate()`` recomputes every count from the entries (tests call it
-after each step).
+that depend on the state (``queued_bytes`` for the payloads of tasks queued or waiting,
+``held_bytes`` for results kept for clients), the run queue, the result sent to
+interested clients and the entry's removal.  ``validate()`` recomputes every count from the
+entries (tests call it after each step).
 
 Life of a key (``Entry.state``)::
 
@@ -81,7 +81,7 @@ class KeyTable:
         unless ``hold`` (a result from before a broker restart, kept until asked for).
         ``deleted``: out of the table, and out of every client's wanted keys."""
         old = entry.state
-        if old == "queued":
+        if old == "queued" or old == "waiting":
             self.queued_bytes -= entry.nbytes
         elif old in DONE and entry.result is not None and self.current(entry):
             self.held_bytes -= self.held.pop(entry.kw, 0)
@@ -91,6 +91,8 @@ class KeyTable:
             entry.agent = None
             self.queued_bytes += entry.nbytes
             self.queue.push(entry.priority, entry.owner, entry, front)
+        elif state == "waiting":  # (for its dependencies: out of the run queue)
+            self.queued_bytes += entry.nbytes
         elif state in DONE:
             self._done(entry, state, payload or [], error, hold)
         elif state == "deleted":
@@ -282,7 +284,8 @@ class KeyTable:
     # ---- checks -------------------------------------------------------------------------
     def validate(self) -> None:
         """Recompute every count from the entries; raise AssertionError on a mismatch."""
-        queued = sum(e.nbytes for e in self.entries.values() if e.state == "queued")
+        queued = sum(e.nbytes for e in self.entries.values()
+                     if e.state == "queued" or e.state == "waiting")
         assert queued == self.queued_bytes, (queued, self.queued_bytes)
         assert sum(self.held.values()) == self.held_bytes, (self.held, self.held_bytes)
         for kw, size in self.held.items():
