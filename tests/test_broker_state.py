@@ -413,6 +413,51 @@ def test_tasks_waiting_for_dependencies_count_against_max_queued_bytes():
     assert h.state.table.queued_bytes == 5
 
 
+def holds(h: Harness) -> List[Tuple[bytes, bool]]:
+    return [(i, m.meta["hold"]) for i, m in h.take_cmd(P.HEARTBEAT)]
+
+
+def test_pinned_results_over_the_held_limit_hold_new_submits_back_while_tasks_run():
+    """DESIGN 1.5: pinned results are never evicted; past --max-held-bytes the clients are
+    told to keep new submits (hold) until the dependents ran and unpinned them."""
+    h = Harness(max_held_bytes=5000)
+    h.hello(C1, "client")
+    h.hello(C2, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    h.submit(C1, "big")
+    h.result(A1, "big", bytes(8000))  # one result over the limit: kept, not pinned
+    h.take()
+    assert not h.state.holding
+    h.submit(C1, "slow")  # runs on A1
+    h.submit(C1, "w", deps=("big", "slow"))  # pins big: 8000 bytes over 5000
+    assert holds(h) == [(C1, True), (C2, True)]
+    assert h.state.status(h.now)["pinned_bytes"] == 8000
+    h.send(C1, P.RELEASE, {"ks": [kw("big")]})  # still needed by w: kept
+    assert kw("big") in h.state.table and h.state.holding
+    h.result(A1, "slow")  # w is dispatched: it takes big along
+    assert [row[0] for _, row in h.tasks()] == [kw("w")] and h.state.holding
+    h.result(A1, "w")
+    assert holds(h) == [(C1, False), (C2, False)]
+    assert kw("big") not in h.state.table  # unpinned and released: gone
+    h.hello(b"client-3", "client")
+    assert h.take_cmd(P.WELCOME)[0][1].meta["hold"] is False
+
+
+def test_pinned_results_never_hold_submits_back_when_no_task_would_unpin_them():
+    """Every task waits (here for a key no task produces yet): holding submits back
+    could wait forever, so nothing is held."""
+    h = Harness(max_held_bytes=5000)
+    h.hello(C1, "client")
+    h.hello(A1, "worker", slots=1, prefetch=0)
+    h.submit(C1, "big")
+    h.result(A1, "big", bytes(8000))
+    h.send(C1, P.INFORM, {"k": kw("later")})  # known, but nothing runs it yet
+    h.submit(C1, "w", deps=("big", "later"))
+    assert h.state.deps.pinned_bytes() == 8000 and not h.state.holding
+    h.tick(h.now + 1.5)
+    assert all(m.meta["hold"] is False for _, m in h.take_cmd(P.HEARTBEAT))
+
+
 def test_started_keys_riding_in_a_result_count_as_started_and_reach_clients_first(h):
     """One message per agent turn: the started keys travel in its RESULT, and the
     broker's running notice travels in the client's RESULT, applied before the rows."""

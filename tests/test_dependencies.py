@@ -1,5 +1,6 @@
 """Futures as arguments: a task waits at the broker for the futures among its arguments and
 runs with their results in their place; errors and losses travel down the graph."""
+import contextlib
 import gc
 import os
 import sys
@@ -196,24 +197,50 @@ def test_data_the_client_cannot_unpickle_passes_from_task_to_task(ex, monkeypatc
         made.result(timeout=60)
 
 
-def test_a_dependency_is_kept_for_its_dependents_past_the_held_bytes_limit(tmp_path):
-    """The broker drops the oldest held results beyond --max-held-bytes, but never one
-    that a waiting task depends on, even when its client released it."""
-    cluster = Cluster(agents=1, nprocs=2, broker_args=("--max-held-bytes", "10000"))
+@contextlib.contextmanager
+def big_dependency_waiting(tmp_path, max_held_bytes):
+    """A remote client whose 8,000-byte result ``big`` a task waits for (behind a gate):
+    yields (client, open_gate, waiter); the gate opens on the way out in any case."""
+    cluster = Cluster(agents=1, nprocs=2, broker_args=("--max-held-bytes",
+                                                       str(max_held_bytes)))
+    gate = str(tmp_path / "gate")
     try:
         with ZMQExecutor(address=cluster.address) as client:
-            gate = str(tmp_path / "gate")
             big = client.submit(bytes, 8000)
             big.result(timeout=60)
             waiter = client.submit(add_len, client.submit(gated, gate, 0), big)
             del big
             gc.collect()
-            others = [client.submit(bytes, 3000) for _ in range(5)]  # over the limit
-            assert all(len(f.result(timeout=60)) == 3000 for f in others)
-            open(gate, "w").close()
-            assert waiter.result(timeout=60) == 8000
+            try:
+                yield client, lambda: open(gate, "w").close(), waiter
+            finally:
+                open(gate, "w").close()
     finally:
         cluster.close()
+
+
+def test_a_dependency_is_kept_for_its_dependents_past_the_held_bytes_limit(tmp_path):
+    """The broker drops the oldest held results beyond --max-held-bytes, but never one
+    that a waiting task depends on, even when its client released it."""
+    with big_dependency_waiting(tmp_path, 10000) as (client, open_gate, waiter):
+        others = [client.submit(bytes, 3000) for _ in range(5)]  # over the limit
+        assert all(len(f.result(timeout=60)) == 3000 for f in others)
+        open_gate()
+        assert waiter.result(timeout=60) == 8000
+
+
+def test_pinned_results_past_the_held_limit_keep_new_submits_in_the_client(tmp_path):
+    """Results that waiting tasks need cannot be evicted: past --max-held-bytes new
+    submits wait in their client (submit does not block) until those tasks ran."""
+    with big_dependency_waiting(tmp_path, 5000) as (client, open_gate, waiter):
+        assert wait_until(lambda: client.status()["holding"], timeout=30)
+        submitted = client.status()["tasks"]["submitted"]
+        later = client.submit(inc, 1)
+        assert client.status()["tasks"]["submitted"] == submitted  # kept in the client
+        open_gate()
+        assert waiter.result(timeout=60) == 8000
+        assert later.result(timeout=60) == 2
+        assert not client.status()["holding"]
 
 
 def test_dependencies_in_remote_mode(cluster):

@@ -257,8 +257,11 @@ def format_status(doc: Dict[str, Any], rate: Optional[float] = None) -> str:
              "tasks  " + "  ".join(f"{k} {t[k]}" for k in
                                    ("queued", "running", "finished", "error", "cancelled",
                                     "lost")),
-             f"held   {doc['held_keys']} results, {doc['held_bytes']:,} bytes; queued "
-             f"{doc['queued_bytes']:,} bytes",
+             f"held   {doc['held_keys']} results, {doc['held_bytes']:,} bytes "
+             f"({doc.get('pinned_bytes', 0):,} needed by tasks); queued "
+             f"{doc['queued_bytes']:,} bytes"
+             + ("; new submits held back until those tasks ran" if doc.get("holding")
+                else ""),
              f"agents {len(doc['agents'])}"]
     for a in doc["agents"]:
         lines.append(f"  {a['name']:<24} {a['host']:<16} pid {a['pid']!s:<7} slots "

@@ -9,7 +9,9 @@ so on down the graph.
 
 While a task depends on a key, the key is pinned: wanted by ``PIN`` (its result is held
 even after every client released it, and never dropped by ``--max-held-bytes``) until the
-dependent is done, since a lost dependent runs again and needs it again.
+dependent is done, since a lost dependent runs again and needs it again.  When pinned
+results alone pass ``--max-held-bytes``, the broker holds new submits back in the clients
+(``BrokerState.flow``) instead of dropping them.
 """
 from __future__ import annotations
 
@@ -144,8 +146,11 @@ class Dependencies:
         row = entry.task_row()._replace(nframes=len(frames), deps=tuple(sent))
         return row, frames
 
-    def pinned(self, entry: Entry) -> bool:
-        return PIN in entry.interests
+    def pinned_bytes(self) -> int:
+        """Bytes of the held results that tasks still need (never evicted).  A sum over
+        the pins: callers ask only when the held results are over their limit."""
+        held = self.table.held
+        return sum(held.get(kw, 0) for kw in self.pins)
 
     def validate(self) -> None:
         for kw, count in self.unfinished.items():

@@ -64,6 +64,7 @@ class BrokerState:
         self.deps = Dependencies(self.table)
         self.no_workers = NoWorkerWatch()
         self.dropped: Counter[str] = Counter()
+        self.holding = False  # clients told to keep new submits (pinned results too big)
         self.started: Optional[float] = None
         self.now = 0.0
 
@@ -131,6 +132,8 @@ class BrokerState:
             return
         handler(self, peer, msg)
         self.dispatch()
+        if self.holding or self.table.held_bytes > self.table.max_held_bytes:
+            self.flow()
 
     def tick(self, now: float) -> None:
         """Heartbeat every peer that is due and expire the ones gone silent."""
@@ -144,11 +147,40 @@ class BrokerState:
             elif now >= peer.next_beat:
                 peer.next_beat = now + peer.interval
                 self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
-                                                    "n": peer.results_in})
+                                                    "n": peer.results_in,
+                                                    "hold": self.holding})
         self.shared.tick(now)
         for entry, why in self.no_workers.due(slots, now, self.peers, self.table):
             self.table.fail(entry, "error", {"type": "NoWorkersError", "msg": why})
         self.dispatch()
+        if self.holding or self.table.held_bytes > self.table.max_held_bytes:
+            self.flow()
+
+    def flow(self) -> None:
+        """Backpressure for pinned results (DESIGN §1.5): while the results that tasks
+        still need pass ``max_held_bytes`` (they cannot be evicted), clients keep new
+        submits (``hold`` in a HEARTBEAT; ``submit`` never blocks), until the dependents
+        ran and unpinned them.  Only while some task will still run: with none, nothing
+        would unpin them, and holding submits back could wait forever."""
+        table = self.table
+        hold = table.held_bytes > table.max_held_bytes and bool(self.deps.pins) and \
+            self.deps.pinned_bytes() > table.max_held_bytes and self._busy()
+        if hold == self.holding:
+            return
+        self.holding = hold
+        log.info("results pinned for dependent tasks %s --max-held-bytes %d: clients %s "
+                 "new submits", "pass" if hold else "are back under", table.max_held_bytes,
+                 "hold" if hold else "send")
+        slots = self.slots()
+        for peer in self.peers.values():
+            if peer.role == "client":
+                self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
+                                                    "n": peer.results_in, "hold": hold})
+
+    def _busy(self) -> bool:
+        """Whether some task is queued or out on an agent."""
+        return bool(self.table.queue) or any(
+            p.inflight for p in self.peers.values() if p.role == "worker")
 
     def flush(self) -> List[Tuple[bytes, Frames]]:
         """The messages to send now: one batch per peer and kind."""
@@ -163,7 +195,8 @@ class BrokerState:
         """The status document (schema of ``zmqexec status --json``)."""
         return status_document(self.peers, self.table, epoch=self.epoch,
                                started=self.started, slots=self.slots(),
-                               dropped=self.dropped, now=now, shared=self.shared.counts())
+                               dropped=self.dropped, now=now, shared=self.shared.counts(),
+                               pinned_bytes=self.deps.pinned_bytes(), holding=self.holding)
 
     def validate(self) -> None:
         """Check every count and cross-reference (tests call it after each step)."""
@@ -321,7 +354,8 @@ class BrokerState:
         log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
         self._free_credit(peer)
         self.send(ident, P.WELCOME, {"epoch": self.epoch, "heartbeat": peer.interval,
-                                     "slots": self.slots(), **self.limits})
+                                     "slots": self.slots(), "hold": self.holding,
+                                     **self.limits})
         self.dispatch()
 
     def _submit(self, client: Peer, msg: P.Message) -> None:

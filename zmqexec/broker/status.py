@@ -9,6 +9,9 @@ Schema (every count is an int, times in seconds)::
     clients  connected clients
     tasks    queued, running (now); finished, error, cancelled, lost, submitted (so far)
     held_keys, held_bytes   results kept for clients
+    pinned_bytes            of those, results that waiting or running tasks still need
+    holding                 true while clients keep new submits (pinned_bytes over the
+                            held limit, until those tasks ran)
     queued_bytes            task payloads waiting
     shared   variables, queues, queued_items (Variables and Queues of all clients)
     dropped  {reason: count} of rejected messages
@@ -26,7 +29,8 @@ from .table import KeyTable
 
 def status_document(peers: Dict[bytes, Peer], table: KeyTable, *, epoch: str,
                     started: Optional[float], slots: int, dropped: "Counter[str]",
-                    now: float, shared: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+                    now: float, shared: Optional[Dict[str, int]] = None,
+                    pinned_bytes: int = 0, holding: bool = False) -> Dict[str, Any]:
     """The status document (schema of ``zmqexec status --json``)."""
     states = Counter(e.state for e in table.entries.values())
     counts = table.counts
@@ -47,6 +51,7 @@ def status_document(peers: Dict[bytes, Peer], table: KeyTable, *, epoch: str,
                   "error": counts["error"], "cancelled": counts["cancelled"],
                   "lost": counts["lost"], "submitted": counts["submitted"]},
         "held_keys": len(table.held), "held_bytes": table.held_bytes,
+        "pinned_bytes": pinned_bytes, "holding": holding,
         "queued_bytes": table.queued_bytes,
         "shared": shared or {"variables": 0, "queues": 0, "queued_items": 0},
         "dropped": dict(dropped),

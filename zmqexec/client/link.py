@@ -102,6 +102,7 @@ class Link:
         self.window, self.window_bytes = 0, 0  # no sends before WELCOME
         self.max_frame, self.max_message = 256 << 20, 4 << 30  # caps WELCOME announces
         self.slots = 0  # task processes at the broker, as its last word said
+        self.hold = False  # the broker asks for no new submits (results pinned for tasks)
         self.closing = False
 
     @property
@@ -214,6 +215,8 @@ class Link:
         backlog, sent, records, sent_fids = self.backlog, self.sent, self.state.records, \
             self.sent_fids
         window, window_bytes, max_frame = self.window, self.window_bytes, self.max_frame
+        if self.hold:
+            window = 0  # until the broker's dependents ran (a HEARTBEAT says hold: false)
         while backlog and len(sent) < window and (
                 self.sent_bytes < window_bytes or not sent):
             fids: List[str] = []
@@ -294,6 +297,13 @@ class Link:
             self._on_cancelled(meta["ks"], meta["c"])
         elif cmd in (P.WELCOME, P.HEARTBEAT):
             self.slots = int(meta.get("slots", self.slots))
+            hold = meta.get("hold") is True
+            if hold != self.hold:
+                log.info("the broker %s new submits (results pinned for dependent tasks)",
+                         "holds back" if hold else "takes")
+                self.hold = hold
+                if not hold:
+                    self.pump()
             if cmd == P.WELCOME:
                 self.window = int(meta.get("window", 1024))
                 self.window_bytes = int(meta.get("window_bytes", 1 << 28))

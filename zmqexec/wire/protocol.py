@@ -25,7 +25,7 @@ HELLO      peer -> broker  role, id, proto, versions, host, pid,          -
                            running (keys held), epoch (last one seen);
                            clients: nw (no_workers_timeout)
 WELCOME    broker -> peer  epoch, heartbeat, window, window_bytes,        -
-                           max_frame, max_message, slots
+                           max_frame, max_message, slots, hold
 REFUSE     broker -> peer  reason                                         -
 RESET      broker -> peer  reason (peer must HELLO again)                 -
 SUBMIT     client -> b.    f: [fid], t: [[k, priority, retries, pure,     blobs, then each
@@ -60,8 +60,10 @@ SHARED     b. -> client    r, v: [["k", key] or ["b", null]], size, nf,   the va
 INFORM     client -> b.    k                                              -
 RELEASE    client -> b.    ks: [k]                                        -
 HEARTBEAT  both ways       epoch, slots and n (RESULT rows received, to   -
-                           an agent) from the broker; slots and drain
-                           from an agent
+                           an agent) from the broker, hold (to a client:
+                           keep new submits, results pinned for tasks
+                           pass the held limit; also sent when it
+                           changes); slots and drain from an agent
 STATUS     both ways       request: {}; reply: the status document        -
 BYE        both ways       reason                                         -
 =========  ==============  =============================================  ==============
