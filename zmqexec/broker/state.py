@@ -157,11 +157,11 @@ class BrokerState:
             self.flow()
 
     def flow(self) -> None:
-        """Backpressure for pinned results (DESIGN §1.5): while the results that tasks
-        still need pass ``max_held_bytes`` (they cannot be evicted), clients keep new
-        submits (``hold`` in a HEARTBEAT; ``submit`` never blocks), until the dependents
-        ran and unpinned them.  Only while some task will still run: with none, nothing
-        would unpin them, and holding submits back could wait forever."""
+        """Backpressure for pinned results: while the results that tasks still need
+        pass ``max_held_bytes`` (they cannot be evicted), clients keep new submits
+        (``hold`` in a HEARTBEAT; ``submit`` never blocks), until the dependents ran and
+        unpinned them.  Only while some task will still run: with none, nothing would
+        unpin them, and holding submits back could wait forever."""
         table = self.table
         hold = table.held_bytes > table.max_held_bytes and bool(self.deps.pins) and \
             self.deps.pinned_bytes() > table.max_held_bytes and self._busy()
