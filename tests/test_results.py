@@ -3,6 +3,7 @@ copied into a pickle, is cut under the broker's frame cap on the wire, and in em
 comes back through shared memory (when there is room)."""
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import sys
@@ -11,7 +12,7 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from conftest import Cluster
+from conftest import Cluster, wait_until
 from zmqexec import ZMQExecutor
 from zmqexec.wire import shm
 
@@ -60,10 +61,17 @@ def test_a_300_mib_result_arrives(mode):
             cluster.close()
 
 
-def test_a_result_in_shared_memory_leaves_no_file_behind(executor):
-    array = executor.submit(big_array, 8 * MIB).result(timeout=TIMEOUT)
-    assert int(array.sum()) == sum(range(MIB))
-    assert os.listdir(executor._io.spill.dir) == []  # unlinked once mapped
+def test_a_result_in_shared_memory_lives_while_held_and_leaves_no_file_behind(executor):
+    """The client maps its copy, and the file stays while the node holds the result: a
+    task submitted later still reads it as its argument; then it goes."""
+    fut = executor.submit(big_array, 8 * MIB)
+    array = fut.result(timeout=TIMEOUT)
+    assert mapped(array) or not shm.has_room(executor._io.spill.dir, 8 * MIB)
+    assert executor.submit(np.sum, fut).result(timeout=TIMEOUT) == sum(range(MIB))
+    del fut
+    gc.collect()
+    assert wait_until(lambda: os.listdir(executor._io.spill.dir) == [], timeout=30)
+    assert int(array.sum()) == sum(range(MIB))  # the mapping outlives the file
 
 
 def test_without_room_in_shared_memory_a_result_stays_frames(tmp_path, monkeypatch):

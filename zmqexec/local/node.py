@@ -53,12 +53,22 @@ from ..errors import BrokenZMQExecutor
 from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.sockets import EVENTS, POLLIN, received
-from ..wire.shm import Spill
+from ..wire.shm import Spill, own_result
 
 log = logging.getLogger(__name__)
 CLIENT, AGENT = b"\x00node-client", b"\x00node-agent"  # never a remote routing id (uuid)
 TICK = 0.05  # seconds between the broker's timer turns
 FOREVER = float("inf")  # a local peer is never silent: it lives and dies with the node
+
+
+def own_results(rows: List[Any], payload: List[Any]) -> None:
+    """Large results that task processes left in shared memory become the node's files
+    (in place; see ``wire.shm``): a file lives while its result is held or unread."""
+    at = 0
+    for row in rows:
+        if row[2] > 1:
+            own_result(payload, at, row[2])
+        at += row[2]
 
 
 class Node:
@@ -147,7 +157,10 @@ class Node:
             if agent.out:
                 out, agent.out = agent.out, []
                 for cmd, meta, payload in out:
-                    broker.deliver(AGENT, P.Message(cmd, meta, list(payload)), now)
+                    payload = list(payload)
+                    if cmd == P.RESULT and len(payload) > len(meta["r"]):
+                        own_results(meta["r"], payload)
+                    broker.deliver(AGENT, P.Message(cmd, meta, payload), now)
             if send_all(self.sock, broker):  # (flushes the outbox: local messages too)
                 self._sock_dirty = True
             if not outbox.delivered:

@@ -10,10 +10,13 @@ changes only its own copy.  The copy into the file is also the snapshot taken at
 ``submit``, so changing an array afterwards cannot change what the task sees.
 
 Results take the same road back (``ResultSpill``, in the task process): a large buffer
-of a result is written into the same directory, and the client maps the file and unlinks
-it as it unpickles the result (``unspill(..., inside=the directory)``: a path from
-anywhere else is refused).  A result nobody unpickles (a duplicate, a dropped future)
-goes with the directory.  Every write first checks that the file system has room for it
+of a result is written into the same directory, and the client maps the file as it
+unpickles the result (``unspill(..., inside=the directory)``: a path from anywhere else is
+refused).  The node owns those files as soon as the result reaches it (``own_result``:
+its path frames become ``SpillRef``s), so a file lives while anyone holds the result's
+frames: the key's held result (a dependent task may still need it, long after the client
+unpickled its own copy), or the client's pending record.  Every write first checks that
+the file system has room for it
 (a container's ``/dev/shm`` is often 64 MiB; a full one is an error, and a mapped file
 that cannot be backed is a SIGBUS): without room, the buffer travels as a frame.
 
@@ -168,14 +171,30 @@ class ResultSpill:
         return out
 
 
+def own_result(frames: List[Any], at: int, count: int) -> None:
+    """The node takes ownership of a spilled result (``frames[at:at + count]``, in
+    place): its path frames become ``SpillRef``s of this process, so the file goes when
+    the last holder of the frames lets them go."""
+    data = frames[at]
+    if count < 2 or not len(data) or data[0] != MARK:
+        return
+    view = memoryview(data)
+    end = bytes(view[:16 + 8 * (count - 1)]).index(b"\n")
+    for index in json.loads(bytes(view[1:end])):
+        if type(index) is int and 1 <= index < count:
+            ref = SpillRef(bytes(frames[at + index]))
+            ref.owner = os.getpid()
+            frames[at + index] = ref
+
+
 def unspill(data: Any, buffers: Sequence[Any], inside: Optional[str] = None
             ) -> "tuple[Any, List[Any]]":
     """The pickle and buffers of frames made by ``Spill.spill`` or ``ResultSpill.spill``.
 
     Spilled buffers are mapped copy-on-write: writable, private, and backed by the file's
     pages rather than a copy.  With ``inside`` (a client reading a result), every path
-    must be a file of that directory, and it is unlinked once mapped (the mapping keeps
-    its pages)."""
+    must be a file of that directory.  Nothing is unlinked here: the file belongs to the
+    frame that names it (``own_result``), and the mapping outlives it."""
     view = memoryview(data)
     end = bytes(view[:16 + 8 * len(buffers)]).index(b"\n")
     indices = json.loads(bytes(view[1:end]))
@@ -189,6 +208,4 @@ def unspill(data: Any, buffers: Sequence[Any], inside: Optional[str] = None
             raise ValueError("a spilled result names a file outside this client's directory")
         with open(path, "rb") as file:
             out[index - 1] = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
-        if inside is not None:
-            os.unlink(path)
     return view[end + 1:], out
