@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+import subprocess
 import sys
 
 import cloudpickle
@@ -72,6 +73,23 @@ def test_a_result_in_shared_memory_lives_while_held_and_leaves_no_file_behind(ex
     gc.collect()
     assert wait_until(lambda: os.listdir(executor._io.spill.dir) == [], timeout=30)
     assert int(array.sum()) == sum(range(MIB))  # the mapping outlives the file
+
+
+ATTACH = """
+import sys
+from zmqexec import Future, ZMQExecutor
+with ZMQExecutor(address=sys.argv[1]) as client:
+    print(int(Future(sys.argv[2], client=client).result(timeout=60).sum()))
+"""
+
+
+def test_another_process_attaches_to_a_large_result_held_in_shared_memory(executor):
+    """Another program has no way into the node's directory: it gets the frames."""
+    fut = executor.submit(big_array, 8 * MIB)
+    assert int(fut.result(timeout=TIMEOUT).sum()) == sum(range(MIB))
+    out = subprocess.run([sys.executable, "-c", ATTACH, executor.address, fut.key],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0 and out.stdout.split() == [str(sum(range(MIB)))], out.stderr
 
 
 def test_without_room_in_shared_memory_a_result_stays_frames(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ the node hands over directly.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..wire.records import ResultRow, TaskRow
 
@@ -34,6 +34,9 @@ class Outbox:
         self._cancels: Dict[bytes, List[str]] = {}
         self._kills: Dict[bytes, List[str]] = {}
         self._answers: Dict[bytes, Tuple[List[str], List[str]]] = {}  # cancelled, kept
+        # result frames as a peer of another process gets them (the embedded node puts
+        # large results it holds in shared memory back into frames); None: as they are
+        self.inline: Optional[Callable[[Frames], Frames]] = None
 
     def send(self, ident: bytes, cmd: int, meta: Dict[str, Any],
              payload: Sequence[Any] = ()) -> None:
@@ -64,6 +67,8 @@ class Outbox:
         return batch
 
     def result(self, client: bytes, row: ResultRow, frames: Frames) -> None:
+        if self.inline is not None and frames and client not in self.local:
+            frames = self.inline(frames)
         batch = self._results.get(client)
         if batch is None:
             batch = self._results[client] = ([], [])

@@ -53,7 +53,7 @@ from ..errors import BrokenZMQExecutor
 from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.sockets import EVENTS, POLLIN, received
-from ..wire.shm import Spill, own_result
+from ..wire.shm import Spill, inline, own_result
 
 log = logging.getLogger(__name__)
 CLIENT, AGENT = b"\x00node-client", b"\x00node-agent"  # never a remote routing id (uuid)
@@ -96,6 +96,7 @@ class Node:
         for path in (self.dir, self.spill.dir):  # if this process dies by SIGKILL
             self.zygote.cleanup(path)
         self.broker = BrokerState(client_timeout=None)
+        self.broker.outbox.inline = inline  # other processes get large results as frames
         self.agent = AgentState(nprocs, {
             "role": "worker", "id": f"node-{os.getpid()}", "proto": P.PROTOCOL_VERSION,
             "zmqexec": __version__, "python": S.PYTHON_VERSION,

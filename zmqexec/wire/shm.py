@@ -187,6 +187,15 @@ def own_result(frames: List[Any], at: int, count: int) -> None:
             frames[at + index] = ref
 
 
+def inline(frames: List[Any]) -> List[Any]:
+    """A result's frames with its spilled buffers read back into frames (for a peer of
+    another process, which has no way into this node's directory); others as they are."""
+    if len(frames) < 2 or not len(frames[0]) or frames[0][0] != MARK:
+        return frames
+    data, buffers = unspill(frames[0], frames[1:])
+    return [data, *buffers]
+
+
 def unspill(data: Any, buffers: Sequence[Any], inside: Optional[str] = None
             ) -> "tuple[Any, List[Any]]":
     """The pickle and buffers of frames made by ``Spill.spill`` or ``ResultSpill.spill``.
