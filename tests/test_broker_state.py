@@ -458,6 +458,23 @@ def test_pinned_results_never_hold_submits_back_when_no_task_would_unpin_them():
     assert all(m.meta["hold"] is False for _, m in h.take_cmd(P.HEARTBEAT))
 
 
+def shared_answers(h: Harness) -> Dict[int, Any]:
+    return {m.meta["r"]: m.meta.get("e") or m.meta["v"] for _, m in h.take_cmd(P.SHARED)}
+
+
+def test_a_shared_request_sent_again_after_a_reconnect_runs_once(h):
+    """Waiting: it waits on (one answer); never arrived: carried out; answered already:
+    AnswerLost, and a put is not made twice."""
+    h.hello(C1, "client")
+    h.send(C1, P.SHARED, {"op": "qget", "n": "q", "r": 1})  # waits for an item
+    h.send(C1, P.SHARED, {"op": "qget", "n": "q", "r": 1, "a": 1})  # again: still waiting
+    h.send(C1, P.SHARED, {"op": "qput", "n": "q", "r": 2, "a": 1, "nf": 1}, [b"x"])  # new
+    assert shared_answers(h) == {2: [], 1: [["b", None]]}
+    h.send(C1, P.SHARED, {"op": "qput", "n": "q", "r": 2, "a": 1, "nf": 1}, [b"x"])
+    assert shared_answers(h)[2][0] == "AnswerLost"
+    assert h.state.shared.counts()["queued_items"] == 0  # the put was made once
+
+
 def test_started_keys_riding_in_a_result_count_as_started_and_reach_clients_first(h):
     """One message per agent turn: the started keys travel in its RESULT, and the
     broker's running notice travels in the client's RESULT, applied before the rows."""

@@ -211,7 +211,7 @@ def test_agent_host_link_cut_and_restored_then_slow_and_lossy_client_link(networ
 # Odd tasks have retries=0.
 CLIENT_CUT = textwrap.dedent("""
     import json, logging, os, sys, threading, time
-    from zmqexec import BrokerLostError, ZMQExecutor
+    from zmqexec import BrokerLostError, Queue, ZMQExecutor
 
     address, keys, log_path, runs = sys.argv[1:5]
     logging.basicConfig(filename=log_path, level=logging.INFO,
@@ -235,6 +235,18 @@ CLIENT_CUT = textwrap.dedent("""
     def say(**kw):
         print(json.dumps(kw), flush=True)
 
+    got = {}
+
+    def getter(name):  # a Queue get waiting across the cut, with no timeout
+        def get():
+            try:
+                got[name] = Queue(name, client=ex).get()
+            except BrokerLostError:
+                got[name] = "lost"
+        thread = threading.Thread(target=get)
+        thread.start()
+        return thread
+
     ex = ZMQExecutor(address=address, keys=keys, heartbeat_interval=0.2,
                      heartbeat_timeout=1.5, broker_timeout=60)
     ex.wait_for_workers(2, timeout=60)
@@ -242,16 +254,23 @@ CLIENT_CUT = textwrap.dedent("""
     futures = [(once if i % 2 else ex).submit(step, runs, i, gate) for i in range(6)]
     while ex.status()["tasks"]["running"] < 2:
         time.sleep(0.05)
+    getters = [getter("before")]  # waiting at the broker (the status after it answered)
+    ex.status()
     say(phase="running")
     sys.stdin.readline()  # the test has cut our link: these submits may die with it
     futures += [(once if i % 2 else ex).submit(step, runs, i, gate) for i in range(6, 10)]
+    getters.append(getter("during"))  # sent into the dead connection
     asked = []  # a status request sent while the link is cut
     asker = threading.Thread(target=lambda: asked.append(ex.status(timeout=60)))
     asker.start()
     say(phase="submitted")
     results = [outcome(f) for f in futures]
     asker.join()
-    say(phase="results", results=results, at=time.time(), status=bool(asked))
+    for name in ("before", "during"):
+        Queue(name, client=ex).put(name)
+    for thread in getters:
+        thread.join(60)
+    say(phase="results", results=results, at=time.time(), status=bool(asked), got=got)
     ex.shutdown()
     say(phase="done")
 """)
@@ -329,6 +348,9 @@ def test_a_client_reconnects_by_itself_after_a_cut_of_its_own_link(three_hosts, 
 
     seen = client.read()
     assert seen["phase"] == "results" and seen["status"], seen
+    # Queue gets with no timeout: a forgotten client's fail; else each gets its item
+    assert seen["got"] == ({"before": "lost", "during": "lost"} if forgotten else
+                           {"before": "before", "during": "during"}), seen
     assert client.read()["phase"] == "done"
     assert proc.wait(30) == 0
     ran, results = lines("run"), seen["results"]

@@ -12,10 +12,15 @@ answered once with a SHARED of the same ``r``: the values (``v``: ``[["k", key]]
 ``msg``).  A request that must wait (a get of an unset Variable, of an empty Queue, a put
 into a full one) waits here until it can be answered or its timeout passes (``tick``):
 the broker decides, so an item is never taken for a client that gave up waiting.
+
+A client whose connection was renewed sends its unanswered requests again with ``a``
+(again): one still waiting here waits on (its answer takes the new connection), one that
+never arrived is carried out now, and one answered already (the answer was lost with the
+old connection) gets the error ``AnswerLost``, never a second run.
 """
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
 
 from ..wire import protocol as P
@@ -23,6 +28,7 @@ from .table import KeyTable
 
 HOLDER = b"\x00shared"  # the interest of every Variable and Queue in the keys they hold
 MAX_VALUE = 1 << 20  # bytes of a value held by itself (larger: share a task's future)
+ANSWERED_KEPT = 1024  # request ids remembered per client, to tell a lost answer apart
 
 
 class Item(NamedTuple):
@@ -60,6 +66,7 @@ class Shared:
         self.queues: Dict[str, SharedQueue] = {}
         self.var_waits: Dict[str, List[Wait]] = {}
         self.holds: "Counter[str]" = Counter()
+        self.answered: Dict[bytes, "OrderedDict[int, None]"] = {}  # client -> recent rids
 
     # ---- requests ---------------------------------------------------------------------
     def handle(self, ident: bytes, meta: Dict[str, Any], payload: List[Any],
@@ -68,6 +75,8 @@ class Shared:
         op, name, rid = meta.get("op"), meta.get("n"), meta["r"]
         timeout: Any = meta.get("t")
         deadline = now + timeout if type(timeout) in (int, float) else None
+        if meta.get("a") and self._seen(ident, rid):
+            return
         if type(name) is not str or not name:
             self._error(ident, rid, "ValueError", "a Variable or Queue needs a name")
             return
@@ -104,6 +113,20 @@ class Shared:
                 self._error(ident, rid, "ValueError", f"unknown operation {op!r}")
         except ValueError as exc:
             self._error(ident, rid, "ValueError", str(exc))
+
+    def _seen(self, ident: bytes, rid: int) -> bool:
+        """A request sent again after a reconnect: True if it is here already (waiting,
+        or answered: then it is told its answer was lost)."""
+        if rid in self.answered.get(ident, ()):
+            self._error(ident, rid, "AnswerLost", "the broker carried out this request, "
+                        "but its answer was lost with the client's old connection (the "
+                        "items a get took are gone)")
+            return True
+        waits = [w for ws in self.var_waits.values() for w in ws]
+        for queue in self.queues.values():
+            waits += queue.getters
+            waits += queue.putters
+        return any(w.ident == ident and w.rid == rid for w in waits)
 
     def _item(self, meta: Dict[str, Any], payload: List[Any]) -> Item:
         key = meta.get("k")
@@ -222,6 +245,7 @@ class Shared:
 
     def forget_client(self, ident: bytes) -> None:
         """A client left: its waiting requests go (a put it waited on is not made)."""
+        self.answered.pop(ident, None)
         for name, var_waits in list(self.var_waits.items()):
             self.var_waits[name] = [w for w in var_waits if w.ident != ident]
             if not self.var_waits[name]:
@@ -241,11 +265,21 @@ class Shared:
     def _answer(self, ident: bytes, rid: int, items: List[Item], **extra: Any) -> None:
         rows = [[item.kind, item.value if item.kind == "k" else None] for item in items]
         frames = [item.value for item in items if item.kind == "b"]
+        self._sent(ident, rid)
         self.send(ident, P.SHARED, {"r": rid, "v": rows, "nf": len(frames), **extra}, frames)
+
+    def _sent(self, ident: bytes, rid: int) -> None:
+        answered = self.answered.get(ident)
+        if answered is None:
+            answered = self.answered[ident] = OrderedDict()
+        answered[rid] = None
+        if len(answered) > ANSWERED_KEPT:
+            answered.popitem(last=False)
 
     def _timeout(self, wait: Wait) -> None:
         self._release(wait.item)
         self._error(wait.ident, wait.rid, "TimeoutError", "timed out")
 
     def _error(self, ident: bytes, rid: int, kind: str, text: str) -> None:
+        self._sent(ident, rid)
         self.send(ident, P.SHARED, {"r": rid, "e": [kind, text]})

@@ -241,6 +241,7 @@ class ClientIO:
                         "forgotten this client", self.address, silence)
         else:
             asked = self._resubmit() + self._ask_again(set())
+            link.ask_shared_again()  # (after the submits: a key it puts was submitted)
             link.cancels.extend(link.asking)  # after the submits they name
             link.flush_batches()
             log.warning("reconnected to the broker at %s after %.1f s of silence; asked "

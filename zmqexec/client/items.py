@@ -9,7 +9,7 @@ that falls through to an ``else``.
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Dict, List, NamedTuple, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ..wire.records import SubmitRow
 
@@ -79,11 +79,13 @@ class StatusRequest(NamedTuple):
 
 class SharedRequest(NamedTuple):
     """A Variable's or Queue's request (``meta`` and a value's pickle, if any); the
-    broker's answer (its meta and payload) completes ``reply``."""
+    broker's answer (its meta and payload) completes ``reply``.  ``deadline``: when its
+    timeout runs out (``time.monotonic``), for sending it again after a reconnect."""
 
     meta: Dict[str, Any]
     payload: List[Any]
     reply: "concurrent.futures.Future[Tuple[Dict[str, Any], List[Any]]]"
+    deadline: Optional[float] = None
 
 
 class Close(NamedTuple):

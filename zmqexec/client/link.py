@@ -369,6 +369,17 @@ class Link:
             self.attaching[kw] = now + self.attach_timeout
             self.send(P.INFORM, {"k": kw}, ())
 
+    def ask_shared_again(self) -> None:
+        """After a reconnect to a broker that still knows this client: the Variable and
+        Queue requests not answered yet go again (``a``), with what is left of their
+        timeouts; the broker answers each once (see ``broker.shared``)."""
+        now = time.monotonic()
+        for rid, request in self.shared_waiters.items():
+            meta = {**request.meta, "r": rid, "a": 1}
+            if request.deadline is not None:
+                meta["t"] = max(0.0, request.deadline - now)
+            self.send(P.SHARED, meta, request.payload)
+
     def check_attaching(self, now: float) -> None:
         """Keys informed but unknown past ``attach_timeout`` end with UnknownKeyError."""
         for kw, deadline in list(self.attaching.items()):

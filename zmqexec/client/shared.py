@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ..errors import BrokenZMQExecutor
+from ..errors import BrokenZMQExecutor, BrokerLostError
 from ..wire import protocol as P
 from ..wire import serialization as S
 from .future import Future, Owner, default_executor
@@ -73,8 +73,9 @@ class _Shared:
         reply: "concurrent.futures.Future[Tuple[Dict[str, Any], List[Any]]]" = \
             concurrent.futures.Future()
         meta["nf"] = len(payload)
-        state.post(SharedRequest(meta, payload, reply))
-        end = None if timeout is None else time.monotonic() + timeout + ANSWER_GRACE
+        deadline = None if timeout is None else time.monotonic() + timeout
+        state.post(SharedRequest(meta, payload, reply, deadline))
+        end = None if deadline is None else deadline + ANSWER_GRACE
         while True:
             left = 1.0 if end is None else min(1.0, end - time.monotonic())
             try:
@@ -93,6 +94,8 @@ class _Shared:
             if kind == "TimeoutError":
                 raise WaitTimeout(f"{type(self).__name__} {self.name!r}: {op[1:]} timed out "
                                   f"after {timeout} s")
+            if kind == "AnswerLost":
+                raise BrokerLostError(f"{type(self).__name__} {self.name!r}: {text}")
             raise ValueError(f"{type(self).__name__} {self.name!r}: {text}")
         return answer, frames
 

@@ -54,7 +54,8 @@ CANCELLED  b. -> client    ks: [k], c: true (cancelled: never to start)   -
 KILL       client/b. ->    ks: [k] (stop these if running)                -
 SHARED     client -> b.    op (vset, vget, vdel, qput, qget, qsize), n    a value's pickle
                            (name), r (request id), t (timeout), k (a      (unless k); nf
-                           key as value), m (maxsize), b (batch), nf      counts them
+                           key as value), m (maxsize), b (batch), nf,     counts them
+                           a (sent again after a reconnect)
 SHARED     b. -> client    r, v: [["k", key] or ["b", null]], size, nf,   the values' pickles
                            or e: [error type, message]
 INFORM     client -> b.    k                                              -
