@@ -427,15 +427,15 @@ def test_pinned_results_over_the_held_limit_hold_new_submits_back_while_tasks_ru
     h.submit(C1, "big")
     h.result(A1, "big", bytes(8000))  # one result over the limit: kept, not pinned
     h.take()
-    assert not h.state.holding
+    assert not h.state.backpressure.holding
     h.submit(C1, "slow")  # runs on A1
     h.submit(C1, "w", deps=("big", "slow"))  # pins big: 8000 bytes over 5000
     assert holds(h) == [(C1, True), (C2, True)]
     assert h.state.status(h.now)["pinned_bytes"] == 8000
     h.send(C1, P.RELEASE, {"ks": [kw("big")]})  # still needed by w: kept
-    assert kw("big") in h.state.table and h.state.holding
+    assert kw("big") in h.state.table and h.state.backpressure.holding
     h.result(A1, "slow")  # w is dispatched: it takes big along
-    assert [row[0] for _, row in h.tasks()] == [kw("w")] and h.state.holding
+    assert [row[0] for _, row in h.tasks()] == [kw("w")] and h.state.backpressure.holding
     h.result(A1, "w")
     assert holds(h) == [(C1, False), (C2, False)]
     assert kw("big") not in h.state.table  # unpinned and released: gone
@@ -453,7 +453,7 @@ def test_pinned_results_never_hold_submits_back_when_no_task_would_unpin_them():
     h.result(A1, "big", bytes(8000))
     h.send(C1, P.INFORM, {"k": kw("later")})  # known, but nothing runs it yet
     h.submit(C1, "w", deps=("big", "later"))
-    assert h.state.deps.pinned_bytes() == 8000 and not h.state.holding
+    assert h.state.deps.pinned_bytes() == 8000 and not h.state.backpressure.holding
     h.tick(h.now + 1.5)
     assert all(m.meta["hold"] is False for _, m in h.take_cmd(P.HEARTBEAT))
 

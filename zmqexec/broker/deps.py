@@ -11,7 +11,7 @@ While a task depends on a key, the key is pinned: wanted by ``PIN`` (its result 
 even after every client released it, and never dropped by ``--max-held-bytes``) until the
 dependent is done, since a lost dependent runs again and needs it again.  When pinned
 results alone pass ``--max-held-bytes``, the broker holds new submits back in the clients
-(``BrokerState.flow``) instead of dropping them.
+(``backpressure.Backpressure``) instead of dropping them.
 """
 from __future__ import annotations
 

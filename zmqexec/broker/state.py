@@ -9,7 +9,9 @@ Payload frames are kept and forwarded as the objects the socket gave (``zmq.Fram
 It is composed of parts that own their state: the ``KeyTable`` (entries, who wants them,
 the run queue, held results; the one place an entry's state changes), the ``Outbox``
 (batches to send), ``Rejoin`` (agents that come back), ``Cancels`` (cancel requests an
-agent must answer), ``NoWorkerWatch`` (``no_workers_timeout``).  ``BrokerState`` itself
+agent must answer), ``NoWorkerWatch`` (``no_workers_timeout``), ``Dependencies`` (tasks
+that wait for others), ``Shared`` (Variables and Queues), ``Backpressure`` (clients keep
+new submits while pinned results are too big).  ``BrokerState`` itself
 holds the peers and their credits, and routes each message to its handler.  ``validate()``
 checks every count (tests call it).
 """
@@ -24,6 +26,7 @@ from .._version import __version__
 from ..errors import ProtocolError
 from ..wire import protocol as P
 from ..wire.records import SubmitRow
+from .backpressure import Backpressure
 from .cancels import Cancels
 from .outbox import Outbox
 from .records import DONE, PREFETCH_LIMIT, STOPPED, Entry, Frames, Peer
@@ -64,7 +67,7 @@ class BrokerState:
         self.deps = Dependencies(self.table)
         self.no_workers = NoWorkerWatch()
         self.dropped: Counter[str] = Counter()
-        self.holding = False  # clients told to keep new submits (pinned results too big)
+        self.backpressure = Backpressure(self.table, self.deps, self.peers)
         self.started: Optional[float] = None
         self.now = 0.0
 
@@ -132,8 +135,8 @@ class BrokerState:
             return
         handler(self, peer, msg)
         self.dispatch()
-        if self.holding or self.table.held_bytes > self.table.max_held_bytes:
-            self.flow()
+        if self.backpressure.check():
+            self._tell_hold()
 
     def tick(self, now: float) -> None:
         """Heartbeat every peer that is due and expire the ones gone silent."""
@@ -148,39 +151,22 @@ class BrokerState:
                 peer.next_beat = now + peer.interval
                 self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
                                                     "n": peer.results_in,
-                                                    "hold": self.holding})
+                                                    "hold": self.backpressure.holding})
         self.shared.tick(now)
         for entry, why in self.no_workers.due(slots, now, self.peers, self.table):
             self.table.fail(entry, "error", {"type": "NoWorkersError", "msg": why})
         self.dispatch()
-        if self.holding or self.table.held_bytes > self.table.max_held_bytes:
-            self.flow()
+        if self.backpressure.check():
+            self._tell_hold()
 
-    def flow(self) -> None:
-        """Backpressure for pinned results: while the results that tasks still need
-        pass ``max_held_bytes`` (they cannot be evicted), clients keep new submits
-        (``hold`` in a HEARTBEAT; ``submit`` never blocks), until the dependents ran and
-        unpinned them.  Only while some task will still run: with none, nothing would
-        unpin them, and holding submits back could wait forever."""
-        table = self.table
-        hold = table.held_bytes > table.max_held_bytes and bool(self.deps.pins) and \
-            self.deps.pinned_bytes() > table.max_held_bytes and self._busy()
-        if hold == self.holding:
-            return
-        self.holding = hold
-        log.info("results pinned for dependent tasks %s --max-held-bytes %d: clients %s "
-                 "new submits", "pass" if hold else "are back under", table.max_held_bytes,
-                 "hold" if hold else "send")
+    def _tell_hold(self) -> None:
+        """Backpressure changed: every client keeps, or sends again, its new submits."""
         slots = self.slots()
         for peer in self.peers.values():
             if peer.role == "client":
                 self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
-                                                    "n": peer.results_in, "hold": hold})
-
-    def _busy(self) -> bool:
-        """Whether some task is queued or out on an agent."""
-        return bool(self.table.queue) or any(
-            p.inflight for p in self.peers.values() if p.role == "worker")
+                                                    "n": peer.results_in,
+                                                    "hold": self.backpressure.holding})
 
     def flush(self) -> List[Tuple[bytes, Frames]]:
         """The messages to send now: one batch per peer and kind."""
@@ -196,7 +182,8 @@ class BrokerState:
         return status_document(self.peers, self.table, epoch=self.epoch,
                                started=self.started, slots=self.slots(),
                                dropped=self.dropped, now=now, shared=self.shared.counts(),
-                               pinned_bytes=self.deps.pinned_bytes(), holding=self.holding)
+                               pinned_bytes=self.deps.pinned_bytes(),
+                               holding=self.backpressure.holding)
 
     def validate(self) -> None:
         """Check every count and cross-reference (tests call it after each step)."""
@@ -354,7 +341,7 @@ class BrokerState:
         log.info("%s %s joined from %s pid %s", peer.role, peer.name, peer.host, peer.pid)
         self._free_credit(peer)
         self.send(ident, P.WELCOME, {"epoch": self.epoch, "heartbeat": peer.interval,
-                                     "slots": self.slots(), "hold": self.holding,
+                                     "slots": self.slots(), "hold": self.backpressure.holding,
                                      **self.limits})
         self.dispatch()
 
