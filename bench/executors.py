@@ -281,10 +281,6 @@ class Dask(Adapter):
     def buffersize_skip(cls) -> Optional[str]:
         return "Client.map has no buffersize"
 
-    @classmethod
-    def futures_as_arguments_skip(cls) -> Optional[str]:
-        return None  # its scheduler resolves futures among a task's arguments
-
     def warm(self, tasks: Any, sample: Any = None) -> None:
         self.ex.wait_for_workers(WORKERS, timeout=self.timeout)
         super().warm(tasks, sample)

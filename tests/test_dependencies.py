@@ -188,6 +188,15 @@ def test_a_pure_task_counts_a_dependency_by_its_key(ex, tmp_path):
             pure.submit(mark_then_inc, marks, broken).result(timeout=60)
 
 
+def test_a_future_of_another_broker_is_refused_at_submit(ex):
+    with ZMQExecutor(1) as other:
+        theirs = other.submit(inc, 1)
+        for args in ((theirs,), ([{"x": theirs}],)):  # at any depth
+            with pytest.raises(TypeError, match=r"belongs to another broker.*\.result\(\)"):
+                ex.submit(inc, *args)
+        assert theirs.result(timeout=60) == 2
+
+
 def test_data_the_client_cannot_unpickle_passes_from_task_to_task(ex, monkeypatch):
     ex.wait_for_workers(2, timeout=60)  # (forked before the flag is set)
     monkeypatch.setattr(sys.modules[__name__], "IN_CLIENT", True)
