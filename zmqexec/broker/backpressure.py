@@ -33,9 +33,10 @@ class Backpressure:
         """Decide again after a turn; True if ``holding`` changed (the caller tells the
         clients).  Cheap unless the held results are over their limit."""
         table = self.table
-        if not self.holding and table.held_bytes <= table.max_held_bytes:
+        over = table.held_bytes > table.max_held_bytes
+        if not over and not self.holding:
             return False
-        hold = table.held_bytes > table.max_held_bytes and bool(self.deps.pins) and \
+        hold = over and bool(self.deps.pins) and \
             self.deps.pinned_bytes() > table.max_held_bytes and self._busy()
         if hold == self.holding:
             return False

@@ -149,9 +149,7 @@ class BrokerState:
                 self._forget(peer, f"heartbeat expired after {peer.ttl:g} s")
             elif now >= peer.next_beat:
                 peer.next_beat = now + peer.interval
-                self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
-                                                    "n": peer.results_in,
-                                                    "hold": self.backpressure.holding})
+                self._heartbeat(peer, slots)
         self.shared.tick(now)
         for entry, why in self.no_workers.due(slots, now, self.peers, self.table):
             self.table.fail(entry, "error", {"type": "NoWorkersError", "msg": why})
@@ -164,9 +162,12 @@ class BrokerState:
         slots = self.slots()
         for peer in self.peers.values():
             if peer.role == "client":
-                self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
-                                                    "n": peer.results_in,
-                                                    "hold": self.backpressure.holding})
+                self._heartbeat(peer, slots)
+
+    def _heartbeat(self, peer: Peer, slots: int) -> None:
+        self.send(peer.ident, P.HEARTBEAT, {"epoch": self.epoch, "slots": slots,
+                                            "n": peer.results_in,
+                                            "hold": self.backpressure.holding})
 
     def flush(self) -> List[Tuple[bytes, Frames]]:
         """The messages to send now: one batch per peer and kind."""

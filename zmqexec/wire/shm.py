@@ -16,9 +16,9 @@ refused).  The node owns those files as soon as the result reaches it (``own_res
 its path frames become ``SpillRef``s), so a file lives while anyone holds the result's
 frames: the key's held result (a dependent task may still need it, long after the client
 unpickled its own copy), or the client's pending record.  Every write first checks that
-the file system has room for it
-(a container's ``/dev/shm`` is often 64 MiB; a full one is an error, and a mapped file
-that cannot be backed is a SIGBUS): without room, the buffer travels as a frame.
+the file system has room for it (a container's ``/dev/shm`` is often 64 MiB; a full one
+is an error, and a mapped file that cannot be backed is a SIGBUS): without room, the
+buffer travels as a frame.
 
 The first frame says which frames are paths: ``b"M"`` + a JSON list of their indices +
 ``b"\\n"`` + the pickle (a pickle itself starts with ``b"\\x80"``, so the two cannot be
@@ -171,6 +171,13 @@ class ResultSpill:
         return out
 
 
+def _manifest(view: memoryview, nbuffers: int) -> "tuple[Any, int]":
+    """The indices a spilled first frame lists (``b"M" [i, ...] b"\\n"``, parsed but not
+    checked), and where its pickle starts after the newline."""
+    end = bytes(view[:16 + 8 * nbuffers]).index(b"\n")
+    return json.loads(bytes(view[1:end])), end
+
+
 def own_result(frames: List[Any], at: int, count: int) -> None:
     """The node takes ownership of a spilled result (``frames[at:at + count]``, in
     place): its path frames become ``SpillRef``s of this process, so the file goes when
@@ -178,9 +185,7 @@ def own_result(frames: List[Any], at: int, count: int) -> None:
     data = frames[at]
     if count < 2 or not len(data) or data[0] != MARK:
         return
-    view = memoryview(data)
-    end = bytes(view[:16 + 8 * (count - 1)]).index(b"\n")
-    for index in json.loads(bytes(view[1:end])):
+    for index in _manifest(memoryview(data), count - 1)[0]:
         if type(index) is int and 1 <= index < count:
             ref = SpillRef(bytes(frames[at + index]))
             ref.owner = os.getpid()
@@ -205,8 +210,7 @@ def unspill(data: Any, buffers: Sequence[Any], inside: Optional[str] = None
     must be a file of that directory.  Nothing is unlinked here: the file belongs to the
     frame that names it (``own_result``), and the mapping outlives it."""
     view = memoryview(data)
-    end = bytes(view[:16 + 8 * len(buffers)]).index(b"\n")
-    indices = json.loads(bytes(view[1:end]))
+    indices, end = _manifest(view, len(buffers))
     out = list(buffers)
     for index in indices:
         if type(index) is not int or not 1 <= index <= len(out):
