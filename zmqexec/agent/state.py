@@ -181,9 +181,12 @@ class AgentState:
             self.killing.discard(kw)
         if self.rejoined:
             self.rejoined.discard(kw)
-        parts = list(result)
-        if any(len(part) > self.max_frame for part in parts):
-            status, parts = self._under_cap(kw, status, parts)
+        parts = result if type(result) is list else list(result)
+        max_frame = self.max_frame
+        for part in parts:
+            if len(part) > max_frame:
+                status, parts = self._under_cap(kw, status, parts)
+                break
         rows, frames = self.results
         rows.append(ResultRow(kw, status, len(parts)))
         frames.extend(parts)

@@ -1,7 +1,8 @@
 """The broker's records: one ``Peer`` per connected routing id, one ``Entry`` per key.
 
 Plain records with no behaviour of their own: ``BrokerState`` decides about peers, and
-``KeyTable.move`` is the only place an entry's state changes.
+``KeyTable.move`` (with its batch form ``dispatched``) is the only place an entry's state
+changes.
 """
 from __future__ import annotations
 

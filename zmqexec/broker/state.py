@@ -222,7 +222,7 @@ class BrokerState:
         free capacity): a few long tasks spread over all agents, while a long queue leaves
         in runs of hundreds without a turn per task."""
         ready, queue, table = self.ready, self.table.queue, self.table
-        still_queued, move = table.still_queued, table.move
+        still_queued, dispatched = table.still_queued, table.dispatched
         while ready and len(queue):
             ident = next(iter(ready))
             agent = self.peers.get(ident)
@@ -243,8 +243,8 @@ class BrokerState:
                 return
             inflight, fids, versions = agent.inflight, agent.fids, agent.versions
             rows, frames = self.outbox.tasks_for(ident)
+            dispatched(entries)
             for entry in entries:
-                move(entry, "dispatched")
                 if (entry.versions is versions or entry.versions == versions) and \
                         (not entry.fid or entry.fid in fids) and \
                         (not entry.iid or entry.iid in fids) and \
@@ -408,7 +408,8 @@ class BrokerState:
         inflight, table, finished = agent.inflight, self.table, 0
         if self.cancels.asking:
             self.cancels.kept(row[0] for row in rows)
-        for kw, status, nframes in (row[:3] for row in rows):
+        for row in rows:
+            kw, status, nframes = row[0], row[1], row[2]
             payload = frames[at:at + nframes]
             at += nframes
             if status not in DONE:

@@ -1,6 +1,7 @@
 """The broker's key table: every key it knows, who wants it, and the bytes it holds.
 
-``KeyTable.move`` is the one place an entry's state changes, and with it the byte counts
+``KeyTable.move`` is the one place an entry's state changes (``dispatched`` is its batch
+form for the hottest transition, a TASK batch leaving), and with it the byte counts
 that depend on the state (``queued_bytes`` for the payloads of tasks queued or waiting,
 ``held_bytes`` for results kept for clients), the run queue, the result sent to
 interested clients and the entry's removal.  ``validate()`` recomputes every count from the
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from typing import Any, Dict, Iterator, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 from ..wire.records import ResultRow, SubmitRow
 from .outbox import Outbox
@@ -83,7 +84,8 @@ class KeyTable:
         old = entry.state
         if old == "queued" or old == "waiting":
             self.queued_bytes -= entry.nbytes
-        elif old in DONE and entry.result is not None and self.current(entry):
+        elif old in DONE and entry.result is not None and \
+                self.entries.get(entry.kw) is entry:
             self.held_bytes -= self.held.pop(entry.kw, 0)
             entry.result = None
         entry.state = state
@@ -98,12 +100,22 @@ class KeyTable:
         elif state == "deleted":
             self._delete(entry)
 
+    def dispatched(self, entries: List[Entry]) -> None:
+        """``move(entry, "dispatched")`` for a run of entries popped from the run queue
+        (``queued`` ones): one call per TASK batch, not one per task."""
+        queued_bytes = self.queued_bytes
+        for entry in entries:
+            queued_bytes -= entry.nbytes
+            entry.state = "dispatched"
+        self.queued_bytes = queued_bytes
+
     def _done(self, entry: Entry, state: str, payload: Frames,
               error: Optional[Dict[str, Any]], hold: bool) -> None:
         entry.frames = []
         self.counts[state] += 1
-        if self.deps is not None:  # its dependents go on, or end as it did
-            self.deps.on_done(entry, state, payload, error)
+        deps = self.deps  # its dependents go on, or end as it did
+        if deps is not None and (entry.deps or entry.kw in deps.dependents):
+            deps.on_done(entry, state, payload, error)
         row = ResultRow(entry.kw, state, len(payload), error)
         for ident in entry.interests:
             self.outbox.result(ident, row, payload)
@@ -111,9 +123,9 @@ class KeyTable:
             self.move(entry, "deleted")
             return
         entry.result = (state, payload, error)
-        entry.nbytes = frames_size(payload)
-        self.held[entry.kw] = entry.nbytes
-        self.held_bytes += entry.nbytes
+        entry.nbytes = nbytes = sum(map(len, payload))
+        self.held[entry.kw] = nbytes
+        self.held_bytes += nbytes
         while self.held_bytes > self.max_held_bytes and len(self.held) > 1:
             oldest = next((e for e in map(self.entries.__getitem__, self.held)
                            if DEPENDENTS_PIN not in e.interests), None)
@@ -127,9 +139,10 @@ class KeyTable:
                 self.lost_keys.popitem(last=False)
 
     def _delete(self, entry: Entry) -> None:
-        if self.deps is not None and self.current(entry):
-            self.deps.on_deleted(entry)
-        if self.current(entry):
+        if self.entries.get(entry.kw) is entry:
+            deps = self.deps
+            if deps is not None and (entry.deps or entry.kw in deps.unfinished):
+                deps.on_deleted(entry)
             del self.entries[entry.kw]
             if entry.kw in self.held:
                 self.held_bytes -= self.held.pop(entry.kw)

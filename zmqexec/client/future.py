@@ -91,7 +91,8 @@ class _Condition(threading.Condition):
     The stdlib's binds five methods of its lock at creation and makes its waiter deque at
     once: eight objects for the garbage collector per Future, most of which no thread ever
     waits on.  Here the lock's methods are reached through ``_lock`` and the deque is made
-    by the first ``wait``; everything else is the stdlib's own code."""
+    by the first ``wait``, and a notify with no waiter returns at once (every
+    ``set_result`` notifies); everything else is the stdlib's own code."""
 
     def __init__(self) -> None:  # no super().__init__(): it would bind what we leave out
         self._lock = threading.RLock()
@@ -122,6 +123,15 @@ class _Condition(threading.Condition):
         if not self._waiters:
             self._waiters = deque()
         return super().wait(timeout)
+
+    def notify(self, n: int = 1) -> None:
+        if self._waiters:
+            super().notify(n)
+        elif not self._lock._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot notify on un-acquired lock")  # (as the stdlib)
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiters))  # (most futures complete with no thread waiting)
 
 
 def mark_running(fut: "concurrent.futures.Future[Any]") -> None:
