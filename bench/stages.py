@@ -1,0 +1,172 @@
+"""Where the embedded node's CPU goes per task: ``python -m bench.stages``.
+
+The throughput of ``ZMQExecutor()`` is bound by one GIL: the user thread, the node
+thread and the completion thread share it, so tasks/s is about 1 / (client CPU per
+task).  This script runs the throughput workload of ``python -m bench`` (rounds of
+10,000 no-op submits, then ``wait``) for a few seconds on ``ProcessPoolExecutor(2)`` and
+on ``ZMQExecutor(2)``, both warmed as the main bench warms them, then once more on
+``ZMQExecutor(2)`` with each stage of the node's path timed by the CPU time of the thread
+that runs it (``time.thread_time_ns``; wrappers around the stage methods, installed by
+this script only).  Stages are called once per batch, except the ones marked "per task".
+
+It prints, in microseconds of client CPU per task, each stage, split into the rules the
+design says the node shares with the broker and agent processes (``BrokerState``,
+``AgentState`` and the client's ``Link``) and everything else (futures, pickling, pipes,
+the node's loop), and what a throughput goal of ``--goal`` x PPE leaves for the rules.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+from zmqexec.agent.state import AgentState
+from zmqexec.broker.state import BrokerState
+from zmqexec.client.link import Link
+from zmqexec.client.state import ClientState
+from zmqexec.local.node import Node
+from zmqexec.wire import protocol as P
+
+from . import tasks
+from .executors import PPE, ZMQ, running
+
+ROUND = 10_000
+_spent: "collections.Counter[str]" = collections.Counter()
+_stack = threading.local()
+RULES = "rules"  # the shared state machines
+OTHER = "futures, pickling, pipes"
+
+# (owner, method, stage name, group); a BrokerState.deliver is named by its message
+STAGES: List[Tuple[type, str, str, str]] = [
+    (Link, "apply", "node: Link.apply (this client's commands, broker calls apart)", RULES),
+    (BrokerState, "deliver", "node: BrokerState.deliver", RULES),
+    (AgentState, "on_broker", "node: AgentState.on_broker (TASK rows)", RULES),
+    (AgentState, "hand_out", "node: AgentState.hand_out", RULES),
+    (AgentState, "flush", "node: AgentState.flush (RESULT out)", RULES),
+    (AgentState, "on_result", "node: AgentState.on_result (per task)", RULES),
+    (Link, "on_message", "node: Link.on_message (RESULT in)", RULES),
+    (Node, "_carry_out", "node: batches to task processes (pack, write)", OTHER),
+    (Node, "_on_data", "node: results from the pipes (read, unpack)", OTHER),
+    (ClientState, "complete", "completion thread: unpickle, settle futures", OTHER),
+]
+
+
+def _timed(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` charging its thread's CPU time to ``name``, minus that of timed calls
+    inside it (each nanosecond is charged to one stage)."""
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        stack = getattr(_stack, "frames", None)
+        if stack is None:
+            stack = _stack.frames = []
+        stack.append(0)
+        started = time.thread_time_ns()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent = time.thread_time_ns() - started
+            inner = stack.pop()
+            label = name
+            if fn.__name__ == "deliver":
+                label = f"{name} {P.NAMES.get(args[2].cmd, args[2].cmd)}"
+            _spent[label] += spent - inner
+            if stack:
+                stack[-1] += spent
+    return timed
+
+
+def _install() -> Dict[str, str]:
+    groups = {}
+    for owner, method, name, group in STAGES:
+        setattr(owner, method, _timed(getattr(owner, method), name))
+        groups[name] = group
+    return groups
+
+
+def _rounds(ex: Any, seconds: float, user: "collections.Counter[str]") -> Tuple[int, float, float]:
+    """Rounds of ROUND no-op submits and a wait, for ``seconds``: (tasks, wall s, CPU s of
+    this process)."""
+    done = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end or not done:
+        t0 = time.thread_time_ns()
+        fs = [ex.submit(tasks.noop) for _ in range(ROUND)]
+        t1 = time.thread_time_ns()
+        ex.wait_all(fs)
+        ex.results(fs)
+        t2 = time.thread_time_ns()
+        del fs
+        t3 = time.thread_time_ns()
+        user["user thread: submit (per task)"] += t1 - t0
+        user["user thread: wait, result()"] += t2 - t1
+        user["user thread: dropping futures (releases)"] += t3 - t2
+        done += ROUND
+    return done, time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--goal", type=float, default=4.0, help="throughput goal, x PPE")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    ignored: "collections.Counter[str]" = collections.Counter()
+    rates = {}
+    for cls in (PPE, ZMQ):
+        with running(cls, args.timeout, tasks) as ex:
+            n, wall, cpu = _rounds(ex, args.seconds, ignored)
+        rates[cls.key] = (n / wall, cpu / n * 1e6)
+    groups = _install()
+    user: "collections.Counter[str]" = collections.Counter()
+    with running(ZMQ, args.timeout, tasks) as ex:
+        _spent.clear()
+        n, wall, cpu = _rounds(ex, args.seconds, user)
+    for name in user:
+        groups[name] = OTHER
+    spent = {**{k: v / n / 1000 for k, v in _spent.items()},
+             **{k: v / n / 1000 for k, v in user.items()}}
+    for name in list(spent):
+        if name.startswith("node: BrokerState.deliver"):
+            groups[name] = RULES
+    total = cpu / n * 1e6
+    rest = total - sum(spent.values())
+    spent["node loop: poll, wake-ups, context snapshot (the rest)"] = rest
+    groups["node loop: poll, wake-ups, context snapshot (the rest)"] = OTHER
+    ppe_rate = rates["ppe"][0]
+    budget = 1e6 / (args.goal * ppe_rate)
+    print(f"# Client CPU per task of ZMQExecutor(2), throughput workload ({os.cpu_count()} "
+          "cores)\n")
+    print(f"- ProcessPoolExecutor(2): {ppe_rate:,.0f} tasks/s, {rates['ppe'][1]:.1f} us of "
+          "CPU per task in the client process (its threads: the caller, the manager "
+          "and the queue feeder)")
+    print(f"- ZMQExecutor(2): {rates['zmqexec'][0]:,.0f} tasks/s "
+          f"({rates['zmqexec'][0] / ppe_rate:.2f}x PPE), {rates['zmqexec'][1]:.1f} us of "
+          "client CPU per task")
+    print(f"- ZMQExecutor(2), stages timed: {n / wall:,.0f} tasks/s, {total:.1f} us per task\n")
+    print("| stage | group | us per task |\n|---|---|---|")
+    for name, value in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {groups.get(name, OTHER)} | {value:.2f} |")
+    rules = sum(v for k, v in spent.items() if groups.get(k) == RULES)
+    other = total - rules
+    scale = rates["zmqexec"][1] / total  # the timers' own cost, and the noise between runs
+    print(f"\n- the rules: {rules:.1f} us per task; everything else: {other:.1f} us "
+          f"({rules * scale:.1f} and {other * scale:.1f} scaled to the untimed run)")
+    other *= scale
+    rules *= scale
+    print(f"- {args.goal:g}x PPE is {args.goal * ppe_rate:,.0f} tasks/s: at most {budget:.1f} us "
+          "of client CPU per task")
+    if other >= budget:
+        print(f"- everything else alone is over that budget: the goal is out of reach even "
+              f"if the rules cost nothing (at most {1e6 / other:,.0f} tasks/s, "
+              f"{1e6 / other / ppe_rate:.1f}x PPE)")
+    else:
+        print(f"- the rules must fit in {budget - other:.1f} us per task, "
+              f"{rules / (budget - other):.1f}x less than now")
+
+
+if __name__ == "__main__":
+    main()
