@@ -46,7 +46,7 @@ class Outbox:
         else:
             self.out.append((ident, P.encode(cmd, meta, payload)))
 
-    def task(self, agent: bytes, row: TaskRow, frames: Frames,
+    def task(self, agent: bytes, row: TaskRow, frames: Sequence[Any],
              blobs: Sequence[Tuple[str, Any]] = ()) -> None:
         batch = self._task_batch(agent)
         for fid, blob in blobs:

@@ -6,11 +6,12 @@ changes.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..wire.records import TaskRow
 
 Frames = List[Any]
+NO_FRAMES: Sequence[Any] = ()  # an entry's frames when it has none (not a list per key)
 DONE = ("finished", "error", "lost")
 PREFETCH_LIMIT = 1 << 16  # tasks an agent may ask to hold beyond its slots
 STOPPED = {  # DEATH "why" from an agent that killed a task process on purpose
@@ -76,7 +77,7 @@ class Entry:
         self.pure = False
         self.fid = self.iid = self.mid = ""
         self.timeout = 0.0  # seconds it may run on a worker; 0: no limit
-        self.frames: Frames = []
+        self.frames: Sequence[Any] = NO_FRAMES  # the task's, until it is done
         self.nbytes = 0
         self.interests: Set[bytes] = set()
         self.agent: Optional[bytes] = None

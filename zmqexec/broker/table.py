@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 from ..wire.records import ResultRow, SubmitRow
 from .outbox import Outbox
 from .queue import RunQueue
-from .records import DEPENDENTS_PIN, DONE, Entry, Frames, Peer, frames_size
+from .records import DEPENDENTS_PIN, DONE, NO_FRAMES, Entry, Frames, Peer, frames_size
 
 log = logging.getLogger(__name__)
 LOST_KEYS_KEPT = 100_000  # evicted keys remembered, to answer a late inform clearly
@@ -111,7 +111,7 @@ class KeyTable:
 
     def _done(self, entry: Entry, state: str, payload: Frames,
               error: Optional[Dict[str, Any]], hold: bool) -> None:
-        entry.frames = []
+        entry.frames = NO_FRAMES
         self.counts[state] += 1
         deps = self.deps  # its dependents go on, or end as it did
         if deps is not None and (entry.deps or entry.kw in deps.dependents):
@@ -234,7 +234,7 @@ class KeyTable:
         kept in case that agent is lost."""
         self._take_task(client, entry, row, payload)
         if entry.state in DONE:
-            entry.frames = []
+            entry.frames = NO_FRAMES
         else:
             entry.nbytes = frames_size(payload)
         self.counts["submitted"] += 1

@@ -38,8 +38,7 @@ class Pending:
 
 
 # ---- commands: user threads -> the thread that owns the connection ------------------
-class Submit(NamedTuple):
-    record: Pending
+# A submit is posted as its ``Pending`` record itself (one object fewer per task).
 
 
 class Inform(NamedTuple):
@@ -96,7 +95,7 @@ class Wake(NamedTuple):
     """Nothing to do but look again (the executor broke: the loop may end now)."""
 
 
-Command = Union[Submit, Inform, Cancel, Kill, Release, Unref, StatusRequest, SharedRequest,
+Command = Union[Pending, Inform, Cancel, Kill, Release, Unref, StatusRequest, SharedRequest,
                 Close, Wake]
 
 

@@ -45,7 +45,6 @@ from .items import (
     Settle,
     SharedRequest,
     StatusRequest,
-    Submit,
     Unref,
 )
 from .state import ClientState
@@ -120,8 +119,8 @@ class Link:
             return
         unrefs: List[str] = []
         for command in commands:
-            if isinstance(command, Submit):
-                self.backlog.append(command.record)
+            if type(command) is Pending:
+                self.backlog.append(command)
             elif isinstance(command, Unref):
                 unrefs.append(command.kw)
             elif isinstance(command, Release):

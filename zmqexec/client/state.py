@@ -42,7 +42,6 @@ from .items import (
     Results,
     Running,
     Settle,
-    Submit,
     Unref,
     Wake,
 )
@@ -146,7 +145,7 @@ class ClientState:
                 rec = self._join(fut, rec, outcome, row, frames, blob)
                 if rec is None:
                     return fut
-        self.post(Submit(rec))
+        self.post(rec)  # (a Pending record is the submit command)
         return fut
 
     def _join(self, fut: Future, rec: Optional[Pending], outcome: Optional[Outcome],

@@ -13,10 +13,12 @@ with a check of its own (same broker), which the executor installs while it pick
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Optional, Tuple
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 _local = threading.local()  # .check, .found: the collection in progress in this thread
 _values: Dict[str, Any] = {}  # in a task process: the dependencies of the task it loads
+_NONE: Mapping[str, Any] = MappingProxyType({})  # what a submit without futures collected
 
 class ForeignFuture(TypeError):
     """A future that cannot be a dependency: another broker's, or not a zmqexec one."""
@@ -35,14 +37,15 @@ NOT_AN_ARGUMENT = ("a zmqexec Future is pickled only as an argument of submit or
 def collect(check: Callable[[Any], str]) -> None:
     """Start noting the futures pickled in this thread; ``check(future)`` returns its key
     (or raises TypeError for a future of another broker)."""
-    _local.check, _local.found = check, {}
+    _local.check = check
+    _local.found = None  # (made by the first future met: most submits have none)
 
 
-def collected() -> Dict[str, Any]:
+def collected() -> Mapping[str, Any]:
     """Stop noting; the futures met, by key (in order)."""
-    found: Dict[str, Any] = getattr(_local, "found", None) or {}
+    found: Optional[Dict[str, Any]] = getattr(_local, "found", None)
     _local.check = _local.found = None
-    return found
+    return found if found is not None else _NONE
 
 
 def reference(future: Any) -> Tuple[Callable[[str], Any], Tuple[str]]:
@@ -51,7 +54,10 @@ def reference(future: Any) -> Tuple[Callable[[str], Any], Tuple[str]]:
     if check is None:
         raise TypeError(NOT_AN_ARGUMENT)
     kw = check(future)
-    _local.found[kw] = future
+    found = _local.found
+    if found is None:
+        found = _local.found = {}
+    found[kw] = future
     return resolve, (kw,)
 
 

@@ -36,6 +36,7 @@ from .serialization import OUT_OF_BAND_MIN
 _HEAD = struct.Struct("!II")  # header length, frame count
 _RESULT = struct.Struct("!BHH")  # status code, key length, number of frames
 _SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")  # Connection's length prefixes
+COPY_BELOW = 1 << 16  # result frames smaller than this are copied out of their record
 HUGE_RECORD = 1 << 30  # from here on, Connection.send_bytes (its 8-byte length form)
 STATUSES = ("finished", "error", "dropped", "kept")
 _CODES = {name: code for code, name in enumerate(STATUSES)}
@@ -88,16 +89,25 @@ def pack_result(kw: str, status: str, parts: Sequence[Any] = ()) -> bytes:
                      struct.pack(f"!{len(sizes)}Q", *sizes), *parts))
 
 
-def unpack_result(data: bytes) -> Tuple[str, str, List[memoryview]]:
-    """(key, status, views of the result's frames) of a ``pack_result`` record."""
+def unpack_result(data: bytes) -> Tuple[str, str, List[Any]]:
+    """(key, status, the result's frames) of a ``pack_result`` record: views of it for
+    frames of ``COPY_BELOW`` bytes or more, copies of smaller ones (a view is two objects
+    for the garbage collector to visit while the result is held, and keeps the whole
+    record alive)."""
     code, size, count = _RESULT.unpack_from(data)
     at = _RESULT.size + size
     kw = data[_RESULT.size:at].decode()
     sizes = struct.unpack_from(f"!{count}Q", data, at)
     at += 8 * count
-    view, parts = memoryview(data), []
+    view: Optional[memoryview] = None
+    parts: List[Any] = []
     for part in sizes:
-        parts.append(view[at:at + part])
+        if part < COPY_BELOW:
+            parts.append(data[at:at + part])
+        else:
+            if view is None:
+                view = memoryview(data)
+            parts.append(view[at:at + part])
         at += part
     return kw, STATUSES[code], parts
 
