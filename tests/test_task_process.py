@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -21,7 +22,7 @@ from zmqexec.wire import protocol as P
 from zmqexec.wire import serialization as S
 from zmqexec.agent.handle import TaskProcess
 from zmqexec.wire.records import Task, TaskRow
-from zmqexec.wire.pipe import unpack_result
+from zmqexec.wire.pipe import RecordReader, record_parts, unpack_result
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method")
 
@@ -268,3 +269,22 @@ def test_cancels_for_a_stopped_process_never_block_the_agent(driver, tmp_path, c
     assert got[0] == (keys[0], "finished", "first")
     assert all(status == "finished" for _, status, _ in got)
     assert sorted(kw for kw, _, _ in dropped + got) == sorted(keys)
+
+
+def test_the_record_reader_gives_every_record_whole_however_reads_cut_them():
+    """Records in both length forms (4 bytes, and -1 then 8 bytes, as
+    ``Connection.send_bytes`` writes huge ones), fed in reads of any size: each comes out
+    once, whole and in order, the last small one included, and nothing stays behind."""
+    records = [b"", b"x", bytes(range(256)) * 3, b"y" * 70_000, b"z" * 5]
+    huge = b"h" * 300
+    stream = b"".join(part for record in records[:3] for part in record_parts(record))
+    stream += struct.pack("!i", -1) + struct.pack("!Q", len(huge)) + huge
+    stream += b"".join(part for record in records[3:] for part in record_parts(record))
+    expected = records[:3] + [huge] + records[3:]
+    for chunk in (1, 3, 4, 11, 12, 13, 4096, len(stream)):
+        reader = RecordReader()
+        out: List[bytes] = []
+        for at in range(0, len(stream), chunk):
+            out += reader.feed(stream[at:at + chunk])
+        assert out == expected, chunk
+        assert reader.feed(b"") == []

@@ -35,7 +35,8 @@ from .serialization import OUT_OF_BAND_MIN
 
 _HEAD = struct.Struct("!II")  # header length, frame count
 _RESULT = struct.Struct("!BHH")  # status code, key length, number of frames
-_SIZE, _HUGE = struct.Struct("!i"), struct.Struct("!Q")  # Connection's length prefixes
+_SIZE = struct.Struct("!i")  # Connection's length prefix (-1: an 8-byte one follows)
+_U64 = struct.Struct("!Q")  # that 8-byte length; also the size of a result's only frame
 COPY_BELOW = 1 << 16  # result frames smaller than this are copied out of their record
 HUGE_RECORD = 1 << 30  # from here on, Connection.send_bytes (its 8-byte length form)
 STATUSES = ("finished", "error", "dropped", "kept")
@@ -97,7 +98,8 @@ def unpack_result(data: bytes) -> Tuple[str, str, List[Any]]:
     code, size, count = _RESULT.unpack_from(data)
     at = _RESULT.size + size
     kw = data[_RESULT.size:at].decode()
-    sizes = struct.unpack_from(f"!{count}Q", data, at)
+    sizes = _U64.unpack_from(data, at) if count == 1 else \
+        struct.unpack_from(f"!{count}Q", data, at)
     at += 8 * count
     view: Optional[memoryview] = None
     parts: List[Any] = []
@@ -123,28 +125,44 @@ def record_parts(record: bytes) -> List[bytes]:
 
 class RecordReader:
     """Splits what one read of a pipe returned into whole records, keeping a partial one
-    for the next read."""
+    for the next read.  Records are cut from the bytes read (one copy each); only a
+    partial record waits in a buffer, and is joined once it is complete."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._need = 0  # bytes the buffered partial record needs to be complete
 
     def feed(self, data: bytes) -> List[bytes]:
         buf = self._buf
-        buf += data
-        out, at = [], 0
-        while len(buf) - at >= 4:
-            size = _SIZE.unpack_from(buf, at)[0]
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []  # (a large record arriving read by read is not copied each time)
+            data = bytes(buf)
+            buf.clear()
+        out: List[bytes] = []
+        at, end = 0, len(data)
+        while True:
+            left = end - at
+            if left < 4:
+                self._need = 4
+                break
+            size = _SIZE.unpack_from(data, at)[0]
             head = 4
             if size == -1:
-                if len(buf) - at < 12:
+                if left < 12:
+                    self._need = 12
                     break
-                size = _HUGE.unpack_from(buf, at + 4)[0]
+                size = _U64.unpack_from(data, at + 4)[0]
                 head = 12
-            if len(buf) - at < head + size:
+            if left < head + size:
+                self._need = head + size
                 break
-            out.append(bytes(buf[at + head:at + head + size]))
-            at += head + size
-        del buf[:at]
+            at += head
+            out.append(data[at:at + size])
+            at += size
+        if at < end:
+            buf += memoryview(data)[at:]
         return out
 
 
