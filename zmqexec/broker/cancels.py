@@ -37,7 +37,7 @@ class Cancels:
         elif entry.state == "wanted":  # an attach with no task yet: nothing will run
             self.table.unwant(client, entry)
             answer(client, kw, True)
-        elif entry.interests - {client, DEPENDENTS_PIN} or (
+        elif any(i != client and i != DEPENDENTS_PIN for i in entry.interests) or (
                 DEPENDENTS_PIN in entry.interests and entry.state not in ("queued", "waiting")):
             answer(client, kw, False)  # another client wants it (or a started dependent)
         elif DEPENDENTS_PIN in entry.interests:  # tasks wait for it: they are cancelled too

@@ -16,7 +16,7 @@ results alone pass ``--max-held-bytes``, the broker holds new submits back in th
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..wire.records import TaskRow
 from .records import DEPENDENTS_PIN as PIN
@@ -103,7 +103,7 @@ class Dependencies:
             self._unpin(entry)
 
     def _fail_from(self, entry: Entry, dep: Optional[Entry], state: str = "",
-                   payload: Optional[Frames] = None,
+                   payload: Optional[Sequence[Any]] = None,
                    error: Optional[Dict[str, Any]] = None) -> None:
         """End ``entry`` as its dependency ``dep`` ended (its own error pickle or the
         broker's error), or with KeyLostError if ``dep`` is gone."""

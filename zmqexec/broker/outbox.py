@@ -36,7 +36,7 @@ class Outbox:
         self._answers: Dict[bytes, Tuple[List[str], List[str]]] = {}  # cancelled, kept
         # result frames as a peer of another process gets them (the embedded node puts
         # large results it holds in shared memory back into frames); None: as they are
-        self.inline: Optional[Callable[[Frames], Frames]] = None
+        self.inline: Optional[Callable[[Sequence[Any]], Sequence[Any]]] = None
 
     def send(self, ident: bytes, cmd: int, meta: Dict[str, Any],
              payload: Sequence[Any] = ()) -> None:
@@ -66,7 +66,7 @@ class Outbox:
             batch = self._tasks[agent] = ([], [], [], [])
         return batch
 
-    def result(self, client: bytes, row: ResultRow, frames: Frames) -> None:
+    def result(self, client: bytes, row: ResultRow, frames: Sequence[Any]) -> None:
         if self.inline is not None and frames and client not in self.local:
             frames = self.inline(frames)
         batch = self._results.get(client)

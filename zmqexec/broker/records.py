@@ -79,9 +79,11 @@ class Entry:
         self.timeout = 0.0  # seconds it may run on a worker; 0: no limit
         self.frames: Sequence[Any] = NO_FRAMES  # the task's, until it is done
         self.nbytes = 0
-        self.interests: Set[bytes] = set()
+        # who wants it: a tuple, not a set (most keys have one client; a tuple of bytes
+        # is a tracked object only until the garbage collector first sees it)
+        self.interests: Tuple[bytes, ...] = ()
         self.agent: Optional[bytes] = None
-        self.result: Optional[Tuple[str, Frames, Optional[Dict[str, Any]]]] = None
+        self.result: Optional[Tuple[str, Sequence[Any], Optional[Dict[str, Any]]]] = None
         self.deps: Tuple[str, ...] = ()  # keys whose results its task takes (pinned)
 
     def task_row(self) -> TaskRow:

@@ -122,7 +122,7 @@ class KeyTable:
         if not entry.interests and not hold:
             self.move(entry, "deleted")
             return
-        entry.result = (state, payload, error)
+        entry.result = (state, tuple(payload), error)  # (of bytes: soon untracked by the GC)
         entry.nbytes = nbytes = sum(map(len, payload))
         self.held[entry.kw] = nbytes
         self.held_bytes += nbytes
@@ -158,7 +158,8 @@ class KeyTable:
 
     # ---- who wants a key ------------------------------------------------------------------
     def want(self, ident: bytes, entry: Entry) -> None:
-        entry.interests.add(ident)
+        if ident not in entry.interests:
+            entry.interests += (ident,)
         keys = self.wanted_by.get(ident)
         if keys is None:
             keys = self.wanted_by[ident] = set()
@@ -167,7 +168,10 @@ class KeyTable:
     def unwant(self, ident: bytes, entry: Entry) -> None:
         """Drop one client's interest; an entry nobody wants is freed if it holds no task
         (one that is queued or out on an agent is the caller's to cancel)."""
-        entry.interests.discard(ident)
+        interests = entry.interests
+        if ident in interests:
+            entry.interests = () if len(interests) == 1 else \
+                tuple(i for i in interests if i != ident)
         keys = self.wanted_by.get(ident)
         if keys is not None:
             keys.discard(entry.kw)

@@ -192,7 +192,7 @@ def own_result(frames: List[Any], at: int, count: int) -> None:
             frames[at + index] = ref
 
 
-def inline(frames: List[Any]) -> List[Any]:
+def inline(frames: Sequence[Any]) -> Sequence[Any]:
     """A result's frames with its spilled buffers read back into frames (for a peer of
     another process, which has no way into this node's directory); others as they are."""
     if len(frames) < 2 or not len(frames[0]) or frames[0][0] != MARK:
