@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
 import threading
 import time
 from typing import Any, Callable, Dict, List, Tuple
@@ -110,16 +111,21 @@ def _rounds(ex: Any, seconds: float, user: "collections.Counter[str]") -> Tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="untimed measurements of each executor, taking turns (median)")
     parser.add_argument("--goal", type=float, default=4.0, help="throughput goal, x PPE")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     ignored: "collections.Counter[str]" = collections.Counter()
-    rates = {}
-    for cls in (PPE, ZMQ):
-        with running(cls, args.timeout, tasks) as ex:
-            n, wall, cpu = _rounds(ex, args.seconds, ignored)
-        rates[cls.key] = (n / wall, cpu / n * 1e6)
+    runs: Dict[str, List[Tuple[float, float]]] = {PPE.key: [], ZMQ.key: []}
+    for _ in range(args.rounds):
+        for cls in (PPE, ZMQ):
+            with running(cls, args.timeout, tasks) as ex:
+                n, wall, cpu = _rounds(ex, args.seconds, ignored)
+            runs[cls.key].append((n / wall, cpu / n * 1e6))
+    rates = {key: (statistics.median(r for r, _ in values),
+                   statistics.median(c for _, c in values)) for key, values in runs.items()}
     groups = _install()
     user: "collections.Counter[str]" = collections.Counter()
     with running(ZMQ, args.timeout, tasks) as ex:
@@ -140,6 +146,7 @@ def main() -> None:
     budget = 1e6 / (args.goal * ppe_rate)
     print(f"# Client CPU per task of ZMQExecutor(2), throughput workload ({os.cpu_count()} "
           "cores)\n")
+    print(f"Untimed runs: medians of {args.rounds}, the executors taking turns.\n")
     print(f"- ProcessPoolExecutor(2): {ppe_rate:,.0f} tasks/s, {rates['ppe'][1]:.1f} us of "
           "CPU per task in the client process (its threads: the caller, the manager "
           "and the queue feeder)")
@@ -162,7 +169,7 @@ def main() -> None:
     if other >= budget:
         print(f"- everything else alone is over that budget: the goal is out of reach even "
               f"if the rules cost nothing (at most {1e6 / other:,.0f} tasks/s, "
-              f"{1e6 / other / ppe_rate:.1f}x PPE)")
+              f"{1e6 / other / ppe_rate:.2f}x PPE)")
     else:
         print(f"- the rules must fit in {budget - other:.1f} us per task, "
               f"{rules / (budget - other):.1f}x less than now")
