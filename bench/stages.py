@@ -12,12 +12,14 @@ this script only).  Stages are called once per batch, except the ones marked "pe
 It prints, in microseconds of client CPU per task, each stage, split into the rules the
 design says the node shares with the broker and agent processes (``BrokerState``,
 ``AgentState`` and the client's ``Link``) and everything else (futures, pickling, pipes,
-the node's loop), and what a throughput goal of ``--goal`` x PPE leaves for the rules.
+the node's loop), how much of it Python's garbage collector took (``gc.callbacks``), and
+what a throughput goal of ``--goal`` x PPE leaves for the rules.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import os
 import statistics
 import threading
@@ -78,6 +80,23 @@ def _timed(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return timed
 
 
+class _Collections:
+    """A ``gc.callbacks`` entry: how often each generation was collected, and how long
+    the collections took (the collector visits every object a task keeps alive)."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: Dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count[info["generation"]] += 1
+            self.seconds += time.perf_counter() - self._started
+
+
 def _install() -> Dict[str, str]:
     groups = {}
     for owner, method, name, group in STAGES:
@@ -130,7 +149,12 @@ def main() -> None:
     user: "collections.Counter[str]" = collections.Counter()
     with running(ZMQ, args.timeout, tasks) as ex:
         _spent.clear()
-        n, wall, cpu = _rounds(ex, args.seconds, user)
+        collector = _Collections()
+        gc.callbacks.append(collector)
+        try:
+            n, wall, cpu = _rounds(ex, args.seconds, user)
+        finally:
+            gc.callbacks.remove(collector)
     for name in user:
         groups[name] = OTHER
     spent = {**{k: v / n / 1000 for k, v in _spent.items()},
@@ -157,6 +181,10 @@ def main() -> None:
     print("| stage | group | us per task |\n|---|---|---|")
     for name, value in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {groups.get(name, OTHER)} | {value:.2f} |")
+    counts = " / ".join(str(collector.count[g]) for g in range(3))
+    print(f"\n- Python's garbage collector ran {counts} times (generations 0 / 1 / 2) and took "
+          f"{collector.seconds / n * 1e6:.1f} us per task (wall time), inside whichever "
+          "stage allocated when it ran")
     rules = sum(v for k, v in spent.items() if groups.get(k) == RULES)
     other = total - rules
     scale = rates["zmqexec"][1] / total  # the timers' own cost, and the noise between runs
