@@ -62,3 +62,25 @@ def test_smoke_gives_every_workload_a_number_or_a_reason() -> None:
                     reason="dask.distributed is not installed (the bench extra)")
 def test_smoke_runs_dask_when_installed() -> None:
     check_report(run_smoke("--executors", "dask"), ("dask",))
+
+
+def test_the_stage_split_runs_and_accounts_for_every_stage():
+    """``python -m bench.stages`` (the client CPU per task by stage) keeps working: its
+    table lists every timed stage with a number, and the summary lines follow."""
+    proc = subprocess.run([sys.executable, "-m", "bench.stages", "--seconds", "0.2",
+                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=200, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["stage", "group", "us per task"], rows[0]
+    stages = {row[0]: row for row in rows[1:]}
+    for name in ("user thread: submit (per task)", "completion thread: unpickle, settle "
+                 "futures", "node: BrokerState.deliver SUBMIT",
+                 "node: BrokerState.deliver RESULT", "node: AgentState.on_result (per task)"):
+        assert name in stages, sorted(stages)
+    for row in rows[1:]:
+        assert row[1] in ("rules", "futures, pickling, pipes"), row
+        assert NUMBER.match(row[2]), row
+    assert "garbage collector ran" in proc.stdout
+    assert "the rules:" in proc.stdout and "at most" in proc.stdout
