@@ -84,8 +84,7 @@ class KeyTable:
         old = entry.state
         if old == "queued" or old == "waiting":
             self.queued_bytes -= entry.nbytes
-        elif old in DONE and entry.result is not None and \
-                self.entries.get(entry.kw) is entry:
+        elif old in DONE and entry.result is not None and self.current(entry):
             self.held_bytes -= self.held.pop(entry.kw, 0)
             entry.result = None
         entry.state = state
@@ -113,9 +112,8 @@ class KeyTable:
               error: Optional[Dict[str, Any]], hold: bool) -> None:
         entry.frames = NO_FRAMES
         self.counts[state] += 1
-        deps = self.deps  # its dependents go on, or end as it did
-        if deps is not None and (entry.deps or entry.kw in deps.dependents):
-            deps.on_done(entry, state, payload, error)
+        if self.deps is not None:  # its dependents go on, or end as it did
+            self.deps.on_done(entry, state, payload, error)
         row = ResultRow(entry.kw, state, len(payload), error)
         for ident in entry.interests:
             self.outbox.result(ident, row, payload)
@@ -123,9 +121,9 @@ class KeyTable:
             self.move(entry, "deleted")
             return
         entry.result = (state, tuple(payload), error)  # (of bytes: soon untracked by the GC)
-        entry.nbytes = nbytes = sum(map(len, payload))
-        self.held[entry.kw] = nbytes
-        self.held_bytes += nbytes
+        entry.nbytes = frames_size(payload)
+        self.held[entry.kw] = entry.nbytes
+        self.held_bytes += entry.nbytes
         while self.held_bytes > self.max_held_bytes and len(self.held) > 1:
             oldest = next((e for e in map(self.entries.__getitem__, self.held)
                            if DEPENDENTS_PIN not in e.interests), None)
@@ -139,10 +137,9 @@ class KeyTable:
                 self.lost_keys.popitem(last=False)
 
     def _delete(self, entry: Entry) -> None:
-        if self.entries.get(entry.kw) is entry:
-            deps = self.deps
-            if deps is not None and (entry.deps or entry.kw in deps.unfinished):
-                deps.on_deleted(entry)
+        if self.current(entry):
+            if self.deps is not None:
+                self.deps.on_deleted(entry)
             del self.entries[entry.kw]
             if entry.kw in self.held:
                 self.held_bytes -= self.held.pop(entry.kw)
