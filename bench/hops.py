@@ -9,6 +9,11 @@ code, so the latency table can be read against what the transport alone costs he
 - ``zmq 1``: DEALER <-> ROUTER echo over ipc (2 ZeroMQ hops per round trip)
 - ``zmq 2``: DEALER -> ROUTER relay -> DEALER echo over ipc (4 hops, zmqexec's broker path
   without the agent's pipe to its task process)
+- ``node shape``: the embedded node's path with no zmqexec code: a user thread hands a
+  message to a node thread (deque + wake pipe), which writes it to a forked child's pipe;
+  the echo comes back to the node thread, which hands it to the waiting user thread
+  through a condition.  Four hand-overs, as in ``ZMQExecutor()`` and ProcessPoolExecutor
+  (which has one more: its feeder thread).
 - ``skeleton``: the whole remote path (client I/O thread, broker, agent, task process)
   with no zmqexec code: a user thread hands a message to an I/O thread (deque + wake
   pipe), which owns a DEALER to a broker process's ROUTER; the broker routes it to an
@@ -19,7 +24,12 @@ code, so the latency table can be read against what the transport alone costs he
 - ``ProcessPoolExecutor`` and ``ZMQExecutor``: a real ``submit(noop).result()`` on each,
   with 2 workers, in the same run: the latency row of ``python -m bench`` next to its floor.
 
-It prints the median and p99 round trip in microseconds for each.
+It prints the median and p99 round trip in microseconds for each, and the CPU time one
+round trip costs (on-CPU time of the threads, ``/proc/PID/task/*/schedstat``), in this
+process and in the chain's other processes.  ``--one-cpu`` runs everything on one CPU:
+a hand-over then costs a context switch instead of waking another CPU, so the CPU
+columns show the chain's own work, and comparing the two runs shows what cross-CPU
+wake-ups cost on this machine.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ import argparse
 import collections
 import multiprocessing
 import os
+import select
 import statistics
 import tempfile
 import threading
@@ -37,6 +48,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 import zmq
 
 from zmqexec import ZMQExecutor
+
+from . import procstat
 
 
 def _pipe_child(conn: "multiprocessing.connection.Connection") -> None:
@@ -152,38 +165,32 @@ def _broker(address: str) -> None:
     ctx.term()
 
 
-class _SkeletonClient:
-    """The client side of the skeleton: a user thread, an I/O thread owning the DEALER."""
+class _Handover:
+    """A user thread handing messages to a thread of its own (deque and wake-up pipe) and
+    waiting for the answer, which that thread hands back through a condition."""
 
-    def __init__(self, address: str) -> None:
-        self._ctx = zmq.Context()
+    def __init__(self) -> None:
         self._queue: Deque[bytes] = collections.deque()
         self._cond = threading.Condition()
         self._reply: Optional[bytes] = None
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._io, args=(address,), daemon=True)
+
+    def _start(self, target: Callable[[], None]) -> None:
+        self._thread = threading.Thread(target=target, daemon=True)
         self._thread.start()
 
-    def _io(self, address: str) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.connect(address)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll())
-            if self._wake_r in events:
-                os.read(self._wake_r, 4096)
-                while self._queue:
-                    sock.send(self._queue.popleft())
-            if sock in events:
-                data = sock.recv()
-                with self._cond:
-                    self._reply = data
-                    self._cond.notify()
-                if data == b"stop":
-                    break
-        sock.close(linger=0)
+    def _woken(self) -> List[bytes]:
+        """What the user thread queued (its thread polled the wake-up pipe readable)."""
+        os.read(self._wake_r, 4096)
+        taken = []
+        while self._queue:
+            taken.append(self._queue.popleft())
+        return taken
+
+    def _answer(self, data: bytes) -> None:
+        with self._cond:
+            self._reply = data
+            self._cond.notify()
 
     def round_trip(self, data: bytes) -> bytes:
         with self._cond:
@@ -194,18 +201,92 @@ class _SkeletonClient:
                 self._cond.wait()
             return self._reply
 
-    def close(self) -> None:
-        self.round_trip(b"stop")
+    def _close(self, last: bytes) -> None:
+        self.round_trip(last)
         self._thread.join()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+class _SkeletonClient(_Handover):
+    """The client side of the skeleton: a user thread, an I/O thread owning the DEALER."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self._ctx = zmq.Context()
+        self._address = address
+        self._start(self._io)
+
+    def _io(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.connect(self._address)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._wake_r in events:
+                for data in self._woken():
+                    sock.send(data)
+            if sock in events:
+                data = sock.recv()
+                self._answer(data)
+                if data == b"stop":
+                    break
+        sock.close(linger=0)
+
+    def close(self) -> None:
+        self._close(b"stop")
         self._ctx.term()
 
 
-def _report(name: str, samples: List[float]) -> None:
+class _NodeShape(_Handover):
+    """The embedded node's path with no zmqexec code: a user thread, a node thread that
+    polls a wake-up pipe and a task process's pipe, the task process (an echo)."""
+
+    def __init__(self, mp: Any) -> None:
+        super().__init__()
+        self._conn, theirs = mp.Pipe()
+        self._child = mp.Process(target=_pipe_child, args=(theirs,))
+        self._child.start()  # (before the node thread: never fork while threads run)
+        theirs.close()
+        self._start(self._node)
+
+    def _node(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._conn.fileno(), select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self._wake_r:
+                    for data in self._woken():
+                        self._conn.send_bytes(data)
+                    continue
+                try:
+                    data = self._conn.recv_bytes()
+                except EOFError:  # the child ends at an empty message
+                    data = b""
+                self._answer(data)
+                if not data:
+                    return
+
+    def close(self) -> None:
+        self._close(b"")
+        self._child.join(10)
+        self._conn.close()
+
+
+def _cpu_ns(pids: List[int]) -> Tuple[int, int]:
+    """On-CPU nanoseconds so far of this process, and of ``pids`` (its other processes)."""
+    own = procstat.on_cpu_ns(os.getpid()) or 0
+    return own, sum(procstat.on_cpu_ns(pid) or 0 for pid in pids)
+
+
+def _report(name: str, samples: List[float], cpu: Optional[Tuple[float, float]]) -> None:
     samples = sorted(samples)
     p99 = samples[max(0, -(-99 * len(samples) // 100) - 1)]
-    print(f"| {name} | {statistics.median(samples):,.0f} | {p99:,.0f} |")
+    spent = "| n/a | n/a |" if cpu is None else f"| {cpu[0]:,.0f} | {cpu[1]:,.0f} |"
+    print(f"| {name} | {statistics.median(samples):,.0f} | {p99:,.0f} {spent}")
 
 
 Chain = Tuple[str, Callable[[], object], Callable[[], None]]
@@ -244,6 +325,10 @@ def _chains(tmp: str, mp: Any) -> List[Chain]:
         path = "client, broker, worker" if hops == 2 else "client, echo"
         chains.append((f"zmq ipc, {2 * hops} hops ({path})", zmq_once, zmq_close))
 
+    shape = _NodeShape(mp)
+    chains.append(("node shape (the embedded path: a node thread, a pipe)",
+                   lambda: shape.round_trip(b"x" * 64), shape.close))
+
     skeleton_addr = f"ipc://{tmp}/broker"
     procs.append(mp.Process(target=_broker, args=(skeleton_addr,)))
     procs.append(mp.Process(target=_agent, args=(skeleton_addr,)))
@@ -276,29 +361,45 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="round trips per chain")
     parser.add_argument("--rounds", type=int, default=5,
                         help="the chains take turns this many times (noise hits all alike)")
+    parser.add_argument("--one-cpu", action="store_true",
+                        help="run this process and every process it starts on one CPU")
     args = parser.parse_args()
+    cpus = "all CPUs"
+    if args.one_cpu:  # threads and children inherit the mask
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        cpus = "one CPU (--one-cpu)"
     mp = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as tmp:
         chains = _chains(tmp, mp)
         timed = [c for c in chains if c[0]]
         samples: Dict[str, List[float]] = {name: [] for name, _, _ in timed}
-        for _name, once, _ in timed:  # warm-up
+        spent: Dict[str, List[int]] = {name: [0, 0] for name, _, _ in timed}
+        for _name, once, _ in timed:  # warm-up (starts the pools' processes)
             for _ in range(min(100, args.n)):
                 once()
+        others = procstat.descendants(os.getpid()) if procstat.AVAILABLE else []
+        counted = procstat.AVAILABLE and procstat.on_cpu_ns(os.getpid()) is not None
         per_round = max(1, args.n // args.rounds)
         for _ in range(args.rounds):
-            for name, once, _ in timed:
+            for name, once, _ in timed:  # the other chains wait idle meanwhile
+                before = _cpu_ns(others) if counted else (0, 0)
                 for _ in range(per_round):
                     t0 = time.perf_counter()
                     once()
                     samples[name].append((time.perf_counter() - t0) * 1e6)
+                after = _cpu_ns(others) if counted else (0, 0)
+                spent[name][0] += after[0] - before[0]
+                spent[name][1] += after[1] - before[1]
         for _, _, close in chains:
             close()
-    print("| chain | median µs | p99 µs |\n|---|---|---|")
+    print("| chain | median µs | p99 µs | CPU µs per round trip: this process | "
+          "other processes |\n|---|---|---|---|---|")
+    trips = per_round * args.rounds
     for name, _, _ in timed:
-        _report(name, samples[name])
-    print(f"\n{os.cpu_count()} CPUs; every row but the last two is a bare chain with no zmqexec"
-          f" code; the chains took turns in {args.rounds} rounds.")
+        cpu = (spent[name][0] / trips / 1e3, spent[name][1] / trips / 1e3) if counted else None
+        _report(name, samples[name], cpu)
+    print(f"\n{os.cpu_count()} CPUs, run on {cpus}; every row but the last two is a bare chain "
+          f"with no zmqexec code; the chains took turns in {args.rounds} rounds.")
 
 
 if __name__ == "__main__":

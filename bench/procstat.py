@@ -29,6 +29,24 @@ def cpu_seconds(pid: int) -> Optional[float]:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def on_cpu_ns(pid: int) -> Optional[int]:
+    """Nanoseconds ``pid``'s threads have run on a CPU (``/proc/PID/task/*/schedstat``):
+    exact where utime and stime count whole clock ticks; None if gone or not told."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total, told = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+            told = True
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile (or a kernel without schedstat)
+    return total if told else None
+
+
 def children(pid: int) -> List[int]:
     """Live direct children of ``pid``."""
     found = []

@@ -64,15 +64,25 @@ def test_smoke_runs_dask_when_installed() -> None:
     check_report(run_smoke("--executors", "dask"), ("dask",))
 
 
-def test_the_stage_split_runs_and_accounts_for_every_stage():
-    """``python -m bench.stages`` (the client CPU per task by stage) keeps working: its
-    table lists every timed stage with a number, and the summary lines follow."""
-    proc = subprocess.run([sys.executable, "-m", "bench.stages", "--seconds", "0.2",
-                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=200, stdin=subprocess.DEVNULL)
+def run_module(*argv: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=200, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = [[c.strip() for c in line.strip("|").split("|")]
-            for line in proc.stdout.splitlines() if line.startswith("| ")]
+    return proc.stdout
+
+
+def table_rows(report: str):
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in report.splitlines() if line.startswith("| ")]
+
+
+@pytest.mark.parametrize("workload", [(), ("--lone",)], ids=["throughput", "lone"])
+def test_the_stage_split_runs_and_accounts_for_every_stage(workload):
+    """``python -m bench.stages`` (the client CPU per task by stage, for the throughput
+    and the lone-task workloads) keeps working: its table lists every timed stage with a
+    number, and the summary lines follow."""
+    report = run_module("bench.stages", "--seconds", "0.2", "--rounds", "1", *workload)
+    rows = table_rows(report)
     assert rows[0] == ["stage", "group", "us per task"], rows[0]
     stages = {row[0]: row for row in rows[1:]}
     for name in ("user thread: submit (per task)", "completion thread: unpickle, settle "
@@ -82,5 +92,30 @@ def test_the_stage_split_runs_and_accounts_for_every_stage():
     for row in rows[1:]:
         assert row[1] in ("rules", "futures, pickling, pipes"), row
         assert NUMBER.match(row[2]), row
-    assert "garbage collector ran" in proc.stdout
-    assert "the rules:" in proc.stdout and "at most" in proc.stdout
+    assert "garbage collector ran" in report and "the rules:" in report
+    if workload:
+        assert "median round trip" in report and "at best" in report
+    else:
+        assert "at most" in report
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("one_cpu", [False, True], ids=["all-cpus", "one-cpu"])
+def test_the_hops_floor_times_every_chain_and_its_cpu(one_cpu):
+    """``python -m bench.hops`` (the latency floor of each kind of hand-over) keeps
+    working: every chain, the embedded node's shape among them, gets a median, a p99
+    and (where /proc tells) the CPU a round trip costs in and outside this process."""
+    report = run_module("bench.hops", "-n", "40", "--rounds", "2",
+                        *(["--one-cpu"] if one_cpu else []))
+    rows = table_rows(report)
+    assert rows[0][:3] == ["chain", "median µs", "p99 µs"], rows[0]
+    names = [row[0] for row in rows[1:]]
+    assert any(name.startswith("node shape") for name in names), names
+    assert any(name.startswith("ZMQExecutor(2)") for name in names), names
+    counted = os.path.exists("/proc/self/task")
+    for row in rows[1:]:
+        cells = row[1:5] if counted else row[1:3]
+        assert all(NUMBER.match(cell) for cell in cells), row
+        if counted:  # every chain's round trip runs code in this process and another
+            assert all(float(cell.replace(",", "")) > 0 for cell in row[3:5]), row
+    assert ("run on one CPU" in report) == one_cpu, report[-300:]
