@@ -143,16 +143,16 @@ def test_a_result_for_a_record_resubmitted_since_the_wait_began_is_not_stranded(
 def test_an_interrupt_in_the_waiting_thread_gives_the_result_back():
     state = State()
     a = submit(state, "k")
-    condition = a._condition
-    plain_wait = condition.wait
+    interrupting = [True]
 
-    def wait_then_interrupt(timeout=None):  # Ctrl-C as the wait returns with the result
-        woke = plain_wait(timeout)
-        if state.records["k"].arrived is not None:
-            raise KeyboardInterrupt
-        return woke
+    class Interrupted(type(a._condition)):  # Ctrl-C as the wait returns with the result
+        def wait(self, timeout=None):
+            woke = super().wait(timeout)
+            if interrupting[0] and state.records["k"].arrived is not None:
+                raise KeyboardInterrupt
+            return woke
 
-    condition.wait = wait_then_interrupt
+    a._condition = Interrupted()  # (nobody waits on the future yet)
     interrupted = []
 
     def waiter():
@@ -166,7 +166,7 @@ def test_an_interrupt_in_the_waiting_thread_gives_the_result_back():
     assert wait_until(lambda: "k" in state.awaited)
     assert state.divert(*result_row("k", 42))[0] == []
     thread.join(10)
-    condition.wait = plain_wait
+    interrupting[0] = False
     assert interrupted and not a.done()
     state.completion_thread_turn()  # the completion thread completes it, as before
     assert a.result(timeout=5) == 42

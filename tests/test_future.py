@@ -317,6 +317,19 @@ def test_a_result_waiter_sees_errors_and_cancels(executor, tmp_path):
     assert [f.result(timeout=10) for f in blocker] == [None] * len(blocker)
 
 
+def test_a_futures_condition_is_its_own_lock_one_object_for_the_collector(executor):
+    """One object per future for its condition: the C re-entrant lock itself, with no
+    dict (the stdlib's Condition is three: itself, its dict and its lock)."""
+    import _thread
+
+    fut = executor.submit(add, 1, 2)
+    cond = fut._condition
+    assert isinstance(cond, _thread.RLock) and not hasattr(cond, "__dict__"), type(cond)
+    assert not any(gc.is_tracked(ref) for ref in gc.get_referents(cond)
+                   if ref is not type(cond))
+    assert fut.result(timeout=10) == 3
+
+
 def test_the_futures_lighter_condition_behaves_as_the_stdlib_one():
     from zmqexec.client.future import _Condition
 

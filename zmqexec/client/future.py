@@ -9,6 +9,7 @@ protocol below, so this module never imports the executor.
 """
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import copyreg
@@ -85,53 +86,44 @@ def default_executor() -> Owner:
     raise ValueError("no running ZMQExecutor: pass client=executor, or create one first")
 
 
-class _Condition(threading.Condition):
-    """A ``threading.Condition`` that is cheaper to make: one per task.
+_RLock: Any = _thread.RLock  # (final to typing; a class to subclass from 3.10 to 3.13 at least)
 
-    The stdlib's binds five methods of its lock at creation and makes its waiter deque at
-    once: eight objects for the garbage collector per Future, most of which no thread ever
-    waits on.  Here the lock's methods are reached through ``_lock`` and the deque is made
-    by the first ``wait``, and a notify with no waiter returns at once (every
-    ``set_result`` notifies); everything else is the stdlib's own code."""
+try:
+    class _Condition(_RLock):  # type: ignore[misc]
+        """A ``threading.Condition`` that is its own re-entrant lock: one per task.
 
-    def __init__(self) -> None:  # no super().__init__(): it would bind what we leave out
-        self._lock = threading.RLock()
-        self._waiters: Any = ()
+        The stdlib's is a Python object around an RLock: three objects per Future for the
+        garbage collector (with its dict), five methods of the lock bound when made, a
+        waiter deque made at once, and two Python calls per ``with``.  This one is the
+        lock (the C ``RLock``, subclassed): ``with``, ``acquire``, ``release`` and the
+        lock calls inside ``wait`` are the lock's own, one object stands for three, the
+        deque is made by the first ``wait``, and a notify with no waiter returns at once
+        (every ``set_result`` notifies).  ``wait``, ``wait_for`` and ``notify`` are the
+        stdlib's own code, which needs of its condition only what the lock has
+        (``_is_owned``, ``_release_save``, ``_acquire_restore``) and ``_waiters``."""
 
-    def __enter__(self) -> bool:
-        return self._lock.__enter__()
+        __slots__ = ("_waiters",)
 
-    def __exit__(self, *args: Any) -> None:
-        self._lock.__exit__(*args)
+        def __init__(self) -> None:
+            self._waiters: Any = ()
 
-    def acquire(self, *args: Any) -> bool:
-        return self._lock.acquire(*args)
+        def wait(self, timeout: Optional[float] = None) -> bool:
+            if not self._waiters:
+                self._waiters = deque()
+            return threading.Condition.wait(self, timeout)
 
-    def release(self) -> None:
-        self._lock.release()
+        wait_for = threading.Condition.wait_for
 
-    def _release_save(self) -> Any:
-        return self._lock._release_save()  # type: ignore[attr-defined]
+        def notify(self, n: int = 1) -> None:
+            if self._waiters:
+                threading.Condition.notify(self, n)
+            elif not self._is_owned():
+                raise RuntimeError("cannot notify on un-acquired lock")  # (as the stdlib)
 
-    def _acquire_restore(self, state: Any) -> None:
-        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
-
-    def _is_owned(self) -> bool:
-        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        if not self._waiters:
-            self._waiters = deque()
-        return super().wait(timeout)
-
-    def notify(self, n: int = 1) -> None:
-        if self._waiters:
-            super().notify(n)
-        elif not self._lock._is_owned():  # type: ignore[attr-defined]
-            raise RuntimeError("cannot notify on un-acquired lock")  # (as the stdlib)
-
-    def notify_all(self) -> None:
-        self.notify(len(self._waiters))  # (most futures complete with no thread waiting)
+        def notify_all(self) -> None:
+            self.notify(len(self._waiters))  # (most futures complete with nobody waiting)
+except TypeError:  # pragma: no cover - a Python whose RLock cannot be subclassed
+    _Condition = threading.Condition  # type: ignore[misc,assignment]
 
 
 def mark_running(fut: "concurrent.futures.Future[Any]") -> None:
