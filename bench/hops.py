@@ -1,7 +1,8 @@
 """The latency floor of each kind of hop on this machine: ``python -m bench.hops``.
 
-A lone task in zmqexec crosses client -> broker -> agent -> task process and back: four
-ZeroMQ ipc hops and two pipe hops.  ProcessPoolExecutor crosses two pipe hops (and two
+A lone task of a remote cluster crosses client -> broker -> agent -> task process and
+back: four ZeroMQ ipc hops and two pipe hops; in the embedded default, user thread -> node
+thread -> task process and back.  ProcessPoolExecutor crosses two pipe hops (and its
 thread hand-offs).  This script measures round trips of bare echo chains with no zmqexec
 code, so the latency table can be read against what the transport alone costs here:
 
