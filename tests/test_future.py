@@ -330,6 +330,37 @@ def test_a_futures_condition_is_its_own_lock_one_object_for_the_collector(execut
     assert fut.result(timeout=10) == 3
 
 
+def test_a_held_future_keeps_no_waiter_or_callback_list_it_does_not_use(executor, tmp_path):
+    """The stdlib gives each future two lists, for ``wait``/``as_completed`` waiters and
+    for done callbacks; here they exist only while used, so a held done future costs the
+    garbage collector one object.  A waiter that leaves keeps the others' wake-ups."""
+    def lists(fut):  # (the attributes are in a dict of their own up to 3.10)
+        refs = gc.get_referents(fut)
+        refs += [value for ref in refs if type(ref) is dict for value in ref.values()]
+        return [ref for ref in refs if isinstance(ref, list)]
+
+    futs = [executor.submit(add, i, 1) for i in range(4)]
+    assert all(not lists(f) for f in futs)
+    done, _ = cf.wait(futs, timeout=10)
+    assert len(done) == 4
+    assert sorted(f.result() for f in cf.as_completed(futs, timeout=10)) == [1, 2, 3, 4]
+    assert all(not lists(f) for f in futs), [lists(f) for f in futs]
+
+    gate = tmp_path / "go"
+    held = executor.submit(wait_for_file, str(gate), "held")
+    called = []
+    held.add_done_callback(lambda f: called.append(f.result()))
+    with cf.ThreadPoolExecutor(1) as pool:
+        patient = pool.submit(cf.wait, [held], 30)  # waits on, while another gives up
+        assert wait_until(lambda: len(held._waiters) == 1)
+        done, pending = cf.wait([held], timeout=0.05)
+        assert pending == {held} and len(held._waiters) == 1  # only its own waiter left
+        gate.touch()
+        assert patient.result(timeout=30)[0] == {held}
+    assert held.result(timeout=10) == "held" and called == ["held"]
+    assert lists(held) == [held._done_callbacks]  # (kept after they ran, as the stdlib)
+
+
 def test_the_futures_lighter_condition_behaves_as_the_stdlib_one():
     from zmqexec.client.future import _Condition
 

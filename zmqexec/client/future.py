@@ -126,6 +126,23 @@ except TypeError:  # pragma: no cover - a Python whose RLock cannot be subclasse
     _Condition = threading.Condition  # type: ignore[misc,assignment]
 
 
+class _Waiters(list):  # type: ignore[type-arg]
+    """A future's waiters from ``wait`` and ``as_completed``, which add theirs and remove
+    them when they return (both under the future's condition): the future lets go of the
+    list with its last waiter, so a held future that was waited on costs no extra
+    object."""
+
+    __slots__ = ("fut",)
+    fut: Optional["Future"]
+
+    def remove(self, waiter: Any) -> None:
+        list.remove(self, waiter)
+        if not self and self.fut is not None:
+            if self.fut._w is self:
+                self.fut._w = None
+            self.fut = None
+
+
 def mark_running(fut: "concurrent.futures.Future[Any]") -> None:
     """``set_running_or_notify_cancel`` only where it applies (it logs CRITICAL elsewhere).
 
@@ -139,6 +156,7 @@ def mark_running(fut: "concurrent.futures.Future[Any]") -> None:
 
 
 _WAITING = (PENDING, RUNNING)
+_OVER = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 _STATUS = {PENDING: "pending", RUNNING: "running", CANCELLED: "cancelled",
            CANCELLED_AND_NOTIFIED: "cancelled"}
 
@@ -150,10 +168,42 @@ class Future(concurrent.futures.Future[Any]):
     ``inform=True`` (the default) this client tells the broker it wants the result.
     """
 
+    # The stdlib makes two lists per future: the waiters of ``wait``/``as_completed`` and
+    # the done callbacks.  Most futures never get either, and a held done future would
+    # cost the garbage collector three objects instead of one (every collection that
+    # reaches the held futures visits them all).  Here each is made at its first use:
+    # ``_waiters`` and ``_done_callbacks`` are properties the stdlib's own code reaches
+    # (``wait``, ``add_done_callback``, ``cancel``); completion reads the plain ``_w``
+    # and ``_cb`` (None until made) and so makes neither.
+    _w: Optional[List[Any]] = None
+    _cb: Optional[List[Any]] = None
+
+    @property
+    def _waiters(self) -> List[Any]:
+        if self._w is None:
+            self._w = waiters = _Waiters()
+            waiters.fut = self
+        return self._w
+
+    @_waiters.setter
+    def _waiters(self, value: List[Any]) -> None:
+        self._w = value
+
+    @property
+    def _done_callbacks(self) -> List[Any]:
+        if self._cb is None:
+            self._cb = []
+        return self._cb
+
+    @_done_callbacks.setter
+    def _done_callbacks(self, value: List[Any]) -> None:
+        self._cb = value
+
     def __init__(self, key: Any, client: Optional[Owner] = None,
                  inform: bool = True) -> None:
-        super().__init__()
+        # (concurrent.futures.Future.__init__ as in ``_new``)
         self._condition = _Condition()
+        self._state, self._result, self._exception = PENDING, None, None
         self._registered = False
         self._kw = key_to_wire(key)
         self.executor = client if client is not None else default_executor()
@@ -165,13 +215,37 @@ class Future(concurrent.futures.Future[Any]):
     def _new(cls, kw: str, executor: Owner) -> "Future":
         """A Future made by ``submit``; the caller registers it (no inform message)."""
         self = cls.__new__(cls)
-        # concurrent.futures.Future.__init__, with the cheaper condition
+        # concurrent.futures.Future.__init__, with the cheaper condition and no lists
         self._condition = _Condition()
         self._state, self._result, self._exception = PENDING, None, None
-        self._waiters, self._done_callbacks = [], []  # type: ignore[attr-defined]
         self._registered = False
         self._kw, self.executor, self.inform = kw, executor, False
         return self
+
+    def set_result(self, result: Any) -> None:
+        """The stdlib's ``set_result``, touching the waiter and callback lists only if
+        they were made."""
+        self._finish(result, None, False)
+
+    def set_exception(self, exception: Optional[BaseException]) -> None:
+        """The stdlib's ``set_exception``, as ``set_result``."""
+        self._finish(None, exception, True)
+
+    def _finish(self, result: Any, exception: Optional[BaseException], failed: bool
+                ) -> None:
+        with self._condition:
+            if self._state in _OVER:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result, self._exception, self._state = result, exception, FINISHED
+            if self._w:
+                for waiter in self._w:
+                    if failed:
+                        waiter.add_exception(self)
+                    else:
+                        waiter.add_result(self)
+            self._condition.notify_all()
+        if self._cb:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def __reduce__(self) -> Any:
         """Pickled as a task's argument, a future is a dependency: its key, whose result
