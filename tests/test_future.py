@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 
 import pytest
 from gates import wait_for_file
@@ -333,11 +334,16 @@ def test_a_futures_condition_is_its_own_lock_one_object_for_the_collector(execut
 def test_a_held_future_keeps_no_waiter_or_callback_list_it_does_not_use(executor, tmp_path):
     """The stdlib gives each future two lists, for ``wait``/``as_completed`` waiters and
     for done callbacks; here they exist only while used, so a held done future costs the
-    garbage collector one object.  A waiter that leaves keeps the others' wake-ups."""
+    garbage collector one object.  A waiter that leaves keeps the others' wake-ups, and
+    a cancelled future is freed as soon as it is dropped (no list holding it)."""
     def lists(fut):  # (the attributes are in a dict of their own up to 3.10)
         refs = gc.get_referents(fut)
         refs += [value for ref in refs if type(ref) is dict for value in ref.values()]
         return [ref for ref in refs if isinstance(ref, list)]
+
+    def waiters(fut):  # (read under its condition, where wait() adds and removes them)
+        with fut._condition:
+            return len(fut._w or ())
 
     futs = [executor.submit(add, i, 1) for i in range(4)]
     assert all(not lists(f) for f in futs)
@@ -347,18 +353,28 @@ def test_a_held_future_keeps_no_waiter_or_callback_list_it_does_not_use(executor
     assert all(not lists(f) for f in futs), [lists(f) for f in futs]
 
     gate = tmp_path / "go"
-    held = executor.submit(wait_for_file, str(gate), "held")
+    held = [executor.submit(wait_for_file, str(gate), n) for n in range(2)]  # both busy
+    queued = executor.submit(add, 1, 2)
     called = []
-    held.add_done_callback(lambda f: called.append(f.result()))
+    held[0].add_done_callback(lambda f: called.append(f.result()))
     with cf.ThreadPoolExecutor(1) as pool:
-        patient = pool.submit(cf.wait, [held], 30)  # waits on, while another gives up
-        assert wait_until(lambda: len(held._waiters) == 1)
-        done, pending = cf.wait([held], timeout=0.05)
-        assert pending == {held} and len(held._waiters) == 1  # only its own waiter left
+        patient = pool.submit(cf.wait, [held[0]], 30)  # waits on, while another gives up
+        assert wait_until(lambda: waiters(held[0]) == 1)
+        done, pending = cf.wait([held[0]], timeout=0.05)
+        assert pending == {held[0]} and waiters(held[0]) == 1  # only its own waiter left
+        assert queued.cancel() and not lists(queued)
+        gone = weakref.ref(queued)
+        gc.disable()
+        try:
+            del queued
+            assert gone() is None  # freed by its last reference, not by the collector
+        finally:
+            gc.enable()
         gate.touch()
-        assert patient.result(timeout=30)[0] == {held}
-    assert held.result(timeout=10) == "held" and called == ["held"]
-    assert lists(held) == [held._done_callbacks]  # (kept after they ran, as the stdlib)
+        assert patient.result(timeout=30)[0] == {held[0]}
+    assert [f.result(timeout=10) for f in held] == [0, 1]
+    assert wait_until(lambda: called == [0])  # (callbacks run after the waiters wake)
+    assert lists(held[0]) == [held[0]._done_callbacks]  # kept after they ran, as the stdlib
 
 
 def test_the_futures_lighter_condition_behaves_as_the_stdlib_one():

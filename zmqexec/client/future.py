@@ -244,8 +244,26 @@ class Future(concurrent.futures.Future[Any]):
                     else:
                         waiter.add_result(self)
             self._condition.notify_all()
-        if self._cb:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
+
+    def _invoke_callbacks(self) -> None:
+        if self._cb:  # (through the property, a future with none would make a list)
+            super()._invoke_callbacks()  # type: ignore[misc]
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """The stdlib's, reading the waiter list only if it was made: made here, it would
+        hold this future with nobody to remove it, and a cancelled future would then wait
+        for the garbage collector to be freed (and release its key)."""
+        with self._condition:
+            if self._state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._w or ():
+                    waiter.add_cancelled(self)
+                return False
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+        return super().set_running_or_notify_cancel()  # (an unexpected state: it raises)
 
     def __reduce__(self) -> Any:
         """Pickled as a task's argument, a future is a dependency: its key, whose result
