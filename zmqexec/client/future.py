@@ -244,7 +244,8 @@ class Future(concurrent.futures.Future[Any]):
                     else:
                         waiter.add_result(self)
             self._condition.notify_all()
-        self._invoke_callbacks()
+        if self._cb:
+            self._invoke_callbacks()
 
     def _invoke_callbacks(self) -> None:
         if self._cb:  # (through the property, a future with none would make a list)
