@@ -173,8 +173,8 @@ class Future(concurrent.futures.Future[Any]):
     # cost the garbage collector three objects instead of one (every collection that
     # reaches the held futures visits them all).  Here each is made at its first use:
     # ``_waiters`` and ``_done_callbacks`` are properties the stdlib's own code reaches
-    # (``wait``, ``add_done_callback``, ``cancel``); completion reads the plain ``_w``
-    # and ``_cb`` (None until made) and so makes neither.
+    # (``wait``, ``as_completed``, ``add_done_callback``); completion and cancellation
+    # read the plain ``_w`` and ``_cb`` (None until made) and so make neither.
     _w: Optional[List[Any]] = None
     _cb: Optional[List[Any]] = None
 
