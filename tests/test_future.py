@@ -349,14 +349,14 @@ def test_a_held_future_keeps_no_waiter_or_callback_list_it_does_not_use(executor
     assert all(not lists(f) for f in futs)
     done, _ = cf.wait(futs, timeout=10)
     assert len(done) == 4
-    assert sorted(f.result() for f in cf.as_completed(futs, timeout=10)) == [1, 2, 3, 4]
+    assert sorted(f.result(timeout=0) for f in cf.as_completed(futs, timeout=10)) == [1, 2, 3, 4]
     assert all(not lists(f) for f in futs), [lists(f) for f in futs]
 
     gate = tmp_path / "go"
     held = [executor.submit(wait_for_file, str(gate), n) for n in range(2)]  # both busy
     queued = executor.submit(add, 1, 2)
     called = []
-    held[0].add_done_callback(lambda f: called.append(f.result()))
+    held[0].add_done_callback(lambda f: called.append(f.result(timeout=0)))
     with cf.ThreadPoolExecutor(1) as pool:
         patient = pool.submit(cf.wait, [held[0]], 30)  # waits on, while another gives up
         assert wait_until(lambda: waiters(held[0]) == 1)
