@@ -61,6 +61,10 @@ def pause(seconds: float, value: Any) -> Any:
     return value
 
 
+def same(value: Any) -> Any:
+    return value
+
+
 class Driver:
     """Plays the agent: gives batches of calls and reads the results back."""
 
@@ -88,7 +92,7 @@ class Driver:
         out: List[Tuple[str, str, Any]] = []
         end = time.monotonic() + timeout
         while len(out) < count:
-            assert self.child.conn.poll(max(0.0, end - time.monotonic())), \
+            assert self.child.results.poll(max(0.0, end - time.monotonic())), \
                 f"only {len(out)} of {count} results within {timeout} s: {out}"
             for message in self.child.read() or []:
                 kw, status, data = unpack_result(message)
@@ -103,8 +107,7 @@ class Driver:
     def close(self) -> None:  # as the agent stops its task processes
         self.child.proc.kill()
         self.child.proc.join(5)
-        self.child.conn.close()
-        self.child.cancels.close()
+        self.child.close()
 
 
 @pytest.fixture
@@ -221,6 +224,43 @@ def test_batches_given_the_moment_the_last_result_arrives_all_run(driver):
         got = driver.results(len(keys))
         assert [kw for kw, _, _ in got] == keys
         assert all(status == "finished" for _, status, _ in got)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_reading_a_result_does_not_wake_the_task_process(driver):
+    """A lone task wakes its task process once: for its batch.  Reading the result must
+    not wake it again, as it did while both directions shared one socket pair (the
+    kernel tells a socket's waiters that the peer may write again): one wake-up of
+    another CPU more on every round trip."""
+    pid = driver.child.pid
+
+    def blocked() -> int:  # times the task process's main thread went to sleep
+        with open(f"/proc/{pid}/task/{pid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+        raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+    def wait_asleep() -> None:  # in its read of the next batch
+        end = time.monotonic() + 10
+        while True:
+            with open(f"/proc/{pid}/task/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "S":
+                    return
+            assert time.monotonic() < end, "the task process never waited for a batch"
+            time.sleep(0.0005)
+
+    driver.give([driver.task(same, "warm")])
+    driver.results(1)
+    count = 200
+    before = blocked()
+    for i in range(count):
+        driver.give([driver.task(same, i)])
+        assert driver.child.results.poll(10), "no result within 10 s"
+        wait_asleep()  # so that reading the result surely finds it waiting
+        assert driver.results(1)[0][2] == i
+    woken = blocked() - before
+    assert woken < count * 1.5, f"the task process slept {woken} times for {count} tasks"
 
 
 @pytest.mark.parametrize("size", [0, 100, 16_380, 16_390, 3_000_000])

@@ -1,4 +1,4 @@
-"""The agent's handle on one task process: its process and its two pipes.
+"""The agent's handle on one task process: its process and its three pipes.
 
 The agent gives a task process a numbered batch at a time (``give``) and reads its results
 in bulk (``read``).  Cancels for the batch go on a pipe of their own (``cancel``), answered
@@ -56,7 +56,11 @@ class TaskProcess:
     (``from_zygote``: the zygote says when it ends, and kills it on request)."""
 
     def __init__(self) -> None:
-        self.conn, self._child_conn = multiprocessing.Pipe()
+        # One-way pipes, not one socket pair: reading a result from a socket pair wakes
+        # the task process blocked reading its end (the kernel tells a socket's waiters
+        # that it may write again), a wasted wake-up of another CPU on every result.
+        self._child_tasks, self.tasks = multiprocessing.Pipe(duplex=False)
+        self.results, self._child_results = multiprocessing.Pipe(duplex=False)
         self._child_cancels, self.cancels = multiprocessing.Pipe(duplex=False)
         self.proc: Any = None  # the multiprocessing.Process, when it has one
         self.pid = 0  # known once started
@@ -64,7 +68,7 @@ class TaskProcess:
         self.batch = 0  # number of the last batch given (cancels name it)
         self.fids: Set[str] = set()  # blobs this process has
         self.told: Set[str] = set()  # keys of this batch the process was asked to drop
-        self.fd = self.conn.fileno()
+        self.fd = self.results.fileno()
         self._reader = RecordReader()
 
     @classmethod
@@ -76,7 +80,8 @@ class TaskProcess:
         agent kills with it.  The agent alone reaps it (``forget_child``)."""
         self = cls()
         self.proc = ctx.Process(target=task_main,
-                                args=(self._child_conn, self._child_cancels, os.getpid()),
+                                args=(self._child_tasks, self._child_results,
+                                      self._child_cancels, os.getpid()),
                                 name="zmqexec-task", daemon=False)
         self.proc.start()
         forget_child(self.proc)
@@ -88,12 +93,14 @@ class TaskProcess:
     def from_zygote(cls, zygote: Any) -> "TaskProcess":
         """A task process a zygote forks; its pid comes later (``started``)."""
         self = cls()
-        zygote.spawn(self._child_conn.fileno(), self._child_cancels.fileno())
+        zygote.spawn(self._child_tasks.fileno(), self._child_results.fileno(),
+                     self._child_cancels.fileno())
         self._close_child_ends()
         return self
 
     def _close_child_ends(self) -> None:
-        self._child_conn.close()
+        self._child_tasks.close()
+        self._child_results.close()
         self._child_cancels.close()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -104,7 +111,8 @@ class TaskProcess:
 
     def close(self) -> None:
         """Close our ends of its pipes (it then reads EOF and exits, if it still runs)."""
-        self.conn.close()
+        self.tasks.close()
+        self.results.close()
         self.cancels.close()
 
     def read(self) -> Optional[List[bytes]]:
@@ -186,7 +194,7 @@ class TaskProcess:
             self.context = context[0]
             meta["x"] = context[1]
         for message in pack(meta, [blobs[f] for f in fids] + frames):
-            self.conn.send_bytes(message)
+            self.tasks.send_bytes(message)
 
 
 def forget_child(proc: Any) -> None:

@@ -179,7 +179,7 @@ class Agent:
         del self.processes[process.pid]
         process.kill()
         slot = self.state.slots.get(process.pid)
-        while slot is not None and slot.keys and process.conn.poll(0) and \
+        while slot is not None and slot.keys and process.results.poll(0) and \
                 self._on_data(process):
             pass  # results sent just before dying count (poll: a grandchild may hold the pipe)
         process.proc.join()

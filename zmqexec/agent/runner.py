@@ -191,8 +191,8 @@ class TaskRunner:
 
 
 class Inbox:
-    """The task process's end of its two pipes: batches, read by the thread that runs
-    tasks, and cancels, read by a thread of their own.
+    """The task process's end of its three pipes: batches, read by the thread that runs
+    tasks; results, written by it; and cancels, read by a thread of their own.
 
     Batches are not handed from a reader thread to the running one: that cost a thread
     wake-up per batch on every lone task's round trip.  Cancels have their own pipe and
@@ -203,9 +203,10 @@ class Inbox:
     stale and ignored, even if a later batch has a task of the same key.
     """
 
-    def __init__(self, conn: Connection, cancels: Connection) -> None:
-        self.conn = conn
-        self._fd = conn.fileno()
+    def __init__(self, tasks: Connection, results: Connection, cancels: Connection) -> None:
+        self.tasks = tasks
+        self.results = results
+        self._fd = results.fileno()
         self._lock = threading.Lock()  # batch state, and whole records on the pipe
         self._batch = 0  # number of the batch being run
         self._pending: Set[str] = set()  # of that batch: not started, not dropped
@@ -216,10 +217,10 @@ class Inbox:
     def receive(self) -> Optional[Tuple[Dict[str, Any], List[Any]]]:
         """The next batch (blocking); None when the agent is gone."""
         try:
-            meta, frames, large = unpack(self.conn.recv_bytes())
+            meta, frames, large = unpack(self.tasks.recv_bytes())
             for index, size in large:  # straight into writable memory: numpy arrays
                 buffer = bytearray(size)  # made from it are writable, as with pickle
-                self.conn.recv_bytes_into(buffer)
+                self.tasks.recv_bytes_into(buffer)
                 frames[index] = memoryview(buffer)
         except (EOFError, OSError):
             return None
@@ -271,7 +272,7 @@ class Inbox:
         ``result``: the result's frames (``[pickle, *out-of-band buffers]``)."""
         record = pack_result(kw, status, result)
         if len(record) >= HUGE_RECORD:
-            self.conn.send_bytes(record)
+            self.results.send_bytes(record)
         else:
             for part in record_parts(record):
                 self._write(part)
@@ -302,14 +303,15 @@ def adopt_context(path: List[str], cwd: str, env: Dict[str, str],
         os.environ.update(env)
 
 
-def task_main(conn: Connection, cancels: Connection, parent: int) -> None:
+def task_main(tasks: Connection, results: Connection, cancels: Connection,
+              parent: int) -> None:
     """Body of a task process: take a batch, run each task, send each result."""
     _lead_own_group()
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     runner = TaskRunner()
-    inbox = Inbox(conn, cancels)
+    inbox = Inbox(tasks, results, cancels)
     while True:
         batch = inbox.receive()
         if batch is None:

@@ -22,7 +22,7 @@ takes them (SCM_RIGHTS):
 =====  =================  ==============================================================
 op     direction          meaning
 =====  =================  ==============================================================
-``S``  client -> zygote   fork a task process; fds: its task pipe and its cancel pipe
+``S``  client -> zygote   fork a task process; fds: its task, result and cancel pipes
 ``Z``  client -> root     fork a zygote of its own for a client; fd: its control socket
 ``K``  client -> zygote   SIGKILL child ``a`` and its process group if it is still a
                           child (the zygote reaps, so a pid it has not reported dead, and
@@ -134,7 +134,7 @@ def serve(control: socket.socket, root: bool, client: Optional[int] = None) -> N
                 return  # the client ended
             for key, _ in events:
                 if key.fileobj is control:
-                    record, fds = _recv(control, 2)
+                    record, fds = _recv(control, 3)
                     if record is None:
                         return
                     if record[0] == b"C":
@@ -227,7 +227,8 @@ def _task_process(fds: List[int]) -> None:
     from .runner import task_main  # (imported by the zygote already: forks are fast)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    task_main(Connection(fds[0]), Connection(fds[1], writable=False), os.getppid())
+    task_main(Connection(fds[0], writable=False), Connection(fds[1], readable=False),
+              Connection(fds[2], writable=False), os.getppid())
 
 
 def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -308,9 +309,9 @@ class ZygoteLink:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def spawn(self, task_fd: int, cancel_fd: int) -> None:
+    def spawn(self, task_fd: int, result_fd: int, cancel_fd: int) -> None:
         """Ask for a task process on these pipe ends; its pid comes as a P record."""
-        _send(self.sock, b"S", fds=(task_fd, cancel_fd))
+        _send(self.sock, b"S", fds=(task_fd, result_fd, cancel_fd))
 
     def cleanup(self, path: str) -> None:
         """Have the zygote remove ``path`` if this client dies without doing so."""

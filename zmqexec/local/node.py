@@ -185,7 +185,7 @@ class Node:
     def _retire(self, process: TaskProcess) -> None:
         """EOF on its pipe: it exits, and the zygote kills what it left running (its
         group) and reports its end."""
-        if not process.conn.closed:
+        if not process.results.closed:
             self.poller.unregister(process.fd)
             process.close()
 
@@ -250,8 +250,8 @@ class Node:
         process = self.processes.pop(pid, None)
         slot = self.agent.slots.get(pid)
         if process is not None:
-            if not process.conn.closed:
-                while slot is not None and slot.keys and process.conn.poll(0) and \
+            if not process.results.closed:
+                while slot is not None and slot.keys and process.results.poll(0) and \
                         self._on_data(process):
                     pass  # results sent just before dying count
                 self.poller.unregister(process.fd)
@@ -346,7 +346,7 @@ class Node:
 
     def _by_fd(self, fd: Any) -> Optional[TaskProcess]:
         for process in self.processes.values():
-            if process.fd == fd and not process.conn.closed:
+            if process.fd == fd and not process.results.closed:
                 return process
         return None
 

@@ -1,6 +1,6 @@
 """The framing of the pipes between an agent and its task processes.
 
-The agent and a task process talk over one ``multiprocessing`` Pipe.  Each message is one
+The agent and a task process talk over two one-way pipes.  Each message is one
 packed buffer (``pack``/``unpack``): a header and the frames it names, so a batch of
 tasks is one write and one read.  The header is a pickle of plain lists, dicts and
 strings: the pipe joins a process and its own child, which runs the pickles it is sent
