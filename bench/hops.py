@@ -25,9 +25,11 @@ code, so the latency table can be read against what the transport alone costs he
 - ``ProcessPoolExecutor`` and ``ZMQExecutor``: a real ``submit(noop).result()`` on each,
   with 2 workers, in the same run: the latency row of ``python -m bench`` next to its floor.
 
-It prints the median and p99 round trip in microseconds for each, and the CPU time one
+It prints the median and p99 round trip in microseconds for each, the CPU time one
 round trip costs (on-CPU time of the threads, ``/proc/PID/task/*/schedstat``), in this
-process and in the chain's other processes.  ``--one-cpu`` runs everything on one CPU:
+process and in the chain's other processes, and how many times their threads went to
+sleep per round trip (``voluntary_ctxt_switches``): each sleep ends in a wake-up, the
+costly part of a hand-over when it wakes another CPU.  ``--one-cpu`` runs everything on one CPU:
 a hand-over then costs a context switch instead of waking another CPU, so the CPU
 columns show the chain's own work, and comparing the two runs shows what cross-CPU
 wake-ups cost on this machine.
@@ -277,16 +279,21 @@ class _NodeShape(_Handover):
         self._conn.close()
 
 
-def _cpu_ns(pids: List[int]) -> Tuple[int, int]:
-    """On-CPU nanoseconds so far of this process, and of ``pids`` (its other processes)."""
-    own = procstat.on_cpu_ns(os.getpid()) or 0
-    return own, sum(procstat.on_cpu_ns(pid) or 0 for pid in pids)
+def _counts(pids: List[int]) -> Tuple[int, int, int]:
+    """So far: on-CPU nanoseconds of this process and of ``pids`` (its other
+    processes), and the times all their threads went to sleep."""
+    me = os.getpid()
+    own = procstat.on_cpu_ns(me) or 0
+    slept = sum(procstat.sleeps(pid) or 0 for pid in [me, *pids])
+    return own, sum(procstat.on_cpu_ns(pid) or 0 for pid in pids), slept
 
 
-def _report(name: str, samples: List[float], cpu: Optional[Tuple[float, float]]) -> None:
+def _report(name: str, samples: List[float],
+            cpu: Optional[Tuple[float, float, float]]) -> None:
     samples = sorted(samples)
     p99 = samples[max(0, -(-99 * len(samples) // 100) - 1)]
-    spent = "| n/a | n/a |" if cpu is None else f"| {cpu[0]:,.0f} | {cpu[1]:,.0f} |"
+    spent = "| n/a | n/a | n/a |" if cpu is None else \
+        f"| {cpu[0]:,.0f} | {cpu[1]:,.0f} | {cpu[2]:.1f} |"
     print(f"| {name} | {statistics.median(samples):,.0f} | {p99:,.0f} {spent}")
 
 
@@ -374,7 +381,7 @@ def main() -> None:
         chains = _chains(tmp, mp)
         timed = [c for c in chains if c[0]]
         samples: Dict[str, List[float]] = {name: [] for name, _, _ in timed}
-        spent: Dict[str, List[int]] = {name: [0, 0] for name, _, _ in timed}
+        spent: Dict[str, List[int]] = {name: [0, 0, 0] for name, _, _ in timed}
         for _name, once, _ in timed:  # warm-up (starts the pools' processes)
             for _ in range(min(100, args.n)):
                 once()
@@ -383,21 +390,22 @@ def main() -> None:
         per_round = max(1, args.n // args.rounds)
         for _ in range(args.rounds):
             for name, once, _ in timed:  # the other chains wait idle meanwhile
-                before = _cpu_ns(others) if counted else (0, 0)
+                before = _counts(others) if counted else (0, 0, 0)
                 for _ in range(per_round):
                     t0 = time.perf_counter()
                     once()
                     samples[name].append((time.perf_counter() - t0) * 1e6)
-                after = _cpu_ns(others) if counted else (0, 0)
-                spent[name][0] += after[0] - before[0]
-                spent[name][1] += after[1] - before[1]
+                after = _counts(others) if counted else (0, 0, 0)
+                for at in range(3):
+                    spent[name][at] += after[at] - before[at]
         for _, _, close in chains:
             close()
     print("| chain | median µs | p99 µs | CPU µs per round trip: this process | "
-          "other processes |\n|---|---|---|---|---|")
+          "other processes | sleeps per round trip |\n|---|---|---|---|---|---|")
     trips = per_round * args.rounds
     for name, _, _ in timed:
-        cpu = (spent[name][0] / trips / 1e3, spent[name][1] / trips / 1e3) if counted else None
+        cpu = (spent[name][0] / trips / 1e3, spent[name][1] / trips / 1e3,
+               spent[name][2] / trips) if counted else None
         _report(name, samples[name], cpu)
     print(f"\n{os.cpu_count()} CPUs, run on {cpus}; every row but the last two is a bare chain "
           f"with no zmqexec code; the chains took turns in {args.rounds} rounds.")

@@ -47,6 +47,28 @@ def on_cpu_ns(pid: int) -> Optional[int]:
     return total if told else None
 
 
+def sleeps(pid: int) -> Optional[int]:
+    """Times ``pid``'s threads have gone to sleep so far (``voluntary_ctxt_switches``):
+    each sleep ends with a wake-up, so a round trip's count is the hand-overs it costs
+    (on two CPUs, a wake-up of the other CPU each when it idles); None if gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total, told = 0, False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        told = True
+                        break
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total if told else None
+
+
 def children(pid: int) -> List[int]:
     """Live direct children of ``pid``."""
     found = []

@@ -104,7 +104,8 @@ def test_the_stage_split_runs_and_accounts_for_every_stage(workload):
 def test_the_hops_floor_times_every_chain_and_its_cpu(one_cpu):
     """``python -m bench.hops`` (the latency floor of each kind of hand-over) keeps
     working: every chain, the embedded node's shape among them, gets a median, a p99
-    and (where /proc tells) the CPU a round trip costs in and outside this process."""
+    and (where /proc tells) the CPU a round trip costs in and outside this process, and
+    how often its threads slept (at least once: the echoing end waits for the next)."""
     report = run_module("bench.hops", "-n", "40", "--rounds", "2",
                         *(["--one-cpu"] if one_cpu else []))
     rows = table_rows(report)
@@ -114,8 +115,9 @@ def test_the_hops_floor_times_every_chain_and_its_cpu(one_cpu):
     assert any(name.startswith("ZMQExecutor(2)") for name in names), names
     counted = os.path.exists("/proc/self/task")
     for row in rows[1:]:
-        cells = row[1:5] if counted else row[1:3]
+        cells = row[1:6] if counted else row[1:3]
         assert all(NUMBER.match(cell) for cell in cells), row
         if counted:  # every chain's round trip runs code in this process and another
             assert all(float(cell.replace(",", "")) > 0 for cell in row[3:5]), row
+            assert float(row[5]) >= 0.9, row
     assert ("run on one CPU" in report) == one_cpu, report[-300:]
