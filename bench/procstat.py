@@ -5,7 +5,7 @@ extra, and /proc gives exactly what is needed: utime+stime of any process of our
 the broker's and the agent's CPU can be read from the client), and VmRSS/VmHWM.
 """
 import os
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 AVAILABLE = os.path.isdir("/proc/self")
@@ -29,9 +29,10 @@ def cpu_seconds(pid: int) -> Optional[float]:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def on_cpu_ns(pid: int) -> Optional[int]:
-    """Nanoseconds ``pid``'s threads have run on a CPU (``/proc/PID/task/*/schedstat``):
-    exact where utime and stime count whole clock ticks; None if gone or not told."""
+def _threads_sum(pid: int, name: str, value: Callable[[str], Optional[int]]
+                 ) -> Optional[int]:
+    """The sum over ``pid``'s threads of ``value`` of each one's ``/proc/PID/task/TID/
+    name`` file; None if the process is gone or no thread's file told."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -39,34 +40,34 @@ def on_cpu_ns(pid: int) -> Optional[int]:
     total, told = 0, False
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-            told = True
+            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                found = value(f.read())
         except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile (or a kernel without schedstat)
+            continue  # a thread that ended meanwhile (or a kernel without the file)
+        if found is not None:
+            total += found
+            told = True
     return total if told else None
+
+
+def on_cpu_ns(pid: int) -> Optional[int]:
+    """Nanoseconds ``pid``'s threads have run on a CPU (``/proc/PID/task/*/schedstat``):
+    exact where utime and stime count whole clock ticks; None if gone or not told."""
+    return _threads_sum(pid, "schedstat", lambda text: int(text.split()[0]))
+
+
+def _voluntary(status: str) -> Optional[int]:
+    for line in status.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return None
 
 
 def sleeps(pid: int) -> Optional[int]:
     """Times ``pid``'s threads have gone to sleep so far (``voluntary_ctxt_switches``):
     each sleep ends with a wake-up, so a round trip's count is the hand-overs it costs
     (on two CPUs, a wake-up of the other CPU each when it idles); None if gone."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    total, told = 0, False
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-                        told = True
-                        break
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
-    return total if told else None
+    return _threads_sum(pid, "status", _voluntary)
 
 
 def children(pid: int) -> List[int]:
