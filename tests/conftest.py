@@ -213,3 +213,23 @@ def run_python(code: str, timeout: float = 60, env: Optional[dict] = None,
     """Run a snippet in a fresh interpreter (for exits, kills and stderr checks)."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT, **kw)
+
+
+def open_files_limit(soft: int):
+    """For ``preexec_fn``: a child whose soft limit on open files is ``soft`` (the hard
+    limit stays, as on a system whose default soft limit is low)."""
+    def apply() -> None:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return apply
+
+
+def room_for_open_files(needed: int) -> bool:
+    try:
+        import resource
+    except ImportError:
+        return False
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return hard == resource.RLIM_INFINITY or hard >= needed

@@ -10,7 +10,7 @@ import textwrap
 import warnings
 
 import pytest
-from conftest import ROOT, Cluster
+from conftest import ROOT, Cluster, open_files_limit, room_for_open_files
 
 from zmqexec import ZMQExecutor
 
@@ -195,3 +195,21 @@ def test_a_zygote_does_not_run_the_clients_signal_handlers(tmp_path):
     assert out.returncode == 0, out.stderr
     old, new = out.stdout.split()
     assert old != new and not marker.exists()
+
+
+@pytest.mark.skipif(not room_for_open_files(2048), reason="hard limit on open files below 2048")
+def test_many_task_processes_fit_under_a_low_soft_limit_on_open_files():
+    """Each task process costs the client three descriptors: 48 of them pass a soft limit
+    of 128, which the executor raises (up to the hard limit) rather than fail."""
+    code = textwrap.dedent("""
+        import resource
+        from zmqexec import ZMQExecutor
+        with ZMQExecutor(48) as ex:
+            ex.wait_for_workers(48, timeout=60)
+            print(sum(ex.map(abs, range(-100, 0))), flush=True)
+        print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 128)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, preexec_fn=open_files_limit(128))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["5050", "True"], out.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -12,7 +13,8 @@ from typing import Any, Iterator, Set, Tuple
 import cloudpickle
 import pytest
 
-from conftest import Cluster, descendants, run_python, wait_until
+from conftest import (Cluster, descendants, open_files_limit, room_for_open_files, run_python,
+                      wait_until, zmqexec_cmd)
 from zmqexec import ZMQExecutor
 from zmqexec.errors import WorkerLostError
 
@@ -247,3 +249,25 @@ def test_max_workers_is_the_slot_count_as_soon_as_wait_for_workers_returns() -> 
             assert ex._max_workers == 4
     finally:
         cluster.close()
+
+
+@pytest.mark.skipif(not room_for_open_files(2048), reason="hard limit on open files below 2048")
+def test_an_agent_with_many_task_processes_fits_under_a_low_soft_limit_on_open_files():
+    """An agent holds five descriptors per task process: 48 of them pass a soft limit of
+    128, which the agent raises (up to the hard limit) rather than fail to start them."""
+    c = Cluster(agents=0)
+    agent = subprocess.Popen(zmqexec_cmd("worker", c.address, "--nprocs", "48"),
+                             stdin=subprocess.DEVNULL, preexec_fn=open_files_limit(128))
+    try:
+        with ZMQExecutor(address=c.address) as ex:
+            ex.wait_for_workers(48, timeout=60)
+            assert sum(ex.map(abs, range(-100, 0), timeout=TIMEOUT)) == 5050
+        assert agent.poll() is None, "the agent died"
+    finally:
+        agent.send_signal(signal.SIGINT)
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        c.close()

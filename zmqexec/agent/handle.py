@@ -8,6 +8,7 @@ at once by the process.  Which keys a task process holds is the agent's decision
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import multiprocessing.process as mp_process
 import os
@@ -29,6 +30,40 @@ if TYPE_CHECKING:
 # result cost 20 us instead of 2.  A large result simply takes several reads.
 _READ_SIZE = 1 << 16
 CANCEL_MESSAGE = 4096  # bytes a cancel message may take on its pipe, length prefix included
+# Descriptors a task process costs whoever started it (its three pipes, its sentinel, and
+# room to replace it), and what else a process of ours may hold open (sockets, the
+# user's files): with the common soft limit of 1,024 open files an agent would otherwise
+# stop at about 200 task processes.
+FDS_PER_PROCESS = 8
+FDS_SPARE = 256
+
+log = logging.getLogger(__name__)
+
+
+def make_room_for(nprocs: int) -> None:
+    """Raise this process's soft limit on open files, never past the hard limit, so that
+    ``nprocs`` task processes fit (as an administrator's ``ulimit -n`` would).  Only
+    raised, and only when too low: a process that asks for few workers is left alone."""
+    try:
+        import resource
+    except ImportError:  # no such limit on this system
+        return
+    needed = nprocs * FDS_PER_PROCESS + FDS_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.debug("soft limit on open files raised from %d to %d for %d task "
+                      "processes", soft, target, nprocs)
+            return
+        except (ValueError, OSError) as exc:
+            log.debug("could not raise the soft limit on open files: %s", exc)
+    log.warning("%d task processes need about %d open files, and this process may open "
+                "%d: raise the limit (ulimit -n) if starting them fails", nprocs, needed,
+                target if target > soft else soft)
 
 
 def describe_exit(code: Optional[int]) -> str:

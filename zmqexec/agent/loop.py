@@ -39,7 +39,8 @@ from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.curve import apply_client
 from ..wire.sockets import received
-from .handle import TaskProcess, carry_out, default_start_method, describe_exit, has_ended
+from .handle import (TaskProcess, carry_out, default_start_method, describe_exit, has_ended,
+                     make_room_for)
 from .state import AgentState, Slot
 
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
@@ -60,6 +61,7 @@ class Agent:
                  max_tasks_per_child: Optional[int] = None) -> None:
         self.address = address
         self.nprocs = nprocs
+        make_room_for(nprocs)
         self.ident = uuid.uuid4().hex
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.interval = heartbeat_interval

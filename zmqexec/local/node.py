@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import zmq
 
 from .._version import __version__
-from ..agent.handle import TaskProcess, carry_out, describe_exit
+from ..agent.handle import TaskProcess, carry_out, describe_exit, make_room_for
 from ..agent.state import AgentState, Slot
 from ..agent.zygote import ZygoteLink, new_zygote, release_zygote
 from ..broker.loop import router, send_all
@@ -85,6 +85,7 @@ class Node:
                  no_workers_timeout: Optional[float] = None,
                  max_tasks_per_child: Optional[int] = None, fresh: bool = False) -> None:
         self.nprocs = nprocs
+        make_room_for(nprocs)
         self.interval = heartbeat_interval
         self.no_workers_timeout = no_workers_timeout
         # the zygote first: forked while this process may still be single-threaded
