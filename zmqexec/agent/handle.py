@@ -53,17 +53,19 @@ def make_room_for(nprocs: int) -> None:
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
     target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    limit = soft
     if target > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            limit = target
             log.debug("soft limit on open files raised from %d to %d for %d task "
                       "processes", soft, target, nprocs)
-            return
         except (ValueError, OSError) as exc:
             log.debug("could not raise the soft limit on open files: %s", exc)
-    log.warning("%d task processes need about %d open files, and this process may open "
-                "%d: raise the limit (ulimit -n) if starting them fails", nprocs, needed,
-                target if target > soft else soft)
+    if limit < needed:
+        log.warning("%d task processes need about %d open files, and this process may "
+                    "open %d: raise the limit (ulimit -n) if starting them fails",
+                    nprocs, needed, limit)
 
 
 def describe_exit(code: Optional[int]) -> str:
