@@ -215,18 +215,17 @@ def run_python(code: str, timeout: float = 60, env: Optional[dict] = None,
                           timeout=timeout, env=env, cwd=ROOT, **kw)
 
 
-def open_files_limit(soft: int):
-    """For ``preexec_fn``: a child whose soft limit on open files is ``soft`` (the hard
-    limit stays, as on a system whose default soft limit is low)."""
-    def apply() -> None:
-        import resource
-
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return apply
+def under_open_files_limit(soft: int, cmd: List[str]) -> List[str]:
+    """``cmd`` run with a soft limit of ``soft`` open files (the hard limit stays, as on a
+    system whose default soft limit is low): a small interpreter sets it, then execs."""
+    return [sys.executable, "-c",
+            "import os, resource, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, hard)); "
+            "os.execv(sys.argv[1], sys.argv[1:])", *cmd]
 
 
 def room_for_open_files(needed: int) -> bool:
+    """True if this system lets a process open ``needed`` files (its hard limit)."""
     try:
         import resource
     except ImportError:

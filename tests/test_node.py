@@ -10,7 +10,7 @@ import textwrap
 import warnings
 
 import pytest
-from conftest import ROOT, Cluster, open_files_limit, room_for_open_files
+from conftest import ROOT, Cluster, room_for_open_files, under_open_files_limit
 
 from zmqexec import ZMQExecutor
 
@@ -206,10 +206,10 @@ def test_many_task_processes_fit_under_a_low_soft_limit_on_open_files():
         from zmqexec import ZMQExecutor
         with ZMQExecutor(48) as ex:
             ex.wait_for_workers(48, timeout=60)
-            print(sum(ex.map(abs, range(-100, 0))), flush=True)
+            print(sum(ex.map(abs, range(-100, 0), timeout=60)), flush=True)
         print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 128)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT, preexec_fn=open_files_limit(128))
+    out = subprocess.run(under_open_files_limit(128, [sys.executable, "-c", code]),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["5050", "True"], out.stdout

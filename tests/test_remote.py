@@ -13,8 +13,8 @@ from typing import Any, Iterator, Set, Tuple
 import cloudpickle
 import pytest
 
-from conftest import (Cluster, descendants, open_files_limit, room_for_open_files, run_python,
-                      wait_until, zmqexec_cmd)
+from conftest import (Cluster, descendants, room_for_open_files, run_python,
+                      under_open_files_limit, wait_until, zmqexec_cmd)
 from zmqexec import ZMQExecutor
 from zmqexec.errors import WorkerLostError
 
@@ -256,8 +256,9 @@ def test_an_agent_with_many_task_processes_fits_under_a_low_soft_limit_on_open_f
     """An agent holds five descriptors per task process: 48 of them pass a soft limit of
     128, which the agent raises (up to the hard limit) rather than fail to start them."""
     c = Cluster(agents=0)
-    agent = subprocess.Popen(zmqexec_cmd("worker", c.address, "--nprocs", "48"),
-                             stdin=subprocess.DEVNULL, preexec_fn=open_files_limit(128))
+    agent = subprocess.Popen(
+        under_open_files_limit(128, zmqexec_cmd("worker", c.address, "--nprocs", "48")),
+        stdin=subprocess.DEVNULL)
     try:
         with ZMQExecutor(address=c.address) as ex:
             ex.wait_for_workers(48, timeout=60)
