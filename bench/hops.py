@@ -6,7 +6,7 @@ thread -> task process and back.  ProcessPoolExecutor crosses two pipe hops (and
 thread hand-offs).  This script measures round trips of bare echo chains with no zmqexec
 code, so the latency table can be read against what the transport alone costs here:
 
-- ``pipe``: parent <-> child over a ``multiprocessing.Pipe`` (PPE's transport)
+- ``pipe``: parent <-> child over two one-way ``multiprocessing`` pipes (PPE's transport)
 - ``zmq 1``: DEALER <-> ROUTER echo over ipc (2 ZeroMQ hops per round trip)
 - ``zmq 2``: DEALER -> ROUTER relay -> DEALER echo over ipc (4 hops, zmqexec's broker path
   without the agent's pipe to its task process)
@@ -55,12 +55,22 @@ from zmqexec import ZMQExecutor
 from . import procstat
 
 
-def _pipe_child(conn: "multiprocessing.connection.Connection") -> None:
+def _pipes(mp: Any) -> Tuple[Any, Any, Any, Any]:
+    """Two one-way pipes, as zmqexec's task processes and ProcessPoolExecutor's queues
+    use (a duplex ``Pipe`` is a socket pair, whose reads wake the other end for
+    nothing): (ours to send, ours to receive, theirs to receive, theirs to send)."""
+    theirs_in, ours_out = mp.Pipe(duplex=False)
+    ours_in, theirs_out = mp.Pipe(duplex=False)
+    return ours_out, ours_in, theirs_in, theirs_out
+
+
+def _pipe_child(inbox: "multiprocessing.connection.Connection",
+                outbox: "multiprocessing.connection.Connection") -> None:
     while True:
-        data = conn.recv_bytes()
+        data = inbox.recv_bytes()
         if not data:
             return
-        conn.send_bytes(data)
+        outbox.send_bytes(data)
 
 
 def _echo(address: str) -> None:
@@ -105,11 +115,12 @@ def _noop() -> None:
     return None
 
 
-def _task(conn: "multiprocessing.connection.Connection") -> None:
+def _task(inbox: "multiprocessing.connection.Connection",
+          outbox: "multiprocessing.connection.Connection") -> None:
     """The skeleton's task process: echo what the agent writes to the pipe."""
     while True:
-        data = conn.recv_bytes()
-        conn.send_bytes(data)
+        data = inbox.recv_bytes()
+        outbox.send_bytes(data)
         if data == b"stop":
             return
 
@@ -117,8 +128,8 @@ def _task(conn: "multiprocessing.connection.Connection") -> None:
 def _agent(address: str) -> None:
     """The skeleton's agent: a DEALER to the broker and a pipe to one task process."""
     mp = multiprocessing.get_context("fork")
-    here, there = mp.Pipe()
-    child = mp.Process(target=_task, args=(there,))
+    to_task, from_task, theirs_in, theirs_out = _pipes(mp)
+    child = mp.Process(target=_task, args=(theirs_in, theirs_out))
     child.start()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -126,15 +137,15 @@ def _agent(address: str) -> None:
     sock.send(b"agent")
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    poller.register(here.fileno(), zmq.POLLIN)
+    poller.register(from_task.fileno(), zmq.POLLIN)
     client = b""
     while True:
         events = dict(poller.poll())
         if sock in events:
             client, data = sock.recv_multipart()
-            here.send_bytes(data)
-        if here.fileno() in events:
-            data = here.recv_bytes()
+            to_task.send_bytes(data)
+        if from_task.fileno() in events:
+            data = from_task.recv_bytes()
             sock.send_multipart([client, data])
             if data == b"stop":
                 break
@@ -249,24 +260,25 @@ class _NodeShape(_Handover):
 
     def __init__(self, mp: Any) -> None:
         super().__init__()
-        self._conn, theirs = mp.Pipe()
-        self._child = mp.Process(target=_pipe_child, args=(theirs,))
+        self._send, self._recv, theirs_in, theirs_out = _pipes(mp)
+        self._child = mp.Process(target=_pipe_child, args=(theirs_in, theirs_out))
         self._child.start()  # (before the node thread: never fork while threads run)
-        theirs.close()
+        theirs_in.close()
+        theirs_out.close()
         self._start(self._node)
 
     def _node(self) -> None:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        poller.register(self._conn.fileno(), select.POLLIN)
+        poller.register(self._recv.fileno(), select.POLLIN)
         while True:
             for fd, _ in poller.poll():
                 if fd == self._wake_r:
                     for data in self._woken():
-                        self._conn.send_bytes(data)
+                        self._send.send_bytes(data)
                     continue
                 try:
-                    data = self._conn.recv_bytes()
+                    data = self._recv.recv_bytes()
                 except EOFError:  # the child ends at an empty message
                     data = b""
                 self._answer(data)
@@ -276,7 +288,8 @@ class _NodeShape(_Handover):
     def close(self) -> None:
         self._close(b"")
         self._child.join(10)
-        self._conn.close()
+        self._send.close()
+        self._recv.close()
 
 
 def _counts(pids: List[int]) -> Tuple[int, int, int]:
@@ -305,11 +318,11 @@ def _chains(tmp: str, mp: Any) -> List[Chain]:
     chains: List[Chain] = []
     procs: List["multiprocessing.process.BaseProcess"] = []
 
-    parent, child = mp.Pipe()
-    procs.append(mp.Process(target=_pipe_child, args=(child,)))
+    to_child, from_child, theirs_in, theirs_out = _pipes(mp)
+    procs.append(mp.Process(target=_pipe_child, args=(theirs_in, theirs_out)))
     chains.append(("pipe (ProcessPoolExecutor's transport)",
-                   lambda: (parent.send_bytes(b"x" * 64), parent.recv_bytes()),
-                   lambda: parent.send_bytes(b"")))
+                   lambda: (to_child.send_bytes(b"x" * 64), from_child.recv_bytes()),
+                   lambda: to_child.send_bytes(b"")))
 
     ctx = zmq.Context()
     for hops in (1, 2):
