@@ -33,9 +33,10 @@ CANCEL_MESSAGE = 4096  # bytes a cancel message may take on its pipe, length pre
 # Descriptors a task process costs whoever started it (its three pipes, its sentinel, and
 # room to replace it), and what else a process of ours may hold open (sockets, the
 # user's files): with the common soft limit of 1,024 open files an agent would otherwise
-# stop at about 200 task processes.
+# stop at about 200 task processes.  The limit is left alone up to 112 task processes
+# there (16 under macOS's default of 256).
 FDS_PER_PROCESS = 8
-FDS_SPARE = 256
+FDS_SPARE = 128
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 def make_room_for(nprocs: int) -> None:
     """Raise this process's soft limit on open files, never past the hard limit, so that
     ``nprocs`` task processes fit (as an administrator's ``ulimit -n`` would).  Only
-    raised, and only when too low: a process that asks for few workers is left alone."""
+    raised, and only when ``nprocs`` would leave fewer than ``FDS_SPARE`` descriptors
+    for everything else: a process that asks for few workers is left alone."""
     try:
         import resource
     except ImportError:  # no such limit on this system
