@@ -1,8 +1,8 @@
 """The code that runs inside a task process: the only place a task is unpickled and run.
 
-A task process reads numbered batches from its pipe, runs each task it may still start,
-and writes one result record per task (``wire.pipe`` has the framing).  A thread of its
-own reads cancels from a second pipe and answers "dropped" for each task of the running
+A task process reads numbered batches from one pipe, runs each task it may still start,
+and writes one result record per task on another (``wire.pipe`` has the framing).  A thread of its
+own reads cancels from a third pipe and answers "dropped" for each task of the running
 batch not started yet, so the answer does not wait for a long running task.
 """
 from __future__ import annotations

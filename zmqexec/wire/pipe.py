@@ -21,7 +21,7 @@ signed length, or -1 and an 8-byte length for huge ones), written in one system 
 (``record_parts``) and read many at a time (``RecordReader``): a ``recv_bytes`` per
 result would cost two system calls each, and the Connection's own checks as much again.
 
-Cancels travel on a second pipe, agent to task process: ``[batch number, [k...]]`` in
+Cancels travel on a third pipe, agent to task process: ``[batch number, [k...]]`` in
 JSON, through ``Connection.send_bytes``.
 """
 from __future__ import annotations
