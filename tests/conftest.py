@@ -54,6 +54,42 @@ def descendants(pid: int) -> Set[int]:
     return found
 
 
+def stop_process(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every one of its threads is stopped (Linux /proc):
+    the signal wakes one thread, and another might read on for a while otherwise."""
+    os.kill(pid, signal.SIGSTOP)
+    end = time.monotonic() + 30
+
+    def states() -> List[str]:
+        out = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out.append(f.read().rsplit(")", 1)[1].split()[0])
+        return out
+
+    while any(state != "T" for state in states()):
+        assert time.monotonic() < end, f"{pid} did not stop: {states()}"
+        time.sleep(0.001)
+
+
+def a_stopped_task_process_holds_up_nothing(ex: ZMQExecutor, pid: int) -> None:
+    """Stop task process ``pid`` (idle, the only one) and give it a batch bigger than a
+    pipe holds (64 KiB) with a timeout of 1 s: whoever gives it (node or agent) must not
+    wait for it, so the timeout fires and kills the process, and the next task runs on
+    its replacement.  (Were it to wait, the timeout would never fire.)"""
+    from zmqexec.errors import TaskTimeoutError
+
+    stop_process(pid)
+    try:
+        stalled = ex.options(timeout=1).submit(len, b"x" * (512 << 10))
+        with pytest.raises(TaskTimeoutError):
+            stalled.result(timeout=15)
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert ex.submit(os.getpid).result(timeout=30) != pid
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie does not; Linux /proc, else os.kill)."""
     if os.path.isdir("/proc"):

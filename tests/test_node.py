@@ -10,7 +10,8 @@ import textwrap
 import warnings
 
 import pytest
-from conftest import ROOT, Cluster, room_for_open_files, under_open_files_limit
+from conftest import (ROOT, Cluster, a_stopped_task_process_holds_up_nothing,
+                      room_for_open_files, under_open_files_limit)
 
 from zmqexec import ZMQExecutor
 
@@ -213,3 +214,10 @@ def test_many_task_processes_fit_under_a_low_soft_limit_on_open_files():
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["5050", "True"], out.stdout
+
+
+def test_a_stopped_task_process_never_blocks_the_node():
+    """A batch the node cannot write whole to a stopped task process waits in the node,
+    which goes on: that task's timeout still fires."""
+    with ZMQExecutor(1) as ex:
+        a_stopped_task_process_holds_up_nothing(ex, ex.submit(own_pid).result(timeout=30))

@@ -13,8 +13,9 @@ from typing import Any, Iterator, Set, Tuple
 import cloudpickle
 import pytest
 
-from conftest import (Cluster, descendants, room_for_open_files, run_python,
-                      under_open_files_limit, wait_until, zmqexec_cmd)
+from conftest import (Cluster, a_stopped_task_process_holds_up_nothing, alive, descendants,
+                      room_for_open_files, run_python, under_open_files_limit, wait_until,
+                      zmqexec_cmd)
 from zmqexec import ZMQExecutor
 from zmqexec.errors import WorkerLostError
 
@@ -52,15 +53,6 @@ def read_pids(path: str) -> Tuple[int, int]:
     with open(path) as f:
         pid, ppid = f.read().split()
     return int(pid), int(ppid)
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (it may be reparented to init)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def agent_pids(cluster: Cluster) -> Set[int]:
@@ -272,3 +264,16 @@ def test_an_agent_with_many_task_processes_fits_under_a_low_soft_limit_on_open_f
             agent.kill()
             agent.wait()
         c.close()
+
+
+def test_a_stopped_task_process_never_blocks_its_agent():
+    """A batch an agent cannot write whole to a stopped task process waits in the
+    agent, which goes on (heartbeats, timeouts): it is never written off."""
+    cluster = Cluster(agents=1, nprocs=1)
+    try:
+        with ZMQExecutor(address=cluster.address) as ex:
+            _, pid, _ = ex.submit(whoami, 0).result(timeout=TIMEOUT)
+            a_stopped_task_process_holds_up_nothing(ex, pid)
+            assert len(ex.status()["agents"]) == 1
+    finally:
+        cluster.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import select
 import signal
 import struct
 import sys
@@ -17,12 +18,13 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import pytest
 
+from conftest import stop_process
 from gates import wait_for_file
 from zmqexec.wire import protocol as P
 from zmqexec.wire import serialization as S
 from zmqexec.agent.handle import TaskProcess
 from zmqexec.wire.records import Task, TaskRow
-from zmqexec.wire.pipe import RecordReader, record_parts, unpack_result
+from zmqexec.wire.pipe import PipeWriter, RecordReader, record_parts, unpack_result
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method")
 
@@ -36,24 +38,6 @@ def wait_started(path: str) -> None:
     """Wait for a ``held`` task to say it started (fail, not hang, if it never does)."""
     wait_for_file(path, timeout=30)
     assert os.path.exists(path), "the task never started"
-
-
-def stop(pid: int) -> None:
-    """SIGSTOP ``pid`` and wait until every one of its threads is stopped: the signal
-    wakes one thread, and the cancel thread might read on for a while otherwise."""
-    os.kill(pid, signal.SIGSTOP)
-    end = time.monotonic() + 30
-
-    def states() -> List[str]:
-        out = []
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                out.append(f.read().rsplit(")", 1)[1].split()[0])
-        return out
-
-    while any(state != "T" for state in states()):
-        assert time.monotonic() < end, f"{pid} did not stop: {states()}"
-        time.sleep(0.001)
 
 
 def pause(seconds: float, value: Any) -> Any:
@@ -83,7 +67,15 @@ class Driver:
         return Task(TaskRow(kw, 1, "client", fid, "", len(frames)), frames)
 
     def give(self, tasks: List[Task]) -> List[str]:
-        self.child.give(tasks, self.blobs)
+        """As the agent gives: without blocking, the rest whenever the pipe polls
+        writable (here at once: the process reads a whole batch before it runs it)."""
+        if not self.child.give(tasks, self.blobs):
+            poller = select.poll()
+            poller.register(self.child.out_fd, select.POLLOUT)
+            end = time.monotonic() + 10
+            while not self.child.flush():
+                assert poller.poll(max(0.0, end - time.monotonic()) * 1000), \
+                    "the task process read none of its batch for 10 s"
         return [task.kw for task in tasks]
 
     def results(self, count: int, timeout: float = 10, kept: Optional[List[str]] = None
@@ -289,7 +281,7 @@ def test_cancels_for_a_stopped_process_never_block_the_agent(driver, tmp_path, c
         rest.append(Task(task.row._replace(kw=key(i)), task.frames))
     keys = driver.give([first, *rest])
     wait_started(started)
-    stop(driver.child.proc.pid)
+    stop_process(driver.child.proc.pid)
     try:
         sender = threading.Thread(target=driver.child.cancel, args=(keys[1:],), daemon=True)
         sender.start()
@@ -328,3 +320,44 @@ def test_the_record_reader_gives_every_record_whole_however_reads_cut_them():
             out += reader.feed(stream[at:at + chunk])
         assert out == expected, chunk
         assert reader.feed(b"") == []
+
+
+def test_the_pipe_writer_never_blocks_and_keeps_every_message_whole_and_in_order():
+    """With nobody reading, a pipe takes 64 KiB: the writer takes what does not fit and
+    returns at once, whatever comes next waits behind it, and once the reader drains
+    the pipe every message arrives whole, in order, framed as ``Connection`` frames it
+    (a buffer of any kind, the 8-byte length form apart)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        writer = PipeWriter(write_fd)
+        big = bytearray(os.urandom(300_000))
+        messages = [b"small", memoryview(big), b"", b"after" * 5000, b"last"]
+        done = threading.Event()
+        sent = []
+
+        def send_all() -> None:
+            sent.extend(writer.send(m) for m in messages)
+            done.set()
+
+        threading.Thread(target=send_all, daemon=True).start()
+        assert done.wait(10), "the writer blocked on a full pipe"
+        assert sent == [True, False, False, False, False] and writer.waiting
+        assert not writer.flush()  # still nobody reading: nothing more fits
+        reader, got = RecordReader(), []
+        poller = select.poll()
+        poller.register(write_fd, select.POLLOUT)
+        end = time.monotonic() + 10
+        while writer.waiting or len(got) < len(messages):
+            got += reader.feed(os.read(read_fd, 1 << 16))
+            if writer.waiting and poller.poll(0):
+                writer.flush()
+            assert time.monotonic() < end, f"{len(got)} of {len(messages)} arrived"
+        assert got == [bytes(m) for m in messages]
+        os.close(read_fd)
+        read_fd = -1
+        with pytest.raises(BrokenPipeError):
+            writer.send(b"to nobody")
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)

@@ -1,9 +1,10 @@
 """The agent's handle on one task process: its process and its three pipes.
 
-The agent gives a task process a numbered batch at a time (``give``) and reads its results
-in bulk (``read``).  Cancels for the batch go on a pipe of their own (``cancel``), answered
-at once by the process.  Which keys a task process holds is the agent's decision, kept in
-``state.Slot``; this handle only moves bytes.
+The agent gives a task process a numbered batch at a time (``give``), never waiting for the
+process to read it (what its pipe cannot take yet goes on when it polls writable: ``flush``),
+and reads its results in bulk (``read``).  Cancels for the batch go on a pipe of their own
+(``cancel``), answered at once by the process.  Which keys a task process holds is the
+agent's decision, kept in ``state.Slot``; this handle only moves bytes.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from ..wire.pipe import RecordReader, pack, read_records, unpack_result
+from ..wire.pipe import PipeWriter, RecordReader, pack, read_records, unpack_result
 from ..wire.records import Task
 from .runner import task_main
 from .zygote import kill_group
@@ -109,6 +110,9 @@ class TaskProcess:
         self.told: Set[str] = set()  # keys of this batch the process was asked to drop
         self.fd = self.results.fileno()
         self._reader = RecordReader()
+        # batches never block: a stopped process (SIGSTOP) must not stop its agent
+        self.writer = PipeWriter(self.tasks.fileno())
+        self.out_fd = self.writer.fd  # polled for writing while ``writer.waiting``
 
     @classmethod
     def start(cls, ctx: Any) -> "TaskProcess":
@@ -150,6 +154,7 @@ class TaskProcess:
 
     def close(self) -> None:
         """Close our ends of its pipes (it then reads EOF and exits, if it still runs)."""
+        self.writer.clear()
         self.tasks.close()
         self.results.close()
         self.cancels.close()
@@ -212,10 +217,11 @@ class TaskProcess:
         return True
 
     def give(self, tasks: List[Task], blobs: Dict[str, Any],
-             context: Optional[Tuple[int, Any]] = None) -> None:
+             context: Optional[Tuple[int, Any]] = None) -> bool:
         """One numbered batch (a message, plus one per large frame), with the blobs this
         process lacks: rows ``[k, client, fid, iid, nframes, mid]``; ``context``: the client's
-        (version, [sys.path, cwd, environment]) for a process that has an older one."""
+        (version, [sys.path, cwd, environment]) for a process that has an older one.
+        False if part of it waits for the pipe to poll writable (then ``flush``)."""
         self.told.clear()  # (the keys of an earlier batch are all done)
         self.batch += 1
         fids, rows, frames = [], [], []
@@ -232,8 +238,44 @@ class TaskProcess:
         if context is not None and context[0] != self.context:
             self.context = context[0]
             meta["x"] = context[1]
+        sent = True
         for message in pack(meta, [blobs[f] for f in fids] + frames):
-            self.tasks.send_bytes(message)
+            sent = self.writer.send(message)
+        return sent
+
+    def flush(self) -> bool:
+        """Go on writing a batch the pipe could not take whole; True once it is all
+        written, or the process is gone (its end is reported apart)."""
+        try:
+            return self.writer.flush()
+        except OSError:
+            self.writer.clear()
+            return True
+
+
+class StalledBatches:
+    """The task processes whose batch waits for their pipe (``give`` returned False),
+    polled for writing until it is all written: by the agent's ``zmq.Poller`` or the
+    node's ``select.poll``, which register descriptors alike."""
+
+    def __init__(self, poller: Any, pollout: int) -> None:
+        self.poller, self.pollout = poller, pollout
+        self.by_fd: Dict[int, TaskProcess] = {}  # by out_fd
+
+    def watch(self, processes: List[TaskProcess]) -> None:
+        for process in processes:
+            if process.out_fd not in self.by_fd:
+                self.by_fd[process.out_fd] = process
+                self.poller.register(process.out_fd, self.pollout)
+
+    def on_writable(self, process: TaskProcess) -> None:
+        if process.flush():
+            self.forget(process)
+
+    def forget(self, process: TaskProcess) -> None:
+        """Before its pipes close: a closed descriptor's number may be reused."""
+        if self.by_fd.pop(process.out_fd, None) is not None:
+            self.poller.unregister(process.out_fd)
 
 
 def forget_child(proc: Any) -> None:
@@ -264,10 +306,13 @@ def has_ended(pid: int) -> bool:
 
 def carry_out(state: "AgentState", processes: Dict[int, TaskProcess], *,
               kill: Callable[["Slot"], None], retire: Callable[[TaskProcess], None],
-              context: Optional[Callable[[], Tuple[int, Any]]] = None) -> None:
+              context: Optional[Callable[[], Tuple[int, Any]]] = None
+              ) -> List[TaskProcess]:
     """Do to the task processes what the agent's state decided: batches, cancels, kills
     and retirements (``kill`` and ``retire`` say how, by whoever started them;
-    ``context``: the client's context to send with batches, in the embedded node)."""
+    ``context``: the client's context to send with batches, in the embedded node).
+    Returns the processes whose batch waits for their pipe: poll them for writing."""
+    stalled: List[TaskProcess] = []
     if state.gives:
         gives, state.gives = state.gives, []
         now = context() if context is not None else None
@@ -275,9 +320,10 @@ def carry_out(state: "AgentState", processes: Dict[int, TaskProcess], *,
             process = processes.get(slot.pid)
             if process is not None:
                 try:
-                    process.give(tasks, state.blobs, now)
+                    if not process.give(tasks, state.blobs, now):
+                        stalled.append(process)
                 except OSError:  # it died under us: its end is reported
-                    pass
+                    process.writer.clear()
     if state.cancels:
         cancels, state.cancels = state.cancels, []
         for slot, kws in cancels:
@@ -298,3 +344,4 @@ def carry_out(state: "AgentState", processes: Dict[int, TaskProcess], *,
             process = processes.get(slot.pid)
             if process is not None:
                 retire(process)
+    return stalled

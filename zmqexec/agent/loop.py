@@ -9,6 +9,7 @@
                         | its sentinel -> on_exit(), then a new TaskProcess
                         | turn: check_timeouts(), drain_turn(), hand_out(), flush()
                         | carry out: out -> socket; gives -> TaskProcess.give();
+                        |   (never blocks: the rest when writable -> flush())
                         |   cancels -> TaskProcess.cancel(); kills -> TaskProcess.kill()
 
 The agent never unpickles: it moves payload bytes between its socket and its task
@@ -39,14 +40,15 @@ from ..wire import protocol as P
 from ..wire import serialization as S
 from ..wire.curve import apply_client
 from ..wire.sockets import received
-from .handle import (TaskProcess, carry_out, default_start_method, describe_exit, has_ended,
-                     make_room_for)
+from .handle import (StalledBatches, TaskProcess, carry_out, default_start_method,
+                     describe_exit, has_ended, make_room_for)
 from .state import AgentState, Slot
 
 # plain ints: ``int & zmq.POLLIN`` (an IntFlag) builds an enum member, 1.5 us a message
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 RECV_BATCH = 1000  # broker messages read per wake-up before task processes get a turn
 ENDED_CHECK = 0.25  # seconds between looks for task processes whose sentinel stays quiet
+DATA, END, WRITABLE = 0, 1, 2  # what a task process's polled descriptor says
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +97,7 @@ class Agent:
         """Connect, register, and serve until stopped or the parent goes away."""
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
+        self.stalled = StalledBatches(self.poller, zmq.POLLOUT)
         for _ in range(self.nprocs):
             self._spawn()
         self._connect()
@@ -159,7 +162,8 @@ class Agent:
             out, state.out = state.out, []
             for cmd, meta, payload in out:
                 self._send(cmd, meta, payload)
-        carry_out(state, self.processes, kill=self._kill, retire=self._retire)
+        self.stalled.watch(carry_out(state, self.processes, kill=self._kill,
+                                     retire=self._retire))
 
     def _kill(self, slot: Slot) -> None:
         """A timeout, a kill: the task process goes with its group (what its task
@@ -185,6 +189,7 @@ class Agent:
                 self._on_data(process):
             pass  # results sent just before dying count (poll: a grandchild may hold the pipe)
         process.proc.join()
+        self.stalled.forget(process)
         self.poller.unregister(process.fd)
         self.poller.unregister(process.proc.sentinel)
         process.close()
@@ -204,13 +209,15 @@ class Agent:
 
     def _loop(self) -> None:
         state, sock = self.state, self.sock
-        by_fd: Dict[int, Tuple[bool, TaskProcess]] = {}
+        by_fd: Dict[int, Tuple[int, TaskProcess]] = {}
         next_check = 0.0
         while not state.stop:
             by_fd.clear()
             for process in self.processes.values():
-                by_fd[process.fd] = (True, process)
-                by_fd[process.proc.sentinel] = (False, process)
+                by_fd[process.fd] = (DATA, process)
+                by_fd[process.proc.sentinel] = (END, process)
+            for fd, process in self.stalled.by_fd.items():
+                by_fd[fd] = (WRITABLE, process)
             now = time.monotonic()
             wait = state.check_timeouts(now)
             if state.started:  # a STARTED notice waiting for a result to ride in
@@ -223,13 +230,15 @@ class Agent:
                     for frames in received(sock):
                         self._on_broker(frames)
                 elif what in by_fd:
-                    data, process = by_fd[what]
+                    kind, process = by_fd[what]
                     if self.processes.get(process.pid) is not process:
                         continue
-                    if data:
+                    if kind == DATA:
                         self._on_data(process)
-                    else:
+                    elif kind == END:
                         self._on_exit(process)
+                    else:
+                        self.stalled.on_writable(process)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + ENDED_CHECK

@@ -9,6 +9,7 @@
                                   | BrokerState -> outbox.delivered ->    |
                                   |   AgentState.on_broker (TASK, CANCEL) |
                                   | AgentState.gives -> TaskProcess.give  |--pipes--> task
+                                  |   (never blocks: TaskProcess.flush)   |
                                   | TaskProcess.read -> on_result         |<--------- processes
                                   | AgentState.out -> BrokerState.deliver |   (forked by the
                                   | outbox.delivered -> Link.on_message   |    zygote, which
@@ -40,7 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import zmq
 
 from .._version import __version__
-from ..agent.handle import TaskProcess, carry_out, describe_exit, make_room_for
+from ..agent.handle import (StalledBatches, TaskProcess, carry_out, describe_exit,
+                            make_room_for)
 from ..agent.state import AgentState, Slot
 from ..agent.zygote import ZygoteLink, new_zygote, release_zygote
 from ..broker.loop import router, send_all
@@ -175,8 +177,8 @@ class Node:
         self._carry_out()
 
     def _carry_out(self) -> None:
-        carry_out(self.agent, self.processes, kill=self._kill, retire=self._retire,
-                  context=self._snapshot)
+        self.stalled.watch(carry_out(self.agent, self.processes, kill=self._kill,
+                                     retire=self._retire, context=self._snapshot))
 
     def _kill(self, slot: Slot) -> None:
         """A timeout, a kill: the zygote kills the task process with its group (what its
@@ -187,6 +189,7 @@ class Node:
         """EOF on its pipe: it exits, and the zygote kills what it left running (its
         group) and reports its end."""
         if not process.results.closed:
+            self.stalled.forget(process)
             self.poller.unregister(process.fd)
             process.close()
 
@@ -255,6 +258,7 @@ class Node:
                 while slot is not None and slot.keys and process.results.poll(0) and \
                         self._on_data(process):
                     pass  # results sent just before dying count
+                self.stalled.forget(process)
                 self.poller.unregister(process.fd)
                 process.close()
         if slot is not None:
@@ -277,6 +281,7 @@ class Node:
             # less (zmq_poll asks every socket for its events on each call); the ROUTER
             # is polled by its FD, which signals that its EVENTS may have changed
             self.poller = select.poll()
+            self.stalled = StalledBatches(self.poller, select.POLLOUT)
             self.sock_fd = int(self.sock.getsockopt(zmq.FD))
             self.poller.register(self.sock_fd, select.POLLIN)
             self.poller.register(self.mailbox.wake_fd, select.POLLIN)
@@ -326,6 +331,8 @@ class Node:
                     readable = True
                 elif what == self.zygote.fileno():
                     self._on_zygote()
+                elif what in self.stalled.by_fd:
+                    self.stalled.on_writable(self.stalled.by_fd[what])
                 else:
                     process = self._by_fd(what)
                     if process is not None:

@@ -21,6 +21,10 @@ signed length, or -1 and an 8-byte length for huge ones), written in one system 
 (``record_parts``) and read many at a time (``RecordReader``): a ``recv_bytes`` per
 result would cost two system calls each, and the Connection's own checks as much again.
 
+Batches are written without ever blocking (``PipeWriter``): a task process that cannot
+read (stopped by SIGSTOP, or gone while a process it started holds the pipe) must not
+stop the agent, nor the embedded node, which has other work and timeouts to see to.
+
 Cancels travel on a third pipe, agent to task process: ``[batch number, [k...]]`` in
 JSON, through ``Connection.send_bytes``.
 """
@@ -29,7 +33,9 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections import deque
+from itertools import islice
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .serialization import OUT_OF_BAND_MIN
 
@@ -39,6 +45,8 @@ _SIZE = struct.Struct("!i")  # Connection's length prefix (-1: an 8-byte one fol
 _U64 = struct.Struct("!Q")  # that 8-byte length; also the size of a result's only frame
 COPY_BELOW = 1 << 16  # result frames smaller than this are copied out of their record
 HUGE_RECORD = 1 << 30  # from here on, Connection.send_bytes (its 8-byte length form)
+_LONG_SIZE = 0x7FFFFFFF  # messages this long take the 8-byte length form, as in Connection
+_JOIN_BELOW = 16384  # a message this short is copied behind its length: one buffer to write
 STATUSES = ("finished", "error", "dropped", "kept")
 _CODES = {name: code for code, name in enumerate(STATUSES)}
 
@@ -121,6 +129,79 @@ def record_parts(record: bytes) -> List[bytes]:
     if len(record) > 16384:
         return [_SIZE.pack(len(record)), record]
     return [_SIZE.pack(len(record)) + record]
+
+
+class PipeWriter:
+    """Messages framed as ``Connection.send_bytes`` frames them, written to a pipe set
+    non-blocking: what the pipe cannot take yet waits here, in order, and goes on as
+    the pipe polls writable again (``flush``).  Its owner polls ``fd`` for writing
+    while ``waiting``; the bytes of a message are never copied to wait."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self._unsent: Deque[memoryview] = deque()
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._unsent)
+
+    def send(self, message: Any) -> bool:
+        """Write ``message`` (bytes or another buffer) after what waits, as far as the
+        pipe takes it now; True if nothing is left waiting.  OSError (a broken pipe)
+        if the reader has gone."""
+        size = len(message) if type(message) is bytes else memoryview(message).nbytes
+        head = _SIZE.pack(size) if size < _LONG_SIZE else \
+            _SIZE.pack(-1) + _U64.pack(size)
+        unsent = self._unsent
+        if unsent:
+            unsent.append(memoryview(head))
+            unsent.append(memoryview(message).cast("B"))
+            return False
+        if size < _JOIN_BELOW and type(message) is bytes:  # the common case: one write
+            data = head + message
+            try:
+                written = os.write(self.fd, data)
+            except BlockingIOError:
+                written = 0
+            if written < len(data):
+                unsent.append(memoryview(data)[written:])
+                return False
+            return True
+        try:
+            written = os.writev(self.fd, (head, message))
+        except BlockingIOError:
+            written = 0
+        if written < len(head):
+            unsent.append(memoryview(head)[written:])
+            written = 0
+        else:
+            written -= len(head)
+        if written < size:
+            unsent.append(memoryview(message).cast("B")[written:])
+        return not unsent
+
+    def flush(self) -> bool:
+        """Write what waits, as far as the pipe takes it; True once nothing waits.
+        OSError (a broken pipe) if the reader has gone."""
+        unsent = self._unsent
+        while unsent:
+            try:
+                written = os.writev(self.fd, list(islice(unsent, 64)))
+            except BlockingIOError:
+                return False
+            while written:
+                part = unsent[0]
+                if written < part.nbytes:
+                    unsent[0] = part[written:]
+                    break
+                written -= part.nbytes
+                unsent.popleft()
+        return True
+
+    def clear(self) -> None:
+        """Forget what waits (its reader is gone)."""
+        self._unsent.clear()
 
 
 class RecordReader:
